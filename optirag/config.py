@@ -1,0 +1,152 @@
+"""Configuration: YAML files in conf/ loaded into frozen pydantic models.
+
+Every model forbids unknown keys, so a typo is an error that names the key and the file.
+`load_config(path, ["a.b=c", ...])` applies command-line overrides, each value parsed with
+yaml.safe_load (so `compute.num_actors=2` is an int and `data.source=parquet` a string).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class S3Config(StrictModel):
+    """Object-store settings. Credentials are best left out: s3fs then takes them from the
+    standard AWS environment variables or the instance role."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+
+class StorageConfig(StrictModel):
+    root: str = Field("data/demo", description="local directory or s3://bucket/prefix")
+    s3: S3Config = S3Config()
+
+
+class ColumnMapping(StrictModel):
+    """Names of the columns in a user's own interactions and items files."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "ts"
+    rating: str | None = "rating"
+    label: str | None = None
+    title: str = "title"
+    text: str | None = None
+
+
+class DataConfig(StrictModel):
+    source: Literal["movielens", "parquet"] = "movielens"
+    movielens_dir: str = "data/raw/movielens"
+    interactions_uri: str | None = None
+    items_uri: str | None = None
+    columns: ColumnMapping = ColumnMapping()
+    like_threshold: float = Field(4.0, description="label = rating >= this, when no label column")
+    valid_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _parquet_needs_uris(self) -> DataConfig:
+        if self.source == "parquet" and not (self.interactions_uri and self.items_uri):
+            raise ValueError("data.source=parquet needs data.interactions_uri and data.items_uri")
+        if self.columns.rating is None and self.columns.label is None:
+            raise ValueError("data.columns needs a rating or a label column")
+        return self
+
+
+class SyntheticConfig(StrictModel):
+    """Scale-test data: num_users x candidates_per_user candidate rows over num_items items."""
+
+    num_users: int = Field(10_000, gt=0)
+    num_items: int = Field(5_000, gt=0)
+    candidates_per_user: int = Field(20, gt=0)
+    history_per_user: int = Field(10, ge=0)
+    users_per_shard: int = Field(50_000, gt=0)
+    seed: int = 0
+    output: str = Field("synthetic", description="folder under storage.root")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="None: start a local Ray (dashboard off)")
+    num_cpus: int | None = None
+
+
+class Config(StrictModel):
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    ray: RayConfig = RayConfig()
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with every secret replaced by '**********'."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the redacted config."""
+        blob = json.dumps(self.redacted(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the file."""
+
+
+def section_help() -> str:
+    """One line per top-level config section, for `--help`."""
+    lines = []
+    for name, field in Config.model_fields.items():
+        keys = ", ".join(field.annotation.model_fields)  # type: ignore[union-attr]
+        lines.append(f"  {name}: {keys}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(problems)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form a.b=c")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)

@@ -1,0 +1,108 @@
+"""Column names and pyarrow schemas of every table: the one source of truth.
+
+Other modules refer to columns through these constants, never through string literals.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+LABEL = "label"
+TS = "ts"
+RATING = "rating"
+TITLE = "title"
+TEXT = "text"
+NEIGHBOR_IDS = "neighbor_ids"
+SIMILARITIES = "similarities"
+SOURCE = "source"
+SCORE = "score"
+EXIT_LAYER = "exit_layer"
+MODEL_VERSION = "model_version"
+REASON = "reason"
+
+INTERACTIONS = pa.schema(
+    [
+        pa.field(USER_ID, pa.int64(), nullable=False),
+        pa.field(ITEM_ID, pa.int64(), nullable=False),
+        pa.field(LABEL, pa.int8(), nullable=False),
+        pa.field(TS, pa.int64(), nullable=False),
+        pa.field(RATING, pa.float32(), nullable=True),
+    ]
+)
+
+ITEMS = pa.schema(
+    [
+        pa.field(ITEM_ID, pa.int64(), nullable=False),
+        pa.field(TITLE, pa.string(), nullable=False),
+        pa.field(TEXT, pa.string(), nullable=True),
+    ]
+)
+
+# Candidates carry these two columns plus any pass-through columns (e.g. label).
+CANDIDATE_KEYS = pa.schema(
+    [
+        pa.field(USER_ID, pa.int64(), nullable=False),
+        pa.field(ITEM_ID, pa.int64(), nullable=False),
+    ]
+)
+
+NEIGHBORS = pa.schema(
+    [
+        pa.field(USER_ID, pa.int64(), nullable=False),
+        pa.field(NEIGHBOR_IDS, pa.list_(pa.int64()), nullable=False),
+        pa.field(SIMILARITIES, pa.list_(pa.float32()), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+    ]
+)
+
+# Scores: these columns first, then the candidates' pass-through columns.
+SCORE_COLUMNS = pa.schema(
+    [
+        pa.field(USER_ID, pa.int64(), nullable=False),
+        pa.field(ITEM_ID, pa.int64(), nullable=False),
+        pa.field(SCORE, pa.float32(), nullable=False),
+        pa.field(EXIT_LAYER, pa.int16(), nullable=False),
+        pa.field(MODEL_VERSION, pa.string(), nullable=False),
+    ]
+)
+
+# Reasons a candidate row lands in rejects/ instead of scores/.
+REJECT_NULL_ID = "null_id"
+REJECT_UNKNOWN_ITEM = "unknown_item"
+REJECT_PROMPT_ERROR = "prompt_error"
+
+
+class SchemaError(ValueError):
+    """An input table does not have the columns or types a stage needs."""
+
+
+def check_columns(schema: pa.Schema, required: pa.Schema, source: str) -> None:
+    """Fail with the file and column named when `schema` lacks a column of `required`.
+
+    Integer widths may differ (an int32 id column is accepted where int64 is required);
+    anything else of the wrong type is an error.
+    """
+    for field in required:
+        if field.name not in schema.names:
+            raise SchemaError(
+                f"{source}: missing column {field.name!r} (has {', '.join(schema.names)})"
+            )
+        actual = schema.field(field.name).type
+        if not _compatible(actual, field.type):
+            raise SchemaError(
+                f"{source}: column {field.name!r} has type {actual}, expected {field.type}"
+            )
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual == expected:
+        return True
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return False

@@ -1,0 +1,154 @@
+"""Storage: a URI (local path or s3://bucket/prefix) -> a pyarrow filesystem and a path.
+
+s3:// goes through s3fs. Endpoint, region and credentials come from the storage config or,
+when absent there, from the standard AWS environment variables / instance role, which s3fs
+(botocore) reads itself. Nothing here logs a credential.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from optirag.config import S3Config, StorageConfig
+from optirag.schema import check_columns
+
+
+class StorageError(OSError):
+    """A path does not exist, is unreadable or is not a table; the message names it."""
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    if is_remote(uri):
+        return posixpath.join(uri, *parts)
+    return str(Path(uri, *parts))
+
+
+def resolve(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    if is_remote(uri):
+        return _s3_filesystem(storage.s3), uri.removeprefix("s3://").rstrip("/")
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme: {uri} (use a local path or s3://)")
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def _s3_filesystem(s3: S3Config) -> pafs.FileSystem:
+    import s3fs
+
+    kwargs: dict[str, Any] = {}
+    if s3.access_key_id and s3.secret_access_key:
+        kwargs["key"] = s3.access_key_id.get_secret_value()
+        kwargs["secret"] = s3.secret_access_key.get_secret_value()
+        if s3.session_token:
+            kwargs["token"] = s3.session_token.get_secret_value()
+    if s3.endpoint_url:
+        kwargs["endpoint_url"] = s3.endpoint_url
+    if s3.region:
+        kwargs["client_kwargs"] = {"region_name": s3.region}
+    # No listings cache: a resumed run must see objects written by other processes.
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **kwargs)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def exists(uri: str, storage: StorageConfig) -> bool:
+    fs, path = resolve(uri, storage)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, storage: StorageConfig, suffix: str = ".parquet") -> list[str]:
+    """Sorted paths (inside the filesystem) of the files under a folder, or the file itself."""
+    fs, path = resolve(uri, storage)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: no such file or folder")
+    if info.type == pafs.FileType.File:
+        return [path]
+    selector = pafs.FileSelector(path, recursive=True)
+    return sorted(
+        i.path
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File
+        and i.path.endswith(suffix)
+        and not posixpath.basename(i.path).startswith(("_", "."))
+    )
+
+
+def read_table(
+    uri: str,
+    storage: StorageConfig,
+    required: pa.Schema | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Read a parquet file or folder; fail naming the file on a missing, empty or bad input."""
+    fs, _ = resolve(uri, storage)
+    files = list_files(uri, storage)
+    if not files:
+        raise StorageError(f"{uri}: folder holds no parquet files")
+    tables = []
+    for path in files:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StorageError(f"{path}: not a readable parquet file ({err})") from None
+        if required is not None:
+            check_columns(schema, required, source=path)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if table.num_rows == 0:
+        raise StorageError(f"{uri}: table is empty")
+    return table
+
+
+def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
+    """Write one parquet file so that readers never see it half-written.
+
+    Local: write a temporary sibling, then rename. S3: a single PUT is already atomic.
+    """
+    fs, path = resolve(uri, storage)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if is_remote(uri):
+        pq.write_table(table, path, filesystem=fs)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj: Any, uri: str, storage: StorageConfig) -> None:
+    write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), uri, storage)
+
+
+def read_json(uri: str, storage: StorageConfig) -> Any:
+    fs, path = resolve(uri, storage)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_bytes(data: bytes, uri: str, storage: StorageConfig) -> None:
+    fs, path = resolve(uri, storage)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if is_remote(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    Path(tmp).write_bytes(data)
+    os.replace(tmp, path)

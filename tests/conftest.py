@@ -1,0 +1,71 @@
+"""Shared fixtures: local Ray, an S3 endpoint from moto's server, a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from optirag.config import S3Config, StorageConfig
+
+FAKE_KEY_ID = "AKIAFAKETESTKEY00001"
+FAKE_SECRET = "fake-secret-do-not-log-0123456789"
+
+
+def pytest_configure(config):
+    # Set before any Ray worker starts, so workers inherit them; never real credentials.
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
+        AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+        HF_HUB_OFFLINE="1",
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_endpoint) -> StorageConfig:
+    """A fresh bucket on the moto server; storage.root points into it."""
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    return StorageConfig(
+        root=f"s3://{bucket}/optirag",
+        s3=S3Config(endpoint_url=s3_endpoint, region="us-east-1"),
+    )
+
+
+@pytest.fixture
+def local_storage(tmp_path) -> StorageConfig:
+    return StorageConfig(root=str(tmp_path / "store"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from optirag.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from optirag.config import Config, ConfigError, load_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+# runtime_env.yaml is a Ray runtime environment, not an optirag config.
+JOB_CONFIGS = sorted(p for p in CONF_DIR.glob("*.yaml") if p.name != "runtime_env.yaml")
+
+
+def test_conf_dir_has_configs():
+    assert JOB_CONFIGS
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+def test_every_conf_file_is_valid(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "synthetic.num_users=7",
+            "data.source=parquet",
+            "data.interactions_uri=a",
+            "data.items_uri=b",
+        ],
+    )
+    assert cfg.synthetic.num_users == 7 and cfg.data.source == "parquet"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("storage:\n  rooot: /tmp/x\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*\n.*storage\.rooot: unknown key"):
+        load_config(path)
+
+
+def test_unknown_override_key_fails():
+    with pytest.raises(ConfigError, match=r"synthetic\.num_user: unknown key"):
+        load_config(None, ["synthetic.num_user=3"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("synthetic:\n  num_users: many\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml[\s\S]*synthetic\.num_users"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")
+    with pytest.raises(ConfigError, match="a.b=c"):
+        load_config(None, ["no-equals-sign"])
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception, match="frozen"):
+        cfg.storage.root = "x"  # type: ignore[misc]
+
+
+def test_secrets_never_in_dump():
+    cfg = load_config(
+        None,
+        ["storage.s3.secret_access_key=hunter2-secret", "storage.s3.access_key_id=AKIAREALLOOKING"],
+    )
+    dumped = str(cfg.redacted()) + repr(cfg) + str(cfg)
+    assert "hunter2-secret" not in dumped and "AKIAREALLOOKING" not in dumped
+    assert cfg.storage.s3.secret_access_key.get_secret_value() == "hunter2-secret"
+
+
+def test_help_lists_sections(capsys):
+    from optirag import cli
+
+    with pytest.raises(SystemExit):
+        cli.prepare_data(["--help"])
+    out = capsys.readouterr().out
+    for section in Config.model_fields:
+        assert f"  {section}:" in out

@@ -1,0 +1,62 @@
+import pyarrow as pa
+import pytest
+
+from optirag import schema as S
+from optirag import storage
+from optirag.schema import SchemaError
+
+TABLE = pa.table({S.USER_ID: [1, 2], S.ITEM_ID: [3, 4]})
+
+
+@pytest.mark.parametrize("store_fixture", ["local_storage", "s3_storage"])
+def test_roundtrip(store_fixture, request):
+    store = request.getfixturevalue(store_fixture)
+    uri = storage.join(store.root, "t", "a.parquet")
+    assert not storage.exists(uri, store)
+    storage.write_table(TABLE, uri, store)
+    assert storage.exists(uri, store)
+    assert storage.read_table(uri, store, required=S.CANDIDATE_KEYS).equals(TABLE)
+    assert storage.read_table(storage.join(store.root, "t"), store).num_rows == 2
+    storage.write_json({"a": 1}, storage.join(store.root, "m.json"), store)
+    assert storage.read_json(storage.join(store.root, "m.json"), store) == {"a": 1}
+
+
+def test_s3_uses_configured_endpoint(s3_storage):
+    fs, path = storage.resolve(s3_storage.root, s3_storage)
+    assert path == s3_storage.root.removeprefix("s3://")
+    assert fs.type_name == "py::fsspec+('s3', 's3a')"
+
+
+def test_missing_path_is_named(local_storage):
+    with pytest.raises(storage.StorageError, match="nope.parquet: no such file"):
+        storage.read_table(storage.join(local_storage.root, "nope.parquet"), local_storage)
+
+
+def test_missing_column_is_named(local_storage):
+    uri = storage.join(local_storage.root, "a.parquet")
+    storage.write_table(pa.table({S.USER_ID: [1]}), uri, local_storage)
+    with pytest.raises(SchemaError, match=r"a\.parquet: missing column 'item_id'"):
+        storage.read_table(uri, local_storage, required=S.CANDIDATE_KEYS)
+
+
+def test_wrong_type_is_named(local_storage):
+    uri = storage.join(local_storage.root, "a.parquet")
+    storage.write_table(pa.table({S.USER_ID: ["x"], S.ITEM_ID: [1]}), uri, local_storage)
+    with pytest.raises(SchemaError, match=r"column 'user_id' has type string"):
+        storage.read_table(uri, local_storage, required=S.CANDIDATE_KEYS)
+
+
+def test_unreadable_and_empty_files(local_storage, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(storage.StorageError, match="bad.parquet: not a readable parquet"):
+        storage.read_table(str(bad), local_storage)
+    empty = storage.join(local_storage.root, "empty.parquet")
+    storage.write_table(TABLE.slice(0, 0), empty, local_storage)
+    with pytest.raises(storage.StorageError, match="empty.parquet: table is empty"):
+        storage.read_table(empty, local_storage)
+
+
+def test_unsupported_scheme(local_storage):
+    with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
+        storage.resolve("gs://bucket/x", local_storage)
