@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmarks: machine facts, peak-memory sampling, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import pyarrow
+    import ray
+    import torch
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and its descendants (Ray's raylet, GCS and
+    workers when Ray was started here) in a background thread; `.peak` is the maximum seen."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self.peak_by_kind: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            by_kind: dict[str, int] = {}
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    rss = proc.memory_info().rss
+                    kind = "driver" if proc.pid == me.pid else _kind(proc.name())
+                except psutil.Error:
+                    continue
+                by_kind[kind] = by_kind.get(kind, 0) + rss
+            self.peak = max(self.peak, sum(by_kind.values()))
+            for kind, rss in by_kind.items():
+                self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), rss)
+            time.sleep(self.interval_s)
+
+
+def _kind(name: str) -> str:
+    return "ray_workers" if name.startswith("ray::") else "ray_system"
+
+
+def gib(n_bytes: int) -> float:
+    return round(n_bytes / 2**30, 3)
+
+
+def write_results(name: str, result: dict, table_rows: Iterable[tuple], header: tuple) -> None:
+    """Write bench/results/<name>.json and print (and save) a markdown table."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table_rows]
+    table = "\n".join(lines)
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    print(table)
