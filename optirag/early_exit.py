@@ -1,0 +1,286 @@
+"""Multi-head early exit: exit heads, exit rules and batched scoring with compaction.
+
+A batch runs block by block (the layers between two heads). After each head, rows whose exit
+rule fired are removed from the batch, so compute falls with the exit rate. With shared
+prefixes, each distinct prompt prefix (a user's context) runs once, block by block alongside
+its candidates, and the candidates' suffix tokens attend to its keys and values; a prefix
+stops running as soon as none of its candidates is still active.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from optirag.backbone import Backbone
+
+RuleKind = Literal["agreement", "confidence", "none"]
+
+
+def default_exit_layers(num_layers: int, num_heads: int) -> list[int]:
+    """`num_heads` depths evenly spaced and ending at the last layer (paper: 5, 10, ..., 30)."""
+    num_heads = min(num_heads, num_layers)
+    return sorted({round(num_layers * (i + 1) / num_heads) for i in range(num_heads)})
+
+
+class ExitHead(nn.Module):
+    """Final norm + a 2-way linear map to the (Yes, No) logits of the last-token state."""
+
+    def __init__(self, norm: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.norm = norm
+        self.proj = nn.Linear(hidden_size, 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(hidden))  # (B, H) -> (B, 2): Yes, No logits
+
+
+def prob_yes(logits: torch.Tensor) -> torch.Tensor:
+    """P(Yes | Yes or No) from (B, 2) logits, in float32."""
+    return torch.softmax(logits.float(), dim=-1)[..., 0]
+
+
+class ExitHeads(nn.Module):
+    """One ExitHead per exit layer. Untrained, each head is the model's own final norm and
+    LM-head rows for Yes/No, so the last head gives exactly the model's P(Yes | Yes or No)."""
+
+    def __init__(self, backbone: Backbone, layers: list[int]) -> None:
+        super().__init__()
+        if not layers or layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1]:
+            raise ValueError(f"exit layers must be increasing and positive, got {layers}")
+        if layers[-1] != backbone.num_layers:
+            raise ValueError(f"last exit layer must be {backbone.num_layers}, got {layers[-1]}")
+        self.layers = list(layers)
+        rows = backbone.model.lm_head.weight[[backbone.yes_id, backbone.no_id]]  # (2, H)
+        self.heads = nn.ModuleList()
+        for _ in layers:
+            head = ExitHead(copy.deepcopy(backbone.final_norm), backbone.hidden_size)
+            with torch.no_grad():
+                head.proj.weight.copy_(rows)
+                head.proj.bias.zero_()
+            self.heads.append(head)
+        self.to(device=backbone.device, dtype=backbone.dtype)
+
+    def save(self, directory: str | Path, meta: dict) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, directory / "heads.safetensors")
+        (directory / "exit_config.json").write_text(
+            json.dumps({"layers": self.layers, **meta}, indent=2, sort_keys=True)
+        )
+
+    @classmethod
+    def load(cls, backbone: Backbone, directory: str | Path) -> tuple[ExitHeads, dict]:
+        directory = Path(directory)
+        meta = json.loads((directory / "exit_config.json").read_text())
+        heads = cls(backbone, meta["layers"])
+        state = load_file(directory / "heads.safetensors")
+        heads.load_state_dict({k: v.to(backbone.dtype) for k, v in state.items()})
+        return heads, meta
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """When a row may stop: 'agreement' (paper: |p_n - p_(n-1)| < threshold), 'confidence'
+    (max(p, 1 - p) >= threshold) or 'none' (full depth). The last head always ends a row."""
+
+    kind: RuleKind = "agreement"
+    threshold: float = 0.05
+
+    def fires(self, p: torch.Tensor, p_prev: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "none":
+            return torch.zeros_like(p, dtype=torch.bool)
+        if self.kind == "confidence":
+            return torch.maximum(p, 1 - p) >= self.threshold
+        if p_prev is None:  # the first head has nothing to agree with
+            return torch.zeros_like(p, dtype=torch.bool)
+        return (p - p_prev).abs() < self.threshold
+
+
+@dataclass
+class ScoreResult:
+    scores: torch.Tensor  # (N,) float32 P(Yes)
+    exit_layers: torch.Tensor  # (N,) int16, layers run before the row exited
+    head_probs: torch.Tensor  # (N, num_heads) float32, NaN for heads a row never reached
+    layer_tokens: int = 0  # sum over layers of the tokens that went through it (compute)
+    exit_counts: dict[int, int] = field(default_factory=dict)
+
+
+class EarlyExitScorer:
+    """Scores token sequences with early exit. Inputs are lists of token ids:
+
+    - plain: `score(suffixes)`, each suffix a whole prompt;
+    - shared prefixes: `score(suffixes, prefixes, prefix_of)`, row i's prompt being
+      prefixes[prefix_of[i]] + suffixes[i].
+    """
+
+    def __init__(
+        self, backbone: Backbone, heads: ExitHeads, rule: ExitRule, compaction: bool = True
+    ) -> None:
+        self.backbone = backbone
+        self.heads = heads
+        self.rule = rule
+        self.compaction = compaction
+
+    @torch.inference_mode()
+    def score(
+        self,
+        suffixes: list[list[int]],
+        prefixes: list[list[int]] | None = None,
+        prefix_of: list[int] | None = None,
+    ) -> ScoreResult:
+        bb, dev = self.backbone, self.backbone.device
+        n = len(suffixes)
+        suffix_ids, suffix_len = _pad(suffixes, dev)  # (N, S), (N,)
+        rows = torch.arange(n, device=dev)  # original index of each active row
+        ctx = _PrefixContext.build(bb, prefixes, prefix_of, dev) if prefixes else None
+
+        hidden = bb.embed(suffix_ids)  # (N, S, H)
+        offset = (
+            ctx.lengths[ctx.row_prefix] if ctx else torch.zeros(n, dtype=torch.long, device=dev)
+        )
+        positions = offset[:, None] + torch.arange(suffix_ids.shape[1], device=dev)  # (N, S)
+
+        scores = torch.full((n,), float("nan"), device=dev)
+        exit_layers = torch.zeros(n, dtype=torch.int16, device=dev)
+        head_probs = torch.full((n, len(self.heads.layers)), float("nan"), device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        p_prev: torch.Tensor | None = None
+        layer_tokens, start = 0, 0
+
+        for h, end in enumerate(self.heads.layers):
+            if ctx is not None:
+                layer_tokens += ctx.run_block(start, end)
+            mask = _suffix_mask(suffix_ids.shape[1], offset, ctx, dev)  # (Na, 1, S, P + S)
+            layer_tokens += int(suffix_len.sum()) * (end - start)
+            hidden = bb.run_layers(
+                hidden, start, end, mask, bb.rotary(hidden, positions), ctx.cache if ctx else None
+            )
+            start = end
+            last = hidden[torch.arange(len(rows), device=dev), suffix_len - 1]  # (Na, H)
+            p = prob_yes(self.heads.heads[h](last))  # (Na,)
+            head_probs[rows, h] = torch.where(done[rows], head_probs[rows, h], p)
+            fire = self.rule.fires(p, p_prev) | (h == len(self.heads.layers) - 1)
+            newly = fire & ~done[rows]
+            scores[rows[newly]] = p[newly]
+            exit_layers[rows[newly]] = end
+            done[rows[newly]] = True
+            if self.compaction:
+                keep = ~fire
+                rows, hidden, positions = rows[keep], hidden[keep], positions[keep]
+                suffix_ids, suffix_len, offset = suffix_ids[keep], suffix_len[keep], offset[keep]
+                p = p[keep]
+                if ctx is not None:
+                    ctx.keep_rows(keep)
+            if bool(done.all()):
+                break
+            p_prev = p
+
+        counts = torch.bincount(exit_layers.long(), minlength=bb.num_layers + 1)
+        return ScoreResult(
+            scores=scores.float().cpu(),
+            exit_layers=exit_layers.cpu(),
+            head_probs=head_probs.float().cpu(),
+            layer_tokens=layer_tokens,
+            exit_counts={layer: int(counts[layer]) for layer in self.heads.layers},
+        )
+
+
+class _BlockKV:
+    """A duck-typed transformers Cache for one block of layers.
+
+    During the prefix pass (`rows is None`) it records each layer's keys/values; during the
+    suffix pass it prepends the recorded prefix keys/values of each row's own prefix.
+    """
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: torch.Tensor | None = None  # (Na,) prefix index of each suffix row
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.rows is None:
+            self.kv[layer_idx] = (key, value)  # (U, KVH, P, D)
+            return key, value
+        pk, pv = self.kv[layer_idx]
+        return (
+            torch.cat([pk[self.rows], key], dim=2),  # (Na, KVH, P + S, D)
+            torch.cat([pv[self.rows], value], dim=2),
+        )
+
+
+@dataclass
+class _PrefixContext:
+    """The shared prefixes of a batch, advanced block by block with their candidates."""
+
+    backbone: Backbone
+    hidden: torch.Tensor  # (U, P, H) prefix states after the last block run
+    lengths: torch.Tensor  # (U,) real tokens per prefix (right-padded)
+    row_prefix: torch.Tensor  # (Na,) prefix of each active suffix row
+    cache: _BlockKV
+
+    @classmethod
+    def build(cls, bb: Backbone, prefixes, prefix_of, dev) -> _PrefixContext:
+        if prefix_of is None or len(prefix_of) == 0:
+            raise ValueError("shared prefixes need prefix_of, one prefix index per row")
+        ids, lengths = _pad(prefixes, dev)
+        row_prefix = torch.as_tensor(prefix_of, dtype=torch.long, device=dev)
+        return cls(bb, bb.embed(ids), lengths, row_prefix, _BlockKV())
+
+    def run_block(self, start: int, end: int) -> int:
+        """Advance the prefixes through layers [start, end); returns tokens x layers run."""
+        p = self.hidden.shape[1]
+        positions = torch.arange(p, device=self.hidden.device).expand(len(self.lengths), p)
+        keys = torch.arange(p, device=self.hidden.device)
+        causal = keys[None, :] <= keys[:, None]  # (P, P)
+        valid = keys[None, :] < self.lengths[:, None]  # (U, P)
+        mask = (causal[None] & valid[:, None, :])[:, None]  # (U, 1, P, P)
+        self.cache.kv.clear()
+        self.cache.rows = None
+        self.hidden = self.backbone.run_layers(
+            self.hidden, start, end, mask, self.backbone.rotary(self.hidden, positions), self.cache
+        )
+        self.cache.rows = self.row_prefix
+        return int(self.lengths.sum()) * (end - start)
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop exited rows, then every prefix no remaining row uses."""
+        used, self.row_prefix = torch.unique(self.row_prefix[keep], return_inverse=True)
+        self.hidden, self.lengths = self.hidden[used], self.lengths[used]
+        self.cache.rows = self.row_prefix
+
+
+def _suffix_mask(s: int, offset, ctx: _PrefixContext | None, dev) -> torch.Tensor:
+    """(Na, 1, S, P + S) bool: a suffix token sees its prefix's real tokens and earlier
+    suffix tokens. Right padding needs no key mask: pads come after every real token."""
+    q = torch.arange(s, device=dev)
+    causal = (q[None, :] <= q[:, None]).expand(len(offset), s, s)  # (Na, S, S)
+    if ctx is None:
+        return causal[:, None]
+    p = ctx.hidden.shape[1]
+    prefix_keys = torch.arange(p, device=dev)[None, :] < ctx.lengths[ctx.row_prefix][:, None]
+    prefix = prefix_keys[:, None, :].expand(len(offset), s, p)  # (Na, S, P)
+    return torch.cat([prefix, causal], dim=2)[:, None]
+
+
+def _pad(seqs: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists with 0 (never attended to); returns ids (B, T) and lengths (B,)."""
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("empty token sequence")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
+    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=dev)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return ids, lengths
+
+
+def mean_exit_fraction(exit_layers: torch.Tensor, num_layers: int) -> float:
+    return float(exit_layers.float().mean()) / num_layers if len(exit_layers) else math.nan

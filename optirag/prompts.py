@@ -1,0 +1,104 @@
+"""Prompt rendering under a token budget.
+
+A prompt is [instruction] + [the user's recent history, liked and disliked] + [items liked by
+similar users] + [target item] + an answer cue, in the model's chat template when it has one.
+Everything before the target item depends only on the user, so it is the shared prefix; the
+suffix is the target item and the fixed tail. Both paths (plain and shared prefix) use the
+same token lists, prefix_ids + suffix_ids.
+
+Item text is untrusted: control characters are stripped and its length capped. The score is
+read from the Yes/No logits only, so text in a title can at most move that row's score.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from optirag.config import PromptConfig
+
+_TARGET = "\x00TARGET\x00"
+_CONTEXT = "\x00CONTEXT\x00"
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str | None, max_chars: int) -> str:
+    """Drop control/format characters, collapse whitespace, cap the length."""
+    if not text:
+        return ""
+    kept = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
+    kept = _SPACES.sub(" ", kept).strip()
+    return kept if len(kept) <= max_chars else kept[: max_chars - 1].rstrip() + "…"
+
+
+def item_text(title: str | None, text: str | None, max_chars: int) -> str:
+    title = clean_text(title, max_chars) or "(untitled)"
+    extra = clean_text(text, max_chars)
+    return clean_text(f"{title} [{extra}]" if extra else title, max_chars)
+
+
+@dataclass
+class UserContext:
+    """What the prompt says about a user; history oldest first, as (item text, liked)."""
+
+    history: list[tuple[str, bool]] = field(default_factory=list)
+    neighbor_liked: list[str] = field(default_factory=list)
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Any, cfg: PromptConfig) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        body = f"{_CONTEXT}Will the user like this item: {_TARGET}? Answer Yes or No."
+        if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "system", "content": cfg.instruction}, {"role": "user", "content": body}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        else:
+            rendered = f"{cfg.instruction}\n\n{body}\nAnswer:"
+        self._head, rest = rendered.split(_CONTEXT)
+        self._question, self._tail = rest.split(_TARGET)
+
+    def context_text(self, ctx: UserContext) -> str:
+        lines = []
+        liked = [t for t, y in ctx.history if y]
+        disliked = [t for t, y in ctx.history if not y]
+        if liked:
+            lines.append("The user liked: " + "; ".join(liked) + ".")
+        if disliked:
+            lines.append("The user disliked: " + "; ".join(disliked) + ".")
+        if not ctx.history:
+            lines.append("The user has no history yet.")
+        if ctx.neighbor_liked and self.cfg.use_neighbors:
+            lines.append("Users with similar taste liked: " + "; ".join(ctx.neighbor_liked) + ".")
+        return "\n".join(lines) + "\n"
+
+    def prefix_text(self, ctx: UserContext) -> str:
+        return self._head + self.context_text(ctx) + self._question
+
+    def suffix_text(self, target: str) -> str:
+        return target + self._tail
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_prefix(self, ctx: UserContext) -> list[int]:
+        """Prefix tokens within `max_prefix_tokens`: the oldest history goes first, then the
+        last similar-user items. Deterministic for a given context."""
+        history = ctx.history[-self.cfg.max_history :]
+        neighbors = ctx.neighbor_liked[: self.cfg.max_neighbor_items]
+        while True:
+            ids = self.encode(self.prefix_text(UserContext(history, neighbors)))
+            if len(ids) <= self.cfg.max_prefix_tokens or not (history or neighbors):
+                return ids
+            if history:
+                history = history[1:]
+            else:
+                neighbors = neighbors[:-1]
+
+    def encode_suffix(self, target: str) -> list[int]:
+        return self.encode(self.suffix_text(target))

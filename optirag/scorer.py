@@ -1,0 +1,128 @@
+"""The in-process pair scorer: (user, item) pairs -> prompts -> early-exit scores.
+
+This is what one Ray actor holds. Rows of the same user (and the same history cut-off) share
+a prompt prefix; with `share_prefixes` each prefix runs once per model batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from optirag.backbone import Backbone
+from optirag.config import Config, ExitConfig
+from optirag.context import ContextStore
+from optirag.early_exit import (
+    EarlyExitScorer,
+    ExitHeads,
+    ExitRule,
+    ScoreResult,
+    default_exit_layers,
+)
+from optirag.prompts import PromptBuilder
+
+
+@dataclass
+class PairScores:
+    scores: np.ndarray  # (N,) float32
+    exit_layers: np.ndarray  # (N,) int16
+    head_probs: np.ndarray  # (N, num_heads) float32, NaN where a row never got
+    layer_tokens: int
+    prompt_tokens: int
+
+
+class PairScorer:
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: ExitHeads,
+        rule: ExitRule,
+        contexts: ContextStore,
+        prompts: PromptBuilder,
+        share_prefixes: bool = True,
+        compaction: bool = True,
+        batch_rows: int = 64,
+    ) -> None:
+        self.engine = EarlyExitScorer(backbone, heads, rule, compaction=compaction)
+        self.contexts = contexts
+        self.prompts = prompts
+        self.share_prefixes = share_prefixes
+        self.batch_rows = batch_rows
+
+    def score(
+        self, users: np.ndarray, items: np.ndarray, before_ts: np.ndarray | None = None
+    ) -> PairScores:
+        n = len(users)
+        cutoffs = before_ts if before_ts is not None else np.full(n, -1, dtype=np.int64)
+        # Rows of one prefix next to each other; a stable sort keeps the order deterministic.
+        order = np.lexsort((cutoffs, users))
+        prefix_cache: dict[tuple[int, int], list[int]] = {}
+        result_parts: list[ScoreResult] = []
+        prompt_tokens = 0
+        for chunk in np.array_split(order, max(1, -(-n // self.batch_rows))):
+            keys = [(int(users[i]), int(cutoffs[i])) for i in chunk]
+            for key in keys:
+                if key not in prefix_cache:
+                    user, cut = key
+                    ctx = self.contexts.context(user, None if cut < 0 else cut)
+                    prefix_cache[key] = self.prompts.encode_prefix(ctx)
+            suffixes = [
+                self.prompts.encode_suffix(self.contexts.item_texts[int(items[i])]) for i in chunk
+            ]
+            unique = list(dict.fromkeys(keys))
+            prefixes = [prefix_cache[k] for k in unique]
+            prompt_tokens += sum(
+                len(prefix_cache[k]) + len(s) for k, s in zip(keys, suffixes, strict=True)
+            )
+            if self.share_prefixes:
+                slot = {k: j for j, k in enumerate(unique)}
+                result = self.engine.score(suffixes, prefixes, [slot[k] for k in keys])
+            else:
+                result = self.engine.score(
+                    [prefix_cache[k] + s for k, s in zip(keys, suffixes, strict=True)]
+                )
+            result_parts.append(result)
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = np.arange(n)
+
+        def in_input_order(name: str) -> np.ndarray:
+            return torch.cat([getattr(r, name) for r in result_parts]).numpy()[inverse]
+
+        return PairScores(
+            scores=in_input_order("scores"),
+            exit_layers=in_input_order("exit_layers"),
+            head_probs=in_input_order("head_probs"),
+            layer_tokens=sum(r.layer_tokens for r in result_parts),
+            prompt_tokens=prompt_tokens,
+        )
+
+
+def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
+    """The scoring config overrides the rule the head training calibrated."""
+    kind = cfg.rule or trained.get("rule", "agreement")
+    threshold = cfg.threshold if cfg.threshold is not None else trained.get("threshold", 0.05)
+    return ExitRule(kind, float(threshold))
+
+
+def load_heads(backbone: Backbone, cfg: ExitConfig) -> tuple[ExitHeads, dict]:
+    """Trained heads from `heads_uri`, or untrained ones at the configured layers."""
+    if cfg.heads_uri:
+        return ExitHeads.load(backbone, cfg.heads_uri)
+    layers = cfg.layers or default_exit_layers(backbone.num_layers, cfg.num_heads)
+    return ExitHeads(backbone, layers), {}
+
+
+def build_pair_scorer(cfg: Config, contexts: ContextStore, backbone: Backbone) -> PairScorer:
+    heads, trained = load_heads(backbone, cfg.exits)
+    return PairScorer(
+        backbone,
+        heads,
+        resolve_rule(cfg.exits, trained),
+        contexts,
+        PromptBuilder(backbone.tokenizer, cfg.prompts),
+        share_prefixes=cfg.compute.share_prefixes,
+        compaction=cfg.exits.compaction,
+        batch_rows=cfg.compute.batch_rows,
+    )

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from optirag.config import PromptConfig
+from optirag.context import ContextStore
+from optirag.early_exit import ExitHeads, ExitRule
+from optirag.prompts import PromptBuilder, UserContext, clean_text, item_text
+from optirag.scorer import PairScorer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_clean_text_strips_control_and_caps():
+    assert clean_text("Toy\x00 Story\n\t(1995)\u202e", 100) == "Toy Story (1995)"
+    assert clean_text("x" * 50, 10) == "x" * 9 + "…"
+    assert item_text(None, None, 20) == "(untitled)"
+    assert item_text("Heat", "Genres: Action", 80) == "Heat [Genres: Action]"
+
+
+def test_prefix_and_suffix_split(tiny_backbone):
+    builder = PromptBuilder(tiny_backbone.tokenizer, PromptConfig())
+    ctx = UserContext([("A", True), ("B", False)], ["C"])
+    prefix, suffix = builder.prefix_text(ctx), builder.suffix_text("Heat")
+    assert prefix.endswith("Will the user like this item: ")
+    assert suffix.startswith("Heat?") and suffix.endswith("Answer:")
+    assert "liked: A." in prefix and "disliked: B." in prefix and "similar taste liked: C" in prefix
+
+
+def test_chat_template_is_used(tiny_backbone):
+    tokenizer = tiny_backbone.tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        builder = PromptBuilder(tokenizer, PromptConfig(instruction="SYS"))
+        prefix = builder.prefix_text(UserContext())
+        assert prefix.startswith("<|system|>SYS<|end|><|user|>The user has no history yet.")
+        assert builder.suffix_text("X").endswith("<|end|><|assistant|>")
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_token_budget_drops_oldest_history_first(tiny_backbone):
+    history = [(f"Old movie {i}", True) for i in range(30)]
+    cfg = PromptConfig(max_prefix_tokens=200, max_history=30)
+    builder = PromptBuilder(tiny_backbone.tokenizer, cfg)
+    ids = builder.encode_prefix(UserContext(history, ["Neighbour pick"]))
+    text = tiny_backbone.tokenizer.decode(ids)
+    assert len(ids) <= 200
+    assert "Old movie 29" in text and "Old movie 0;" not in text
+    assert "Neighbour pick" in text
+    assert ids == builder.encode_prefix(UserContext(history, ["Neighbour pick"]))
+
+
+def test_context_has_no_future_interactions(movie_tables):
+    interactions, items, neighbors = movie_tables
+    store = ContextStore(interactions, items, neighbors, PromptConfig())
+    ctx = store.context(1, before_ts=30)
+    assert len(ctx.history) == 3  # ts 0, 10, 20
+    user1 = interactions.filter(interactions["user_id"].to_numpy() == 1)
+    later = {
+        store.item_texts[i]
+        for i, t in zip(user1["item_id"].to_pylist(), user1["ts"].to_pylist(), strict=True)
+        if t >= 30
+    }
+    earlier = {
+        store.item_texts[i]
+        for i, t in zip(user1["item_id"].to_pylist(), user1["ts"].to_pylist(), strict=True)
+        if t < 30
+    }
+    assert {t for t, _ in ctx.history} == earlier
+    assert not (set(ctx.neighbor_liked) & (later | earlier))
+
+
+def test_unknown_user_gets_empty_context(movie_tables):
+    store = ContextStore(*movie_tables, PromptConfig())
+    assert store.context(999) == UserContext([], [])
+    assert not store.knows_user(999) and store.has_item(3) and not store.has_item(99)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables, share):
+    store = ContextStore(*movie_tables, PromptConfig())
+    builder = PromptBuilder(tiny_backbone.tokenizer, PromptConfig())
+    heads = ExitHeads(tiny_backbone, [2, 4, 6])
+    scorer = PairScorer(
+        tiny_backbone, heads, ExitRule("none"), store, builder, share_prefixes=share, batch_rows=5
+    )
+    users = np.array([3, 1, 1, 2, 3, 1, 999, 2])
+    items = np.array([5, 6, 7, 8, 9, 10, 11, 12])
+    out = scorer.score(users, items)
+    one_by_one = [
+        scorer.engine.score(
+            [
+                builder.encode_prefix(store.context(int(u)))
+                + builder.encode_suffix(store.item_texts[int(i)])
+            ]
+        ).scores.item()
+        for u, i in zip(users, items, strict=True)
+    ]
+    np.testing.assert_allclose(out.scores, one_by_one, atol=1e-4)
+    assert out.scores.dtype == np.float32 and (out.exit_layers == 6).all()
