@@ -31,6 +31,10 @@ def _parse(job: str, description: str, argv: list[str]) -> Config:
         level=os.environ.get("OPTIRAG_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # These libraries log signed request headers (the access key id) at DEBUG; keep them
+    # quiet whatever the optirag level is.
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = load_config(args.config, args.overrides)
     log.info("config (secrets redacted): %s", json.dumps(cfg.redacted(), sort_keys=True))
     return cfg
@@ -58,7 +62,7 @@ def _run(job: str, description: str, argv: list[str], body: Callable[[Config], o
         logging.basicConfig()
         log.error("%s", err)
         return 2
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         log.error("%s failed: %s", job, err)
         return 1
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -86,6 +90,21 @@ def generate_synthetic(argv: list[str]) -> int:
     return _run(
         "generate_synthetic",
         "Write a deterministic synthetic candidates data set as parquet shards (Ray Data).",
+        argv,
+        body,
+    )
+
+
+def score(argv: list[str]) -> int:
+    from optirag import scoring
+
+    def body(cfg: Config) -> dict:
+        _init_ray(cfg)
+        return scoring.run(cfg)
+
+    return _run(
+        "score",
+        "Score candidate pairs with the early-exit LLM; writes scores/<run_id>/ exactly once.",
         argv,
         body,
     )

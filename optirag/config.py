@@ -121,6 +121,34 @@ class ComputeConfig(StrictModel):
 
     batch_rows: int = Field(64, gt=0, description="pairs per model forward")
     share_prefixes: bool = True
+    min_actors: int = Field(1, gt=0, description="scoring actors, one model replica each")
+    max_actors: int = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per actor")
+
+    @model_validator(mode="after")
+    def _actor_range(self) -> ComputeConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError("compute.min_actors must be <= compute.max_actors")
+        return self
+
+
+class ScoringConfig(StrictModel):
+    """Inputs default to the canonical tables under storage.root (see optirag.data)."""
+
+    candidates_uri: str | None = None  # default: <root>/candidates/test.parquet
+    history_uri: str | None = None  # default: <root>/interactions/train.parquet
+    items_uri: str | None = None  # default: <root>/items.parquet
+    neighbors_uri: str | None = None  # default: <root>/neighbors/gcn.parquet when present
+    output_uri: str | None = None  # default: <root>/scores
+    run_id: str | None = None  # default: <date>-<model>-<config hash>
+    replace: bool = Field(False, description="overwrite a run that already has _SUCCESS")
+    rows_per_shard: int = Field(20_000, gt=0)
+    max_actor_restarts: int = Field(2, ge=0)
+    max_task_retries: int = Field(2, ge=0)
+    timeout_s: float = Field(6 * 3600, gt=0, description="wall-clock limit of the run")
+    stall_timeout_s: float = Field(900, gt=0, description="fail when no shard finishes this long")
 
 
 class RayConfig(StrictModel):
@@ -136,6 +164,7 @@ class Config(StrictModel):
     prompts: PromptConfig = PromptConfig()
     exits: ExitConfig = ExitConfig()
     compute: ComputeConfig = ComputeConfig()
+    scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
 
     def redacted(self) -> dict[str, Any]:

@@ -137,9 +137,13 @@ def write_json(obj: Any, uri: str, storage: StorageConfig) -> None:
 
 
 def read_json(uri: str, storage: StorageConfig) -> Any:
+    return json.loads(read_bytes(uri, storage))
+
+
+def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     fs, path = resolve(uri, storage)
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        return f.read()
 
 
 def write_bytes(data: bytes, uri: str, storage: StorageConfig) -> None:

@@ -1,0 +1,284 @@
+"""The scoring job on real local Ray, real Parquet and moto's S3 server, with the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from optirag import schema as S
+from optirag import scoring, storage
+from optirag.backbone import load_backbone
+from optirag.config import Config
+from optirag.context import ContextStore
+from optirag.data import table_uri
+from optirag.scorer import build_pair_scorer
+from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _candidates(n_users=6, per_user=10, seed=0):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(1, n_users + 1), per_user)
+    items = np.concatenate(
+        [rng.choice(np.arange(1, 21), per_user, replace=False) for _ in range(n_users)]
+    )
+    return pa.table(
+        {
+            S.USER_ID: users,
+            S.ITEM_ID: items,
+            S.LABEL: (rng.random(len(users)) < 0.5).astype(np.int8),
+            "segment": [f"s{i % 3}" for i in range(len(users))],
+        }
+    )
+
+
+def _write_inputs(store, movie_tables, candidates):
+    interactions, items, neighbors = movie_tables
+    storage.write_table(interactions, table_uri(store.root, "interactions", "train"), store)
+    storage.write_table(items, table_uri(store.root, "items"), store)
+    storage.write_table(neighbors, storage.join(store.root, "neighbors", "gcn.parquet"), store)
+    half = candidates.num_rows // 2
+    folder = storage.join(store.root, "candidates", "test")
+    storage.write_table(candidates.slice(0, half), storage.join(folder, "a.parquet"), store)
+    storage.write_table(candidates.slice(half), storage.join(folder, "b.parquet"), store)
+    return folder
+
+
+def _config(store, tiny_llama_dir, **scoring) -> Config:
+    return Config.model_validate(
+        {
+            "storage": store.model_dump(mode="json") | {"s3": _s3_dump(store)},
+            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+            "exits": {"rule": "agreement", "threshold": 0.002},
+            "compute": {"batch_rows": 16},
+            "scoring": {
+                "candidates_uri": storage.join(store.root, "candidates", "test"),
+                "run_id": "r1",
+                "rows_per_shard": 10,
+                **scoring,
+            },
+        }
+    )
+
+
+def _s3_dump(store):
+    return {k: v for k, v in store.s3.model_dump().items() if v is not None}
+
+
+def _read_all(uri, store) -> pa.Table:
+    """Every parquet file under a folder, empty files included."""
+    fs, _ = storage.resolve(uri, store)
+    return pa.concat_tables(
+        [pq.read_table(p, filesystem=fs) for p in storage.list_files(uri, store)]
+    )
+
+
+def _read_run(cfg, run_id="r1"):
+    out = storage.join(cfg.storage.root, "scores", run_id)
+    return (
+        out,
+        _read_all(storage.join(out, "scores"), cfg.storage),
+        _read_all(storage.join(out, "rejects"), cfg.storage),
+    )
+
+
+def _assert_exactly_once(scores, rejects, candidates):
+    assert scores.num_rows + rejects.num_rows == candidates.num_rows
+    pairs = list(zip(scores[S.USER_ID].to_pylist(), scores[S.ITEM_ID].to_pylist(), strict=True))
+    assert len(set(pairs)) == len(pairs)
+
+
+def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables):
+    cands = _candidates()
+    extra = pa.table(
+        {
+            S.USER_ID: [999, 1, None],
+            S.ITEM_ID: [3, 99, 4],
+            S.LABEL: [1, 0, 1],
+            "segment": ["x", "y", "z"],
+        },
+        schema=pa.schema(
+            [
+                pa.field(S.USER_ID, pa.int64()),
+                pa.field(S.ITEM_ID, pa.int64()),
+                pa.field(S.LABEL, pa.int8()),
+                pa.field("segment", pa.string()),
+            ]
+        ),
+    )
+    cands = pa.concat_tables([cands.cast(extra.schema), extra])
+    _write_inputs(s3_storage, movie_tables, cands)
+    cfg = _config(s3_storage, tiny_llama_dir)
+    summary = scoring.run(cfg)
+
+    out, scores, rejects = _read_run(cfg)
+    assert storage.exists(storage.join(out, "_SUCCESS"), cfg.storage)
+    manifest = storage.read_json(storage.join(out, "_manifest.json"), cfg.storage)
+    assert manifest["scored"] == summary["scored"] == len(cands) - 2
+    assert manifest["rejected"] == {"null_id": 1, "unknown_item": 1}
+    assert sorted(rejects[S.REASON].to_pylist()) == ["null_id", "unknown_item"]
+    assert "segment" in rejects.column_names
+    _assert_exactly_once(scores, rejects, cands)
+    assert scores.column_names == [*S.SCORE_COLUMNS.names, S.LABEL, "segment"]
+    assert 999 in scores[S.USER_ID].to_pylist()  # unknown user: cold-start path
+
+    # The same rows through the in-process scorer give the same scores.
+    interactions, items, neighbors = movie_tables
+    scorer = build_pair_scorer(
+        cfg, ContextStore(interactions, items, neighbors, cfg.prompts), load_backbone(cfg.backbone)
+    )
+    local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
+    np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
+    assert np.array_equal(scores[S.EXIT_LAYER].to_numpy(), local.exit_layers)
+    assert len(set(local.exit_layers.tolist())) > 1  # early exit really happened
+
+    # A published run is refused unless replacing is asked for.
+    with pytest.raises(scoring.RunRefused, match="_SUCCESS"):
+        scoring.run(cfg)
+    again = scoring.run(_config(s3_storage, tiny_llama_dir, replace=True))
+    assert again["shards_run"] == again["shards"]
+
+
+def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir, movie_tables):
+    _write_inputs(local_storage, movie_tables, _candidates())
+    cfg = _config(local_storage, tiny_llama_dir)
+    first = scoring.run(cfg)
+    out = Path(cfg.storage.root, "scores", "r1")
+    (out / "_SUCCESS").unlink()
+    for marker in sorted((out / "_markers").iterdir())[:2]:
+        marker.unlink()
+    second = scoring.run(cfg)
+    assert first["shards_run"] == first["shards"] == 6 and second["shards_run"] == 2
+
+
+def _kill_when(predicate, match, timeout=120):
+    """SIGKILL the first process whose command line contains `match` once predicate() holds."""
+    killed = threading.Event()
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not killed.is_set():
+            if predicate():
+                for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+                    text = " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or "")
+                    if match in text:
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.set()
+                        return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def _markers(cfg):
+    return list(Path(cfg.storage.root, "scores", "r1", "_markers").glob("*.json"))
+
+
+def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_tables):
+    cands = _candidates(n_users=6, per_user=20)
+    _write_inputs(local_storage, movie_tables, cands)
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
+    killed = _kill_when(lambda: len(_markers(cfg)) >= 2, "ScoreShard")
+    summary = scoring.run(cfg)
+    assert killed.is_set(), "the test did not manage to kill a scoring actor"
+    _, scores, rejects = _read_run(cfg)
+    _assert_exactly_once(scores, rejects, cands)
+    assert summary["scored"] == cands.num_rows
+
+
+def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables, tmp_path):
+    cands = _candidates(n_users=6, per_user=20)
+    _write_inputs(local_storage, movie_tables, cands)
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
+    conf = tmp_path / "score.yaml"
+    conf.write_text(yaml.safe_dump(cfg.redacted()))
+    cmd = [sys.executable, str(ROOT / "jobs" / "score.py"), "--config", str(conf), "ray.num_cpus=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.time() + 180
+    while len(_markers(cfg)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    summary = json.loads(rerun.stdout[rerun.stdout.index("{") :])
+    assert summary["shards"] == 16 and 0 < summary["shards_run"] < 16
+    _, scores, rejects = _read_run(cfg)
+    _assert_exactly_once(scores, rejects, cands)
+    logs = rerun.stdout + rerun.stderr
+    assert FAKE_SECRET not in logs and FAKE_KEY_ID not in logs
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.drop_columns([S.ITEM_ID]), "missing column 'item_id'"),
+        (
+            lambda t: t.set_column(
+                0, S.USER_ID, pa.array([str(u) for u in t[S.USER_ID].to_pylist()])
+            ),
+            "column 'user_id' has type string",
+        ),
+    ],
+    ids=["missing-column", "wrong-type"],
+)
+def test_bad_candidates_fail_before_scoring(
+    ray_session, local_storage, tiny_llama_dir, movie_tables, mutate, message
+):
+    _write_inputs(local_storage, movie_tables, mutate(_candidates()))
+    cfg = _config(local_storage, tiny_llama_dir)
+    with pytest.raises(S.SchemaError, match=message):
+        scoring.run(cfg)
+    assert not Path(cfg.storage.root, "scores").exists()
+
+
+def test_unreadable_candidates_named(ray_session, local_storage, tiny_llama_dir, movie_tables):
+    folder = _write_inputs(local_storage, movie_tables, _candidates())
+    Path(folder, "b.parquet").write_bytes(b"garbage")
+    with pytest.raises(storage.StorageError, match=r"b\.parquet: not a readable parquet"):
+        scoring.run(_config(local_storage, tiny_llama_dir))
+
+
+def test_output_inside_input_prefix_refused(local_storage, tiny_llama_dir, movie_tables):
+    folder = _write_inputs(local_storage, movie_tables, _candidates())
+    for output in (storage.join(folder, "out"), local_storage.root + "/x/../scores"):
+        with pytest.raises(scoring.RunRefused):
+            scoring.run(_config(local_storage, tiny_llama_dir, output_uri=output))
+
+
+def test_credentials_never_logged(ray_session, s3_storage, tiny_llama_dir, movie_tables, caplog):
+    from optirag import cli
+
+    _write_inputs(s3_storage, movie_tables, _candidates())
+    cfg = _config(s3_storage, tiny_llama_dir)
+    conf_args = [
+        f"storage.root={cfg.storage.root}",
+        f"storage.s3.endpoint_url={cfg.storage.s3.endpoint_url}",
+        f"storage.s3.access_key_id={FAKE_KEY_ID}",
+        f"storage.s3.secret_access_key={FAKE_SECRET}",
+        f"backbone.path={tiny_llama_dir}",
+        "backbone.source=path",
+        f"scoring.candidates_uri={cfg.scoring.candidates_uri}",
+        "scoring.run_id=logs",
+    ]
+    with caplog.at_level("DEBUG"):
+        assert cli.score(["--config", str(ROOT / "conf" / "demo.yaml"), *conf_args]) == 0
+    assert FAKE_SECRET not in caplog.text and FAKE_KEY_ID not in caplog.text
+    assert "**********" in caplog.text
