@@ -108,3 +108,29 @@ def score(argv: list[str]) -> int:
         argv,
         body,
     )
+
+
+def train_retriever(argv: list[str]) -> int:
+    from optirag import retriever
+
+    def body(cfg: Config) -> dict:
+        _init_ray(cfg)
+        return retriever.run(cfg)
+
+    return _run(
+        "train_retriever",
+        "Train LightGCN with Ray Train and write the similar-user table (neighbors/gcn.parquet).",
+        argv,
+        body,
+    )
+
+
+def build_text_neighbors(argv: list[str]) -> int:
+    from optirag import retriever
+
+    return _run(
+        "build_text_neighbors",
+        "The text-embedding retrieval baseline: neighbors/text-embed.parquet.",
+        argv,
+        lambda cfg: retriever.run_text_baseline(cfg),
+    )

@@ -94,6 +94,25 @@ class BackboneConfig(StrictModel):
         return self
 
 
+class RetrieverConfig(StrictModel):
+    """LightGCN on the liked-interaction graph, trained with BPR (see optirag.retriever)."""
+
+    embedding_dim: int = Field(64, gt=0)
+    num_layers: int = Field(3, gt=0)
+    epochs: int = Field(50, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    batch_size: int = Field(4096, gt=0, description="positive edges per step, all workers")
+    weight_decay: float = Field(1e-4, ge=0, description="BPR L2 on the batch embeddings")
+    patience: int = Field(5, gt=0, description="epochs without valid NDCG@k gain before stop")
+    eval_k: int = Field(20, gt=0)
+    num_neighbors: int = Field(10, gt=0)
+    block_size: int = Field(2048, gt=0, description="users per block in the top-k search")
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    run_name: str = "lightgcn"
+    text_embedder: Literal["minilm", "backbone"] = "minilm"
+
+
 class PromptConfig(StrictModel):
     instruction: str = (
         "You are a recommender system. From a user's history and what users with similar "
@@ -125,6 +144,8 @@ class ComputeConfig(StrictModel):
     max_actors: int = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
+    train_workers: int = Field(2, gt=0, description="Ray Train workers (DDP)")
+    train_use_gpu: bool = False
     torch_threads: int | None = Field(None, gt=0, description="intra-op threads per actor")
 
     @model_validator(mode="after")
@@ -161,6 +182,7 @@ class Config(StrictModel):
     data: DataConfig = DataConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     backbone: BackboneConfig = BackboneConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
     prompts: PromptConfig = PromptConfig()
     exits: ExitConfig = ExitConfig()
     compute: ComputeConfig = ComputeConfig()

@@ -1,0 +1,165 @@
+"""Ray Train loops: the LightGCN retriever (DDP over edge shards).
+
+Every loop checkpoints to the configured storage each epoch (safetensors + JSON, never
+pickle), resumes from `ray.train.get_checkpoint()` after a worker failure, and a rerun with
+the same run name resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from optirag import storage
+from optirag.config import ComputeConfig, RetrieverConfig, StorageConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as flat tensors + JSON-able scalars (safetensors, not pickle)."""
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{pid}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = float(value)
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = torch.tensor(value)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def run_config(name: str, subdir: str, store: StorageConfig, max_failures: int):
+    """RunConfig writing checkpoints under <storage.root>/<subdir>/<name> (local or s3)."""
+    import ray.train
+
+    fs, path = storage.resolve(storage.join(store.root, subdir), store)
+    fs.create_dir(path, recursive=True)
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+    )
+
+
+# ----------------------------------------------------------------------------- retriever
+
+
+def retriever_loop(config: dict) -> None:
+    """Ray Train worker loop: BPR on this worker's shard of the liked edges."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    from optirag import retriever as R
+
+    cfg: RetrieverConfig = config["retriever"]
+    graph: R.Graph = config["graph"]
+    valid = config["valid"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    model = R.new_model(graph, cfg.embedding_dim, cfg.num_layers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    meta = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumes": 0}
+    best_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            meta = json.loads(Path(d, META_FILE).read_text())
+            model.load_state_dict(load_file(Path(d, MODEL_FILE)))
+            load_optimizer(opt, load_file(Path(d, OPTIM_FILE)), meta.pop("optimizer"))
+            best_state = load_file(Path(d, BEST_FILE))
+        meta["resumes"] += 1
+    model = prepare_model(model)
+    edge_index = graph.edge_index()
+    edges = torch.as_tensor(graph.edges)
+    per_worker = max(1, cfg.batch_size // world)
+
+    for epoch in range(meta["epoch"], cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        mine = torch.randperm(edges.shape[1], generator=gen)[rank::world]
+        neg_gen = torch.Generator().manual_seed(cfg.seed + 7919 * epoch + rank)
+        losses = []
+        model.train()
+        for start in range(0, len(mine), per_worker):
+            loss = R.bpr_step(
+                model, edge_index, edges[:, mine[start : start + per_worker]],
+                graph.num_users, graph.num_items, cfg.weight_decay, neg_gen,
+            )  # fmt: skip
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        inner = model.module if hasattr(model, "module") else model
+        metrics = R.ranking_metrics(
+            R.final_embeddings(inner, edge_index), graph, valid, cfg.eval_k, cfg.block_size
+        )
+        score = metrics[f"ndcg@{cfg.eval_k}"]
+        if score > meta["best"]:
+            meta.update(best=score, bad_epochs=0, best_epoch=epoch)
+            best_state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+        else:
+            meta["bad_epochs"] += 1
+        meta["epoch"] = epoch + 1
+        metrics.update(epoch=epoch, loss=sum(losses) / max(len(losses), 1))
+        meta["history"].append(metrics)
+        stop = meta["bad_epochs"] >= cfg.patience
+        with tempfile.TemporaryDirectory() as d:
+            to_report = None
+            if rank == 0:
+                opt_tensors, opt_meta = optimizer_tensors(opt)
+                save_file(dict(inner.state_dict()), Path(d, MODEL_FILE))
+                save_file(best_state, Path(d, BEST_FILE))
+                save_file(opt_tensors, Path(d, OPTIM_FILE))
+                Path(d, META_FILE).write_text(json.dumps({**meta, "optimizer": opt_meta}))
+                to_report = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=to_report)
+        if stop:
+            break
+
+
+def train_retriever(
+    graph, valid, cfg: RetrieverConfig, compute: ComputeConfig, store: StorageConfig
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit LightGCN with Ray Train; returns the best state dict and the run's meta."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        retriever_loop,
+        train_loop_config={"retriever": cfg, "graph": graph, "valid": valid},
+        scaling_config=ScalingConfig(
+            num_workers=compute.train_workers, use_gpu=compute.train_use_gpu
+        ),
+        run_config=run_config(cfg.run_name, "retriever/ray", store, cfg.max_failures),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        meta = json.loads(Path(d, META_FILE).read_text())
+        meta.pop("optimizer")
+        return load_file(Path(d, BEST_FILE)), meta
