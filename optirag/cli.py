@@ -134,3 +134,18 @@ def build_text_neighbors(argv: list[str]) -> int:
         argv,
         lambda cfg: retriever.run_text_baseline(cfg),
     )
+
+
+def train_exits(argv: list[str]) -> int:
+    from optirag import stages
+
+    def body(cfg: Config) -> dict:
+        _init_ray(cfg)
+        return stages.train_exits(cfg)
+
+    return _run(
+        "train_exits",
+        "Train the exit heads (frozen backbone, depth-decayed LR) and calibrate tau.",
+        argv,
+        body,
+    )

@@ -10,10 +10,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    """Local paths are made absolute when the config loads: Ray workers run elsewhere."""
+    if value is None or "://" in value:
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+# A local path or a URI such as s3://bucket/prefix.
+Location = Annotated[str, AfterValidator(_absolute_if_local)]
 
 
 class StrictModel(BaseModel):
@@ -32,7 +51,7 @@ class S3Config(StrictModel):
 
 
 class StorageConfig(StrictModel):
-    root: str = Field("data/demo", description="local directory or s3://bucket/prefix")
+    root: Location = Field("data/demo", description="local directory or s3://bucket/prefix")
     s3: S3Config = S3Config()
 
 
@@ -50,9 +69,9 @@ class ColumnMapping(StrictModel):
 
 class DataConfig(StrictModel):
     source: Literal["movielens", "parquet"] = "movielens"
-    movielens_dir: str = "data/raw/movielens"
-    interactions_uri: str | None = None
-    items_uri: str | None = None
+    movielens_dir: Location = "data/raw/movielens"
+    interactions_uri: Location | None = None
+    items_uri: Location | None = None
     columns: ColumnMapping = ColumnMapping()
     like_threshold: float = Field(4.0, description="label = rating >= this, when no label column")
     valid_fraction: float = Field(0.1, ge=0.0, lt=0.5)
@@ -81,8 +100,8 @@ class SyntheticConfig(StrictModel):
 
 class BackboneConfig(StrictModel):
     source: Literal["smollm2", "path", "tiny"] = "smollm2"
-    path: str | None = Field(None, description="local Hugging Face directory (source=path)")
-    cache_dir: str = "data/cache/models"
+    path: Location | None = Field(None, description="local Hugging Face directory (source=path)")
+    cache_dir: Location = "data/cache/models"
     tiny_layers: int = Field(6, gt=0, description="layers of the tiny random model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     device: str = "auto"
@@ -131,7 +150,7 @@ class ExitConfig(StrictModel):
     num_heads: int = Field(6, gt=0)
     rule: Literal["agreement", "confidence", "none"] | None = None  # None: from trained heads
     threshold: float | None = Field(None, ge=0, description="tau (agreement) or c (confidence)")
-    heads_uri: str | None = Field(None, description="trained heads directory")
+    heads_uri: Location | None = Field(None, description="trained heads directory")
     compaction: bool = True
 
 
@@ -158,11 +177,11 @@ class ComputeConfig(StrictModel):
 class ScoringConfig(StrictModel):
     """Inputs default to the canonical tables under storage.root (see optirag.data)."""
 
-    candidates_uri: str | None = None  # default: <root>/candidates/test.parquet
-    history_uri: str | None = None  # default: <root>/interactions/train.parquet
-    items_uri: str | None = None  # default: <root>/items.parquet
-    neighbors_uri: str | None = None  # default: <root>/neighbors/gcn.parquet when present
-    output_uri: str | None = None  # default: <root>/scores
+    candidates_uri: Location | None = None  # default: <root>/candidates/test.parquet
+    history_uri: Location | None = None  # default: <root>/interactions/train.parquet
+    items_uri: Location | None = None  # default: <root>/items.parquet
+    neighbors_uri: Location | None = None  # default: <root>/neighbors/gcn.parquet when present
+    output_uri: Location | None = None  # default: <root>/scores
     run_id: str | None = None  # default: <date>-<model>-<config hash>
     replace: bool = Field(False, description="overwrite a run that already has _SUCCESS")
     rows_per_shard: int = Field(20_000, gt=0)
@@ -170,6 +189,39 @@ class ScoringConfig(StrictModel):
     max_task_retries: int = Field(2, ge=0)
     timeout_s: float = Field(6 * 3600, gt=0, description="wall-clock limit of the run")
     stall_timeout_s: float = Field(900, gt=0, description="fail when no shard finishes this long")
+
+
+class HeadTrainingConfig(StrictModel):
+    """Exit-head training on a frozen backbone (see optirag.features, optirag.training).
+
+    Training pairs: per sampled user, the train history is cut at `history_fraction`; the
+    prompt shows only interactions before the cut and the targets are up to
+    `targets_per_user` interactions after it, so no prompt sees its target or anything later,
+    and all of a user's targets share one prefix.
+    """
+
+    train_users: int | None = Field(300, gt=0, description="users sampled; None = all")
+    history_fraction: float = Field(0.5, gt=0, lt=1)
+    targets_per_user: int = Field(10, gt=0)
+    valid_users: int | None = Field(200, gt=0, description="valid users sampled; None = all")
+    epochs: int = Field(40, gt=0)
+    lr: float = Field(2e-3, gt=0, description="lr_0, of a head at depth 0")
+    beta: float = Field(1.0, ge=0, description="lr_n = lr_0 * exp(-beta * layer_n / layers)")
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(256, gt=0)
+    patience: int = Field(6, gt=0)
+    auc_budget: float = Field(0.005, ge=0, description="max valid AUC loss of calibrated tau")
+    tau_grid: list[float] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3]
+    confidence_grid: list[float] = [0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6]
+    max_failures: int = Field(2, ge=0)
+    run_name: str = "exit-heads"
+    seed: int = 0
+
+
+class EvalConfig(StrictModel):
+    test_users: int | None = Field(200, gt=0, description="test users sampled; None = all")
+    speed_pairs: int = Field(200, gt=0, description="pairs timed per tau for pairs/s")
+    speed_taus: list[float] = [0.0, 0.01, 0.05]
 
 
 class RayConfig(StrictModel):
@@ -185,6 +237,8 @@ class Config(StrictModel):
     retriever: RetrieverConfig = RetrieverConfig()
     prompts: PromptConfig = PromptConfig()
     exits: ExitConfig = ExitConfig()
+    heads: HeadTrainingConfig = HeadTrainingConfig()
+    evaluation: EvalConfig = EvalConfig()
     compute: ComputeConfig = ComputeConfig()
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()

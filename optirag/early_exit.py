@@ -9,7 +9,6 @@ stops running as soon as none of its candidates is still active.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,12 +30,27 @@ def default_exit_layers(num_layers: int, num_heads: int) -> list[int]:
     return sorted({round(num_layers * (i + 1) / num_heads) for i in range(num_heads)})
 
 
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (computed in float32, cast back), owned by each exit head."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
 class ExitHead(nn.Module):
     """Final norm + a 2-way linear map to the (Yes, No) logits of the last-token state."""
 
-    def __init__(self, norm: nn.Module, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
-        self.norm = norm
+        self.norm = RMSNorm(hidden_size, eps)
         self.proj = nn.Linear(hidden_size, 2)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -49,25 +63,39 @@ def prob_yes(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ExitHeads(nn.Module):
-    """One ExitHead per exit layer. Untrained, each head is the model's own final norm and
-    LM-head rows for Yes/No, so the last head gives exactly the model's P(Yes | Yes or No)."""
+    """One ExitHead per exit layer. `from_backbone` starts each head as the model's own final
+    norm and LM-head rows for Yes/No, so the untrained last head gives exactly the model's
+    P(Yes | Yes or No). Needs no backbone otherwise, so training workers stay light."""
 
-    def __init__(self, backbone: Backbone, layers: list[int]) -> None:
+    def __init__(self, layers: list[int], hidden_size: int, eps: float) -> None:
         super().__init__()
-        if not layers or layers != sorted(set(layers)) or not 0 < layers[0] <= layers[-1]:
+        if not layers or layers != sorted(set(layers)) or layers[0] <= 0:
             raise ValueError(f"exit layers must be increasing and positive, got {layers}")
+        self.layers = list(layers)
+        self.hidden_size, self.eps = hidden_size, eps
+        self.heads = nn.ModuleList(ExitHead(hidden_size, eps) for _ in layers)
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, layers: list[int]) -> ExitHeads:
         if layers[-1] != backbone.num_layers:
             raise ValueError(f"last exit layer must be {backbone.num_layers}, got {layers[-1]}")
-        self.layers = list(layers)
+        norm = backbone.final_norm
+        heads = cls(layers, backbone.hidden_size, norm.variance_epsilon)
         rows = backbone.model.lm_head.weight[[backbone.yes_id, backbone.no_id]]  # (2, H)
-        self.heads = nn.ModuleList()
-        for _ in layers:
-            head = ExitHead(copy.deepcopy(backbone.final_norm), backbone.hidden_size)
-            with torch.no_grad():
+        with torch.no_grad():
+            for head in heads.heads:
+                head.norm.weight.copy_(norm.weight)
                 head.proj.weight.copy_(rows)
                 head.proj.bias.zero_()
-            self.heads.append(head)
-        self.to(device=backbone.device, dtype=backbone.dtype)
+        return heads.to(device=backbone.device, dtype=backbone.dtype)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """(N, num_heads, H) last-token states -> (N, num_heads) Yes-minus-No logits."""
+        logits = [head(states[:, h]) for h, head in enumerate(self.heads)]
+        return torch.stack([lg[:, 0] - lg[:, 1] for lg in logits], dim=1).float()
+
+    def meta(self) -> dict:
+        return {"layers": self.layers, "hidden_size": self.hidden_size, "eps": self.eps}
 
     def save(self, directory: str | Path, meta: dict) -> None:
         directory = Path(directory)
@@ -75,16 +103,20 @@ class ExitHeads(nn.Module):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, directory / "heads.safetensors")
         (directory / "exit_config.json").write_text(
-            json.dumps({"layers": self.layers, **meta}, indent=2, sort_keys=True)
+            json.dumps({**self.meta(), **meta}, indent=2, sort_keys=True)
         )
 
     @classmethod
-    def load(cls, backbone: Backbone, directory: str | Path) -> tuple[ExitHeads, dict]:
+    def load(cls, directory: str | Path, backbone: Backbone | None = None):
+        """Heads and their exit config; on the backbone's device and dtype when given."""
         directory = Path(directory)
         meta = json.loads((directory / "exit_config.json").read_text())
-        heads = cls(backbone, meta["layers"])
-        state = load_file(directory / "heads.safetensors")
-        heads.load_state_dict({k: v.to(backbone.dtype) for k, v in state.items()})
+        heads = cls(meta["layers"], meta["hidden_size"], meta["eps"])
+        heads.load_state_dict(load_file(directory / "heads.safetensors"))
+        if backbone is not None:
+            if meta["layers"][-1] != backbone.num_layers:
+                raise ValueError(f"{directory}: heads were trained for another backbone depth")
+            heads.to(device=backbone.device, dtype=backbone.dtype)
         return heads, meta
 
 
@@ -113,6 +145,7 @@ class ScoreResult:
     head_probs: torch.Tensor  # (N, num_heads) float32, NaN for heads a row never reached
     layer_tokens: int = 0  # sum over layers of the tokens that went through it (compute)
     exit_counts: dict[int, int] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # (N, num_heads, H) float32 when asked for
 
 
 class EarlyExitScorer:
@@ -137,7 +170,12 @@ class EarlyExitScorer:
         suffixes: list[list[int]],
         prefixes: list[list[int]] | None = None,
         prefix_of: list[int] | None = None,
+        keep_hidden: bool = False,
     ) -> ScoreResult:
+        """`keep_hidden` also returns each head's input, the last-token state (N, heads, H),
+        for head training; it needs the 'none' rule so every row reaches every head."""
+        if keep_hidden and self.rule.kind != "none":
+            raise ValueError("keep_hidden needs ExitRule('none')")
         bb, dev = self.backbone, self.backbone.device
         n = len(suffixes)
         suffix_ids, suffix_len = _pad(suffixes, dev)  # (N, S), (N,)
@@ -154,6 +192,7 @@ class EarlyExitScorer:
         exit_layers = torch.zeros(n, dtype=torch.int16, device=dev)
         head_probs = torch.full((n, len(self.heads.layers)), float("nan"), device=dev)
         done = torch.zeros(n, dtype=torch.bool, device=dev)
+        states = [] if keep_hidden else None
         p_prev: torch.Tensor | None = None
         layer_tokens, start = 0, 0
 
@@ -167,6 +206,8 @@ class EarlyExitScorer:
             )
             start = end
             last = hidden[torch.arange(len(rows), device=dev), suffix_len - 1]  # (Na, H)
+            if states is not None:
+                states.append(last.float().cpu())
             p = prob_yes(self.heads.heads[h](last))  # (Na,)
             head_probs[rows, h] = torch.where(done[rows], head_probs[rows, h], p)
             fire = self.rule.fires(p, p_prev) | (h == len(self.heads.layers) - 1)
@@ -192,6 +233,7 @@ class EarlyExitScorer:
             head_probs=head_probs.float().cpu(),
             layer_tokens=layer_tokens,
             exit_counts={layer: int(counts[layer]) for layer in self.heads.layers},
+            hidden=torch.stack(states, dim=1) if states is not None else None,
         )
 
 

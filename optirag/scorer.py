@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from optirag.backbone import Backbone
 from optirag.config import Config, ExitConfig
@@ -31,6 +32,7 @@ class PairScores:
     head_probs: np.ndarray  # (N, num_heads) float32, NaN where a row never got
     layer_tokens: int
     prompt_tokens: int
+    hidden: np.ndarray | None = None  # (N, num_heads, H) float32 when asked for
 
 
 class PairScorer:
@@ -52,8 +54,16 @@ class PairScorer:
         self.batch_rows = batch_rows
 
     def score(
-        self, users: np.ndarray, items: np.ndarray, before_ts: np.ndarray | None = None
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        before_ts: np.ndarray | None = None,
+        keep_hidden: bool = False,
+        desc: str | None = None,
     ) -> PairScores:
+        """Scores in input order. `before_ts` limits each row's history to interactions
+        before it (training prompts); `keep_hidden` also returns the heads' inputs; `desc`
+        shows a progress bar."""
         n = len(users)
         cutoffs = before_ts if before_ts is not None else np.full(n, -1, dtype=np.int64)
         # Rows of one prefix next to each other; a stable sort keeps the order deterministic.
@@ -61,7 +71,8 @@ class PairScorer:
         prefix_cache: dict[tuple[int, int], list[int]] = {}
         result_parts: list[ScoreResult] = []
         prompt_tokens = 0
-        for chunk in np.array_split(order, max(1, -(-n // self.batch_rows))):
+        chunks = np.array_split(order, max(1, -(-n // self.batch_rows)))
+        for chunk in tqdm(chunks, desc=desc, disable=desc is None, unit="batch"):
             keys = [(int(users[i]), int(cutoffs[i])) for i in chunk]
             for key in keys:
                 if key not in prefix_cache:
@@ -78,10 +89,13 @@ class PairScorer:
             )
             if self.share_prefixes:
                 slot = {k: j for j, k in enumerate(unique)}
-                result = self.engine.score(suffixes, prefixes, [slot[k] for k in keys])
+                result = self.engine.score(
+                    suffixes, prefixes, [slot[k] for k in keys], keep_hidden=keep_hidden
+                )
             else:
                 result = self.engine.score(
-                    [prefix_cache[k] + s for k, s in zip(keys, suffixes, strict=True)]
+                    [prefix_cache[k] + s for k, s in zip(keys, suffixes, strict=True)],
+                    keep_hidden=keep_hidden,
                 )
             result_parts.append(result)
         inverse = np.empty(n, dtype=np.int64)
@@ -94,6 +108,7 @@ class PairScorer:
             scores=in_input_order("scores"),
             exit_layers=in_input_order("exit_layers"),
             head_probs=in_input_order("head_probs"),
+            hidden=in_input_order("hidden") if keep_hidden else None,
             layer_tokens=sum(r.layer_tokens for r in result_parts),
             prompt_tokens=prompt_tokens,
         )
@@ -109,9 +124,9 @@ def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
 def load_heads(backbone: Backbone, cfg: ExitConfig) -> tuple[ExitHeads, dict]:
     """Trained heads from `heads_uri`, or untrained ones at the configured layers."""
     if cfg.heads_uri:
-        return ExitHeads.load(backbone, cfg.heads_uri)
+        return ExitHeads.load(cfg.heads_uri, backbone)
     layers = cfg.layers or default_exit_layers(backbone.num_layers, cfg.num_heads)
-    return ExitHeads(backbone, layers), {}
+    return ExitHeads.from_backbone(backbone, layers), {}
 
 
 def build_pair_scorer(cfg: Config, contexts: ContextStore, backbone: Backbone) -> PairScorer:

@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from optirag import storage
 from optirag.config import ComputeConfig, RetrieverConfig, StorageConfig
@@ -128,18 +129,8 @@ def retriever_loop(config: dict) -> None:
         meta["epoch"] = epoch + 1
         metrics.update(epoch=epoch, loss=sum(losses) / max(len(losses), 1))
         meta["history"].append(metrics)
-        stop = meta["bad_epochs"] >= cfg.patience
-        with tempfile.TemporaryDirectory() as d:
-            to_report = None
-            if rank == 0:
-                opt_tensors, opt_meta = optimizer_tensors(opt)
-                save_file(dict(inner.state_dict()), Path(d, MODEL_FILE))
-                save_file(best_state, Path(d, BEST_FILE))
-                save_file(opt_tensors, Path(d, OPTIM_FILE))
-                Path(d, META_FILE).write_text(json.dumps({**meta, "optimizer": opt_meta}))
-                to_report = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=to_report)
-        if stop:
+        _report(rank, inner, best_state, opt, meta, metrics)
+        if meta["bad_epochs"] >= cfg.patience:
             break
 
 
@@ -147,16 +138,143 @@ def train_retriever(
     graph, valid, cfg: RetrieverConfig, compute: ComputeConfig, store: StorageConfig
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Fit LightGCN with Ray Train; returns the best state dict and the run's meta."""
+    config = {"retriever": cfg, "graph": graph, "valid": valid}
+    return fit(
+        retriever_loop, config, cfg.run_name, "retriever/ray", compute, store, cfg.max_failures
+    )
+
+
+# ----------------------------------------------------------------------------- exit heads
+
+
+def depth_decayed_lrs(layers: list[int], num_layers: int, lr0: float, beta: float) -> list[float]:
+    """lr_n = lr_0 * exp(-beta * d_n), with d_n = layer_n / num_layers the head's relative
+    depth in (0, 1]: deeper heads, whose inputs are already more task-shaped, move slower."""
+    return [lr0 * math.exp(-beta * layer / num_layers) for layer in layers]
+
+
+def head_optimizer(heads, num_layers: int, lr0: float, beta: float, weight_decay: float):
+    lrs = depth_decayed_lrs(heads.layers, num_layers, lr0, beta)
+    groups = [
+        {"params": list(head.parameters()), "lr": lr, "layer": layer}
+        for head, lr, layer in zip(heads.heads, lrs, heads.layers, strict=True)
+    ]
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def head_losses(heads, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of every head's Yes-minus-No logit, summed over heads."""
+    logits = heads(states)  # (B, num_heads)
+    targets = labels[:, None].expand_as(logits)
+    per_head = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets, reduction="none"
+    ).mean(0)
+    return per_head.sum()
+
+
+def heads_loop(config: dict) -> None:
+    """Ray Train worker loop: DDP over this worker's shard of the cached features."""
+    import ray.train
+    from ray.train.torch import prepare_model
+    from sklearn.metrics import roc_auc_score
+
+    from optirag.early_exit import ExitHeads
+    from optirag.features import load_features
+
+    cfg = config["heads"]
+    store = config["storage"]
+    train = load_features(config["train_uri"], store)
+    valid = load_features(config["valid_uri"], store)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    heads = ExitHeads(config["layers"], config["hidden_size"], config["eps"])
+    heads.load_state_dict(load(storage.read_bytes(config["init_uri"], store)))
+    opt = head_optimizer(heads, config["num_layers"], cfg.lr, cfg.beta, cfg.weight_decay)
+    meta = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumes": 0}
+    best_state = {k: v.clone() for k, v in heads.state_dict().items()}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            meta = json.loads(Path(d, META_FILE).read_text())
+            heads.load_state_dict(load_file(Path(d, MODEL_FILE)))
+            load_optimizer(opt, load_file(Path(d, OPTIM_FILE)), meta.pop("optimizer"))
+            best_state = load_file(Path(d, BEST_FILE))
+        meta["resumes"] += 1
+    model = prepare_model(heads)
+    n = len(train["labels"])
+    per_worker = max(1, cfg.batch_size // world)
+
+    for epoch in range(meta["epoch"], cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        mine = torch.randperm(n, generator=gen)[rank::world]
+        model.train()
+        losses = []
+        for start in range(0, len(mine), per_worker):
+            batch = mine[start : start + per_worker]
+            loss = head_losses(model, train["states"][batch], train["labels"][batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            valid_logits = heads(valid["states"]).numpy()
+        labels = valid["labels"].numpy()
+        aucs = [float(roc_auc_score(labels, valid_logits[:, h])) for h in range(len(heads.layers))]
+        metrics = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
+                   "valid_auc_mean": float(np.mean(aucs)), "valid_auc_last": aucs[-1],
+                   "valid_auc_per_head": aucs}  # fmt: skip
+        if metrics["valid_auc_mean"] > meta["best"]:
+            meta.update(best=metrics["valid_auc_mean"], bad_epochs=0, best_epoch=epoch)
+            best_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
+        else:
+            meta["bad_epochs"] += 1
+        meta["epoch"] = epoch + 1
+        meta["history"].append(metrics)
+        _report(rank, heads, best_state, opt, meta, metrics)
+        if meta["bad_epochs"] >= cfg.patience:
+            break
+
+
+def _report(rank: int, model, best_state, opt, meta: dict, metrics: dict) -> None:
+    """Checkpoint (rank 0 writes it) and report this epoch's metrics."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            opt_tensors, opt_meta = optimizer_tensors(opt)
+            save_file(dict(model.state_dict()), Path(d, MODEL_FILE))
+            save_file(best_state, Path(d, BEST_FILE))
+            save_file(opt_tensors, Path(d, OPTIM_FILE))
+            Path(d, META_FILE).write_text(json.dumps({**meta, "optimizer": opt_meta}))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(
+            {k: v for k, v in metrics.items() if not isinstance(v, list)}, checkpoint=checkpoint
+        )
+
+
+def fit(
+    loop,
+    loop_config: dict,
+    name: str,
+    subdir: str,
+    compute: ComputeConfig,
+    store: StorageConfig,
+    max_failures: int,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run a loop with Ray Train; returns the best state dict and the run's meta."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        retriever_loop,
-        train_loop_config={"retriever": cfg, "graph": graph, "valid": valid},
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=compute.train_workers, use_gpu=compute.train_use_gpu
         ),
-        run_config=run_config(cfg.run_name, "retriever/ray", store, cfg.max_failures),
+        run_config=run_config(name, subdir, store, max_failures),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

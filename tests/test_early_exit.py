@@ -20,7 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def heads(tiny_backbone):
-    return ExitHeads(tiny_backbone, default_exit_layers(tiny_backbone.num_layers, 3))
+    return ExitHeads.from_backbone(tiny_backbone, default_exit_layers(tiny_backbone.num_layers, 3))
 
 
 def _ids(backbone, texts):
@@ -111,13 +111,13 @@ def test_heads_roundtrip_and_validation(tiny_backbone, heads, tmp_path):
     with torch.no_grad():
         heads.heads[0].proj.bias.fill_(0.25)
     heads.save(tmp_path, {"rule": "agreement", "threshold": 0.1})
-    loaded, meta = ExitHeads.load(tiny_backbone, tmp_path)
+    loaded, meta = ExitHeads.load(tmp_path, tiny_backbone)
     assert meta["threshold"] == 0.1 and loaded.layers == heads.layers
     for a, b in zip(heads.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with torch.no_grad():
         heads.heads[0].proj.bias.zero_()
     with pytest.raises(ValueError, match="last exit layer"):
-        ExitHeads(tiny_backbone, [2, 4])
+        ExitHeads.from_backbone(tiny_backbone, [2, 4])
     with pytest.raises(ValueError, match="increasing"):
-        ExitHeads(tiny_backbone, [4, 2, 6])
+        ExitHeads([4, 2, 6], 32, 1e-6)

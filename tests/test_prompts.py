@@ -83,7 +83,7 @@ def test_unknown_user_gets_empty_context(movie_tables):
 def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables, share):
     store = ContextStore(*movie_tables, PromptConfig())
     builder = PromptBuilder(tiny_backbone.tokenizer, PromptConfig())
-    heads = ExitHeads(tiny_backbone, [2, 4, 6])
+    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
     scorer = PairScorer(
         tiny_backbone, heads, ExitRule("none"), store, builder, share_prefixes=share, batch_rows=5
     )

@@ -258,7 +258,7 @@ def test_unreadable_candidates_named(ray_session, local_storage, tiny_llama_dir,
 
 def test_output_inside_input_prefix_refused(local_storage, tiny_llama_dir, movie_tables):
     folder = _write_inputs(local_storage, movie_tables, _candidates())
-    for output in (storage.join(folder, "out"), local_storage.root + "/x/../scores"):
+    for output in (storage.join(folder, "out"), "s3://bucket/x/../scores"):
         with pytest.raises(scoring.RunRefused):
             scoring.run(_config(local_storage, tiny_llama_dir, output_uri=output))
 
