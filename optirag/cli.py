@@ -149,3 +149,14 @@ def train_exits(argv: list[str]) -> int:
         argv,
         body,
     )
+
+
+def evaluate(argv: list[str]) -> int:
+    from optirag import stages
+
+    return _run(
+        "evaluate",
+        "Evaluate the trained heads and early exit against baselines on the test candidates.",
+        argv,
+        stages.run_evaluation,
+    )

@@ -118,11 +118,11 @@ class RetrieverConfig(StrictModel):
 
     embedding_dim: int = Field(64, gt=0)
     num_layers: int = Field(3, gt=0)
-    epochs: int = Field(50, gt=0)
+    epochs: int = Field(60, gt=0)
     lr: float = Field(5e-3, gt=0)
-    batch_size: int = Field(4096, gt=0, description="positive edges per step, all workers")
+    batch_size: int = Field(1024, gt=0, description="positive edges per step, all workers")
     weight_decay: float = Field(1e-4, ge=0, description="BPR L2 on the batch embeddings")
-    patience: int = Field(5, gt=0, description="epochs without valid NDCG@k gain before stop")
+    patience: int = Field(8, gt=0, description="epochs without valid NDCG@k gain before stop")
     eval_k: int = Field(20, gt=0)
     num_neighbors: int = Field(10, gt=0)
     block_size: int = Field(2048, gt=0, description="users per block in the top-k search")
@@ -137,9 +137,10 @@ class PromptConfig(StrictModel):
         "You are a recommender system. From a user's history and what users with similar "
         "taste liked, predict whether the user will like an item. Answer Yes or No."
     )
-    max_history: int = Field(20, ge=0, description="most recent interactions shown")
-    max_neighbor_items: int = Field(10, ge=0)
+    max_history: int = Field(12, ge=0, description="most recent interactions shown")
+    max_neighbor_items: int = Field(6, ge=0)
     max_item_chars: int = Field(80, gt=8)
+    history_item_text: bool = Field(False, description="show item text (genres) in history too")
     max_prefix_tokens: int = Field(384, gt=16)
     use_neighbors: bool = True
     use_chat_template: bool = True

@@ -28,15 +28,21 @@ class ContextStore:
         cfg: PromptConfig,
     ) -> None:
         self.cfg = cfg
+        ids, titles, texts = (items[c].to_pylist() for c in (S.ITEM_ID, S.TITLE, S.TEXT))
+        # The target item is shown with its text; history items by title only unless asked,
+        # which keeps the per-user prefix short.
         self.item_texts = {
             int(i): item_text(t, x, cfg.max_item_chars)
-            for i, t, x in zip(
-                items[S.ITEM_ID].to_pylist(),
-                items[S.TITLE].to_pylist(),
-                items[S.TEXT].to_pylist(),
-                strict=True,
-            )
+            for i, t, x in zip(ids, titles, texts, strict=True)
         }
+        self.history_texts = (
+            self.item_texts
+            if cfg.history_item_text
+            else {
+                int(i): item_text(t, None, cfg.max_item_chars)
+                for i, t in zip(ids, titles, strict=True)
+            }
+        )
         order = pc.sort_indices(
             interactions, [(S.USER_ID, "ascending"), (S.TS, "ascending"), (S.ITEM_ID, "ascending")]
         )
@@ -77,7 +83,7 @@ class ContextStore:
         own = self._slice(user, before_ts)
         recent = slice(max(own.start, own.stop - self.cfg.max_history), own.stop)
         history = [
-            (self.item_texts.get(int(i), "(unknown item)"), bool(y))
+            (self.history_texts.get(int(i), "(unknown item)"), bool(y))
             for i, y in zip(self._items[recent], self._labels[recent], strict=True)
         ]
         seen = set(self._items[own].tolist())
@@ -94,4 +100,4 @@ class ContextStore:
                 if item not in seen:
                     weight[item] += sim
         ranked = sorted(weight.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [self.item_texts[i] for i, _ in ranked[: self.cfg.max_neighbor_items]]
+        return [self.history_texts[i] for i, _ in ranked[: self.cfg.max_neighbor_items]]

@@ -124,3 +124,140 @@ def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config) -> None:
         heads.save(d, exit_config)
         for name in ("heads.safetensors", "exit_config.json"):
             storage.write_bytes(Path(d, name).read_bytes(), exits_uri(cfg, name), cfg.storage)
+
+
+def run_evaluation(cfg: Config) -> dict:
+    """Test metrics of the trained heads, the baselines, the tau sweep and measured speed."""
+    store, ec = cfg.storage, cfg.evaluation
+    train, items, neighbors = _tables(cfg)
+    backbone = load_backbone(cfg.backbone)
+    heads, exit_config = ExitHeads.load(_local_heads(cfg), backbone)
+    zero_shot = ExitHeads.from_backbone(backbone, heads.layers)
+    contexts = ContextStore(train, items, neighbors, cfg.prompts)
+    test_cands = storage.read_table(table_uri(store.root, "candidates", "test"), store)
+    pairs = F.candidate_pairs(test_cands, ec.test_users, seed=cfg.heads.seed)
+    feats = F.extract(_scorer(cfg, backbone, heads, contexts, ExitRule("none")), pairs,
+                      "test features")  # fmt: skip
+    labels = feats["labels"].numpy()
+    probs = head_probs(heads, feats["states"])
+    zero = head_probs(zero_shot, feats["states"])[:, -1]
+    n_layers = backbone.num_layers
+    tau = float(cfg.exits.threshold if cfg.exits.threshold is not None
+                else exit_config["threshold"])  # fmt: skip
+    ee_scores, ee_exits = E.simulate_exits(probs, heads.layers, ExitRule("agreement", tau))
+
+    models = {
+        "item popularity": E.popularity_scores(train, pairs.items),
+        "logistic regression on ids": E.id_logistic_regression(train, pairs.users, pairs.items),
+        "matrix factorisation (dim 32, BCE)": E.matrix_factorisation(
+            train, pairs.users, pairs.items
+        ),
+        "LLM zero-shot P(Yes)": zero,
+    }
+    gcn = _lightgcn_scores(cfg, pairs)
+    if gcn is not None:
+        models["LightGCN dot product"] = gcn
+    for h, layer in enumerate(heads.layers):
+        models[f"exit head @ layer {layer}"] = probs[:, h]
+    models["trained heads, full depth"] = probs[:, -1]
+    models[f"early exit (calibrated tau={tau:g})"] = ee_scores
+    table = [
+        {"model": name, "auc": E.auc(labels, s), "logloss": E.logloss(labels, np.clip(s, 0, 1))
+         if name != "LightGCN dot product" else None}
+        for name, s in models.items()
+    ]  # fmt: skip
+    rows = E.sweep(probs, labels, heads.layers, n_layers, cfg.heads.tau_grid,
+                   cfg.heads.confidence_grid)  # fmt: skip
+    speed = _measure_speed(cfg, backbone, heads, contexts, pairs, [*ec.speed_taus, tau])
+    out = storage.join(store.root, "evaluation")
+    with tempfile.TemporaryDirectory() as d:
+        E.plot_sweep(rows, next(r for r in rows if r.rule == "agreement" and r.threshold == tau)
+                     if tau in cfg.heads.tau_grid else rows[0],
+                     f"{d}/sweep.png", f"test AUC vs compute ({backbone.version})")  # fmt: skip
+        storage.write_bytes(Path(d, "sweep.png").read_bytes(), storage.join(out, "sweep.png"),
+                            store)  # fmt: skip
+    counts = {int(k): int(v) for k, v in zip(*np.unique(ee_exits, return_counts=True),
+                                              strict=True)}  # fmt: skip
+    metrics = {
+        "test_pairs": len(pairs), "test_users": int(len(np.unique(pairs.users))),
+        "backbone": backbone.version, "layers": heads.layers, "calibrated_tau": tau,
+        "models": table, "sweep": [r.as_dict() for r in rows], "speed": speed,
+        "exit_histogram": counts, "mean_exit_layer": float(ee_exits.mean()),
+        "compute_vs_full_depth": float(ee_exits.mean()) / n_layers,
+        "train_pairs": exit_config.get("train_pairs"),
+    }  # fmt: skip
+    storage.write_json(metrics, storage.join(out, "metrics.json"), store)
+    storage.write_bytes(render_markdown(metrics).encode(), storage.join(out, "report.md"), store)
+    print(render_markdown(metrics))
+    return {k: metrics[k] for k in ("test_pairs", "calibrated_tau", "mean_exit_layer",
+                                    "compute_vs_full_depth")}  # fmt: skip
+
+
+def _local_heads(cfg: Config) -> str:
+    """The trained heads as a local directory (downloaded when they live on s3)."""
+    uri = cfg.exits.heads_uri or exits_uri(cfg)
+    if not storage.is_remote(uri):
+        return uri
+    local = tempfile.mkdtemp(prefix="optirag-heads-")
+    for name in ("heads.safetensors", "exit_config.json"):
+        Path(local, name).write_bytes(storage.read_bytes(storage.join(uri, name), cfg.storage))
+    return local
+
+
+def _lightgcn_scores(cfg: Config, pairs: F.Pairs) -> np.ndarray | None:
+    """Dot products of the trained LightGCN embeddings; 0 for users/items it never saw."""
+    from safetensors.torch import load
+
+    root = storage.join(cfg.storage.root, "retriever")
+    if not storage.exists(storage.join(root, "meta.json"), cfg.storage):
+        return None
+    meta = storage.read_json(storage.join(root, "meta.json"), cfg.storage)
+    emb = load(storage.read_bytes(storage.join(root, "embeddings.safetensors"), cfg.storage))
+    emb = emb["embeddings"].numpy()
+    user_ids, item_ids = np.asarray(meta["user_ids"]), np.asarray(meta["item_ids"])
+    u = np.searchsorted(user_ids, pairs.users)
+    i = np.searchsorted(item_ids, pairs.items)
+    known = (u < len(user_ids)) & (i < len(item_ids))
+    known &= user_ids[np.minimum(u, len(user_ids) - 1)] == pairs.users
+    known &= item_ids[np.minimum(i, len(item_ids) - 1)] == pairs.items
+    scores = np.zeros(len(pairs), dtype=np.float32)
+    ue, ie = emb[u[known]], emb[len(user_ids) + i[known]]
+    scores[known] = (ue * ie).sum(1)
+    return scores
+
+
+def _measure_speed(cfg, backbone, heads, contexts, pairs: F.Pairs, taus: list[float]) -> list:
+    """Measured pairs/s of the real engine on the first `speed_pairs` pairs, per tau."""
+    n = min(cfg.evaluation.speed_pairs, len(pairs))
+    results = []
+    for tau in taus:
+        rule = ExitRule("agreement", tau) if tau > 0 else ExitRule("none")
+        scorer = _scorer(cfg, backbone, heads, contexts, rule)
+        start = time.perf_counter()
+        out = scorer.score(pairs.users[:n], pairs.items[:n])
+        seconds = time.perf_counter() - start
+        results.append({"tau": tau, "pairs": n, "pairs_per_s": round(n / seconds, 2),
+                        "mean_exit_layer": float(out.exit_layers.mean()),
+                        "layer_tokens_per_pair": out.layer_tokens / n})  # fmt: skip
+    return results
+
+
+def render_markdown(metrics: dict) -> str:
+    lines = [f"Test pairs: {metrics['test_pairs']} ({metrics['test_users']} users); "
+             f"backbone {metrics['backbone']}; exit layers {metrics['layers']}", "",
+             "| model | test AUC | LogLoss |", "|---|---|---|"]  # fmt: skip
+    for row in metrics["models"]:
+        ll = f"{row['logloss']:.4f}" if row["logloss"] is not None else "-"
+        lines.append(f"| {row['model']} | {row['auc']:.4f} | {ll} |")
+    lines += ["", "| rule | threshold | AUC | mean exit layer | compute |", "|---|---|---|---|---|"]
+    for r in metrics["sweep"]:
+        lines.append(f"| {r['rule']} | {r['threshold']:g} | {r['auc']:.4f} | "
+                     f"{r['mean_exit_layer']:.2f} | {r['compute']:.2f} |")  # fmt: skip
+    lines += ["", "| tau | pairs | pairs/s | mean exit layer | layer-tokens/pair |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for s in metrics["speed"]:
+        lines.append(
+            f"| {s['tau']:g} | {s['pairs']} | {s['pairs_per_s']} | "
+            f"{s['mean_exit_layer']:.2f} | {s['layer_tokens_per_pair']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
