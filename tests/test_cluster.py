@@ -1,0 +1,42 @@
+"""cluster.yaml and conf/runtime_env.yaml, checked with Ray's own validation (offline)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from optirag.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))  # raises on a schema violation
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["head"]["min_wrkers"] = 1
+    with pytest.raises(Exception, match="min_wrkers"):
+        validate_config(prepare_config(broken))
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    import ray
+
+    assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+
+
+def test_runtime_env_is_valid_and_offline():
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load((ROOT / "conf" / "runtime_env.yaml").read_text())
+    RuntimeEnv(**env)
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert not any("KEY" in k or "SECRET" in k for k in env["env_vars"])
+
+
+def test_score_config_uses_gpu_actors_and_s3():
+    cfg = load_config(ROOT / "conf" / "score.yaml")
+    assert cfg.storage.root.startswith("s3://")
+    assert cfg.compute.num_gpus_per_actor >= 1
+    assert cfg.storage.s3.access_key_id is None and cfg.storage.s3.secret_access_key is None
