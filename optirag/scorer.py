@@ -6,6 +6,7 @@ a prompt prefix; with `share_prefixes` each prefix runs once per model batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,11 @@ class PairScorer:
         self.prompts = prompts
         self.share_prefixes = share_prefixes
         self.batch_rows = batch_rows
+        # A suffix depends only on the item, and a night's candidates repeat items a lot.
+        self._suffix = functools.lru_cache(maxsize=200_000)(self._encode_suffix)
+
+    def _encode_suffix(self, item: int) -> list[int]:
+        return self.prompts.encode_suffix(self.contexts.item_texts[item])
 
     def score(
         self,
@@ -79,9 +85,7 @@ class PairScorer:
                     user, cut = key
                     ctx = self.contexts.context(user, None if cut < 0 else cut)
                     prefix_cache[key] = self.prompts.encode_prefix(ctx)
-            suffixes = [
-                self.prompts.encode_suffix(self.contexts.item_texts[int(items[i])]) for i in chunk
-            ]
+            suffixes = [self._suffix(int(items[i])) for i in chunk]
             unique = list(dict.fromkeys(keys))
             prefixes = [prefix_cache[k] for k in unique]
             prompt_tokens += sum(

@@ -1,0 +1,121 @@
+"""Early-exit scorer speed on one machine, in one run, on the same pairs:
+
+  full depth, no sharing | full depth, shared prefixes | early exit + shared prefixes @ taus
+
+    python bench/early_exit.py --config conf/demo.yaml [--users 10 --per-user 20]
+
+Uses the trained heads under <root>/exits when present (else untrained heads, for which
+the exit rates mean little). Writes bench/results/early_exit.json (or early_exit_gpu.json
+on a GPU, with the card's name) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_results  # noqa: E402
+
+from optirag import schema as S  # noqa: E402
+from optirag import storage  # noqa: E402
+from optirag.backbone import load_backbone  # noqa: E402
+from optirag.config import load_config  # noqa: E402
+from optirag.context import ContextStore  # noqa: E402
+from optirag.data import table_uri  # noqa: E402
+from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers  # noqa: E402
+from optirag.prompts import PromptBuilder  # noqa: E402
+from optirag.scorer import PairScorer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="conf/demo.yaml")
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--per-user", type=int, default=20)
+    parser.add_argument("--taus", default="0.005,0.02,0.05,0.1")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    store, root = cfg.storage, cfg.storage.root
+
+    backbone = load_backbone(cfg.backbone)
+    heads_dir = Path(root, "exits")
+    trained = (heads_dir / "heads.safetensors").exists()
+    if trained:
+        heads, _ = ExitHeads.load(heads_dir, backbone)
+    else:
+        heads = ExitHeads.from_backbone(
+            backbone, default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
+        )
+    train = storage.read_table(table_uri(root, "interactions", "train"), store)
+    items = storage.read_table(table_uri(root, "items"), store)
+    nb_uri = storage.join(root, "neighbors", "gcn.parquet")
+    neighbors = storage.read_table(nb_uri, store) if storage.exists(nb_uri, store) else None
+    contexts = ContextStore(train, items, neighbors, cfg.prompts)
+    prompts = PromptBuilder(backbone.tokenizer, cfg.prompts)
+
+    rng = np.random.default_rng(0)
+    users = rng.choice(np.unique(train[S.USER_ID].to_numpy()), args.users, replace=False)
+    catalog = items[S.ITEM_ID].to_numpy()
+    pair_users = np.repeat(users, args.per_user)
+    pair_items = np.concatenate([rng.choice(catalog, args.per_user, replace=False)
+                                 for _ in users])  # fmt: skip
+
+    def run(name: str, rule: ExitRule, share: bool) -> dict:
+        scorer = PairScorer(backbone, heads, rule, contexts, prompts, share_prefixes=share,
+                            batch_rows=cfg.compute.batch_rows)  # fmt: skip
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = scorer.score(pair_users, pair_items)
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        n = len(pair_users)
+        return {"variant": name, "rule": rule.kind, "tau": rule.threshold, "shared": share,
+                "pairs": n, "seconds": round(seconds, 2), "pairs_per_s": round(n / seconds, 2),
+                "tokens_per_pair": round(out.layer_tokens / backbone.num_layers / n, 1),
+                "layer_tokens_per_pair": round(out.layer_tokens / n),
+                "mean_exit_layer": float(out.exit_layers.mean()),
+                "scores": out.scores}  # fmt: skip
+
+    # Warm-up so the first variant does not pay for lazy initialisation.
+    PairScorer(backbone, heads, ExitRule("none"), contexts, prompts).score(
+        pair_users[:2], pair_items[:2]
+    )
+    rows = [run("full depth, no sharing", ExitRule("none"), False),
+            run("full depth, shared prefixes", ExitRule("none"), True)]  # fmt: skip
+    rows += [run(f"early exit tau={t}, shared", ExitRule("agreement", float(t)), True)
+             for t in args.taus.split(",")]  # fmt: skip
+    base, shared = rows[0], rows[1]
+    max_diff = float(np.abs(base["scores"] - shared["scores"]).max())
+    for r in rows:
+        r["speedup_vs_unshared"] = round(r["pairs_per_s"] / base["pairs_per_s"], 2)
+        r["speedup_vs_shared_full"] = round(r["pairs_per_s"] / shared["pairs_per_s"], 2)
+        r["predicted_speedup_from_depth"] = round(backbone.num_layers / r["mean_exit_layer"], 2)
+        r["predicted_speedup_from_layer_tokens"] = round(
+            shared["layer_tokens_per_pair"] / r["layer_tokens_per_pair"], 2
+        )
+        del r["scores"]
+    result = {"machine": machine(), "backbone": backbone.version, "dtype": str(backbone.dtype),
+              "device": str(backbone.device), "trained_heads": trained, "layers": heads.layers,
+              "users": args.users, "candidates_per_user": args.per_user,
+              "shared_vs_plain_max_score_diff": max_diff, "rows": rows}  # fmt: skip
+    name = "early_exit_gpu" if backbone.device.type == "cuda" else "early_exit"
+    write_results(
+        name, result,
+        [(r["variant"], r["pairs_per_s"], r["tokens_per_pair"], f"{r['mean_exit_layer']:.1f}",
+          r["speedup_vs_shared_full"], r["predicted_speedup_from_layer_tokens"]) for r in rows],
+        ("variant", "pairs/s", "tokens/pair", "mean exit layer", "speedup vs shared full",
+         "predicted (layer-tokens)"),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
