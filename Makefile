@@ -36,8 +36,13 @@ smollm2:
 
 demo: install data smollm2
 	$(PYTHON) jobs/prepare_data.py --config $(CONFIG)
-	$(PYTHON) jobs/generate_synthetic.py --config $(CONFIG)
-	@echo "demo: wrote the MovieLens tables and a small synthetic set under data/demo/"
+	$(PYTHON) jobs/train_retriever.py --config $(CONFIG)
+	$(PYTHON) jobs/train_exits.py --config $(CONFIG)
+	$(PYTHON) jobs/evaluate.py --config $(CONFIG)
+	$(PYTHON) jobs/score.py --config $(CONFIG) scoring.run_id=demo
+	@echo "demo done: tables, retriever, heads and evaluation under data/demo/;"
+	@echo "  evaluation/report.md + sweep.png (sampled users, see conf/demo.yaml);"
+	@echo "  scores of a 50-user test sample under data/demo/scores/demo/"
 
 test: install
 	$(PYTHON) -m pytest

@@ -74,6 +74,9 @@ class DataConfig(StrictModel):
     items_uri: Location | None = None
     columns: ColumnMapping = ColumnMapping()
     like_threshold: float = Field(4.0, description="label = rating >= this, when no label column")
+    sample_users: int | None = Field(
+        None, gt=0, description="also write candidates/test_sample.parquet for this many users"
+    )
     valid_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
 

@@ -4,6 +4,7 @@ Layout under `storage.root` (see `table_uri`):
     interactions/{train,valid,test}.parquet   per-user time split
     items.parquet                             item_id, title, text
     candidates/{valid,test}.parquet           user_id, item_id, label (label passed through)
+    candidates/test_sample.parquet            the test candidates of `sample_users` users
 
 Split: each user's interactions are ordered by (ts, item_id); the last
 round(test_fraction * n) go to test, the round(valid_fraction * n) before them to valid,
@@ -27,7 +28,7 @@ from optirag.schema import SchemaError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test", "test_sample")
 MOVIELENS_FILES = {
     "data": "MovieLens100k_data.parquet.brotli",
     "items": "MovieLens100k_items.parquet.brotli",
@@ -202,6 +203,14 @@ def candidates_from(split: pa.Table) -> pa.Table:
     return split.select([S.USER_ID, S.ITEM_ID, S.LABEL])
 
 
+def sample_users(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """The rows of `n` users drawn without replacement (all rows when there are fewer)."""
+    users = np.unique(table[S.USER_ID].to_numpy())
+    if n < len(users):
+        users = np.random.default_rng(seed).choice(users, n, replace=False)
+    return table.filter(pc.is_in(table[S.USER_ID], pa.array(users)))
+
+
 def prepare(cfg: DataConfig, store: StorageConfig) -> dict[str, int]:
     """Build and write every canonical table; returns row counts per table.
 
@@ -223,6 +232,9 @@ def prepare(cfg: DataConfig, store: StorageConfig) -> dict[str, int]:
         outputs[table_uri(store.root, "interactions", name)] = table
         if name != "train":
             outputs[table_uri(store.root, "candidates", name)] = candidates_from(table)
+    if cfg.sample_users:
+        sample = sample_users(splits["test"], cfg.sample_users, seed=0)
+        outputs[table_uri(store.root, "candidates", "test_sample")] = candidates_from(sample)
     counts = {}
     for uri, table in outputs.items():
         storage.write_table(table, uri, store)
