@@ -50,8 +50,9 @@ def _init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address)
     else:
-        # Local Ray: dashboard off, so nothing listens beyond what Ray itself needs.
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        # Local Ray: the dashboard (which also serves the state API Ray Train's controller
+        # polls) listens on loopback only.
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def _run(job: str, description: str, argv: list[str], body: Callable[[Config], object]) -> int:

@@ -40,3 +40,21 @@ def test_score_config_uses_gpu_actors_and_s3():
     assert cfg.storage.root.startswith("s3://")
     assert cfg.compute.num_gpus_per_actor >= 1
     assert cfg.storage.s3.access_key_id is None and cfg.storage.s3.secret_access_key is None
+
+
+def test_local_ray_dashboard_binds_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import ray; from optirag import cli; from optirag.config import load_config; "
+        "cli._init_ray(load_config(None, ['ray.num_cpus=1'])); "
+        "print(ray.get_runtime_context().gcs_address); "
+        "print(ray.worker.get_dashboard_url())"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dashboard = out.stdout.strip().splitlines()[-1]
+    assert dashboard.startswith("127.0.0.1:"), dashboard

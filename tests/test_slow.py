@@ -1,0 +1,81 @@
+"""Real SmolLM2 and MovieLens-100k (`make test-slow`; needs `make data smollm2`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from optirag import data, storage
+from optirag.backbone import load_backbone
+from optirag.config import load_config
+from optirag.context import ContextStore
+from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_yes
+from optirag.prompts import PromptBuilder
+from optirag.scorer import PairScorer
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def movielens(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ml")
+    cfg = load_config(ROOT / "conf" / "demo.yaml", [f"storage.root={root}"])
+    data.prepare(cfg.data, cfg.storage)
+    return cfg
+
+
+def test_smollm2_scores_movielens_prompts(movielens):
+    cfg = movielens
+    backbone = load_backbone(cfg.backbone)
+    assert backbone.num_layers == 30 and backbone.hidden_size == 576
+    root = cfg.storage.root
+    train = storage.read_table(data.table_uri(root, "interactions", "train"), cfg.storage)
+    items = storage.read_table(data.table_uri(root, "items"), cfg.storage)
+    test = storage.read_table(data.table_uri(root, "candidates", "test"), cfg.storage).slice(0, 6)
+    heads = ExitHeads.from_backbone(backbone, default_exit_layers(30, 6))
+    assert heads.layers == [5, 10, 15, 20, 25, 30]
+    builder = PromptBuilder(backbone.tokenizer, cfg.prompts)
+    contexts = ContextStore(train, items, None, cfg.prompts)
+    scorer = PairScorer(backbone, heads, ExitRule("none"), contexts, builder, batch_rows=3)
+    users, item_ids = test["user_id"].to_numpy(), test["item_id"].to_numpy()
+    out = scorer.score(users, item_ids)
+    assert np.all((out.scores > 0) & (out.scores < 1)) and (out.exit_layers == 30).all()
+    # The untrained last head is the model's own P(Yes | Yes or No).
+    ids = builder.encode_prefix(contexts.context(int(users[0])))
+    ids += builder.encode_suffix(contexts.item_texts[int(item_ids[0])])
+    with torch.no_grad():
+        logits = backbone.model(torch.tensor([ids])).logits[0, -1]
+    expected = prob_yes(logits[[backbone.yes_id, backbone.no_id]][None])[0].item()
+    assert out.scores[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_ray_job_submit_scores_movielens(movielens, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit` of jobs/score.py."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    port = "6399"
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    "--dashboard-port=8299"], check=True, env=env, capture_output=True)
+    try:
+        root = movielens.storage.root
+        cmd = ["ray", "job", "submit", "--address", "http://127.0.0.1:8299",
+               "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "conf/runtime_env.yaml"),
+               "--", "python", "jobs/score.py", "--config", "conf/demo.yaml",
+               f"storage.root={root}", "scoring.run_id=submitted",
+               f"scoring.candidates_uri={root}/candidates/test_sample.parquet",
+               f"backbone.cache_dir={ROOT}/data/cache/models"]
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        manifest = json.loads(Path(root, "scores", "submitted", "_manifest.json").read_text())
+        assert Path(root, "scores", "submitted", "_SUCCESS").exists()
+        sample = storage.read_table(f"{root}/candidates/test_sample.parquet", movielens.storage)
+        assert manifest["scored"] + sum(manifest["rejected"].values()) == sample.num_rows
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
