@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.torch import load
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
