@@ -22,6 +22,8 @@ from torch import nn
 from optirag.backbone import Backbone
 
 RuleKind = Literal["agreement", "confidence", "none"]
+HEADS_FILE = "heads.safetensors"
+EXIT_CONFIG_FILE = "exit_config.json"
 
 
 def default_exit_layers(num_layers: int, num_heads: int) -> list[int]:
@@ -101,8 +103,8 @@ class ExitHeads(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, directory / "heads.safetensors")
-        (directory / "exit_config.json").write_text(
+        save_file(tensors, directory / HEADS_FILE)
+        (directory / EXIT_CONFIG_FILE).write_text(
             json.dumps({**self.meta(), **meta}, indent=2, sort_keys=True)
         )
 
@@ -110,9 +112,9 @@ class ExitHeads(nn.Module):
     def load(cls, directory: str | Path, backbone: Backbone | None = None):
         """Heads and their exit config; on the backbone's device and dtype when given."""
         directory = Path(directory)
-        meta = json.loads((directory / "exit_config.json").read_text())
+        meta = json.loads((directory / EXIT_CONFIG_FILE).read_text())
         heads = cls(meta["layers"], meta["hidden_size"], meta["eps"])
-        heads.load_state_dict(load_file(directory / "heads.safetensors"))
+        heads.load_state_dict(load_file(directory / HEADS_FILE))
         if backbone is not None:
             if meta["layers"][-1] != backbone.num_layers:
                 raise ValueError(f"{directory}: heads were trained for another backbone depth")

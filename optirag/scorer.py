@@ -7,16 +7,22 @@ a prompt prefix; with `share_prefixes` each prefix runs once per model batch.
 from __future__ import annotations
 
 import functools
+import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from optirag import storage
 from optirag.backbone import Backbone
 from optirag.config import Config, ExitConfig
 from optirag.context import ContextStore
 from optirag.early_exit import (
+    EXIT_CONFIG_FILE,
+    HEADS_FILE,
     EarlyExitScorer,
     ExitHeads,
     ExitRule,
@@ -24,6 +30,8 @@ from optirag.early_exit import (
     default_exit_layers,
 )
 from optirag.prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,16 +133,34 @@ def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
     return ExitRule(kind, float(threshold))
 
 
-def load_heads(backbone: Backbone, cfg: ExitConfig) -> tuple[ExitHeads, dict]:
-    """Trained heads from `heads_uri`, or untrained ones at the configured layers."""
-    if cfg.heads_uri:
-        return ExitHeads.load(cfg.heads_uri, backbone)
-    layers = cfg.layers or default_exit_layers(backbone.num_layers, cfg.num_heads)
+def heads_location(cfg: Config) -> str:
+    """Where trained heads live: exits.heads_uri, or <storage.root>/exits."""
+    return cfg.exits.heads_uri or storage.join(cfg.storage.root, "exits")
+
+
+def has_trained_heads(cfg: Config) -> bool:
+    return storage.exists(storage.join(heads_location(cfg), HEADS_FILE), cfg.storage)
+
+
+def load_heads(backbone: Backbone, cfg: Config) -> tuple[ExitHeads, dict]:
+    """Trained heads and their exit config, or untrained (zero-shot) heads at the configured
+    layers when no training has run yet; a configured heads_uri must hold heads."""
+    location = heads_location(cfg)
+    if has_trained_heads(cfg):
+        with tempfile.TemporaryDirectory() as local:
+            for name in (HEADS_FILE, EXIT_CONFIG_FILE):
+                data = storage.read_bytes(storage.join(location, name), cfg.storage)
+                Path(local, name).write_bytes(data)
+            return ExitHeads.load(local, backbone)
+    if cfg.exits.heads_uri:
+        raise FileNotFoundError(f"exits.heads_uri {location}: no {HEADS_FILE}")
+    log.warning("no trained heads under %s: scoring with untrained (zero-shot) heads", location)
+    layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
     return ExitHeads.from_backbone(backbone, layers), {}
 
 
 def build_pair_scorer(cfg: Config, contexts: ContextStore, backbone: Backbone) -> PairScorer:
-    heads, trained = load_heads(backbone, cfg.exits)
+    heads, trained = load_heads(backbone, cfg)
     return PairScorer(
         backbone,
         heads,

@@ -24,9 +24,15 @@ from optirag.backbone import Backbone, load_backbone
 from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.data import table_uri
-from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers
+from optirag.early_exit import (
+    EXIT_CONFIG_FILE,
+    HEADS_FILE,
+    ExitHeads,
+    ExitRule,
+    default_exit_layers,
+)
 from optirag.prompts import PromptBuilder
-from optirag.scorer import PairScorer
+from optirag.scorer import PairScorer, has_trained_heads, heads_location, load_heads
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ def _scorer(cfg: Config, backbone: Backbone, heads: ExitHeads, contexts, rule) -
 
 
 def exits_uri(cfg: Config, *parts: str) -> str:
-    return storage.join(cfg.storage.root, "exits", *parts)
+    return storage.join(heads_location(cfg), *parts)
 
 
 def train_exits(cfg: Config) -> dict:
@@ -88,8 +94,9 @@ def train_exits(cfg: Config) -> dict:
         "valid_uri": exits_uri(cfg, "features", "valid.safetensors"),
         "init_uri": exits_uri(cfg, "init.safetensors"),
     }  # fmt: skip
-    state, meta = fit(heads_loop, loop_config, hc.run_name, "exits/ray", cfg.compute, store,
-                      hc.max_failures)  # fmt: skip
+    # The run name carries the config hash: an identical rerun resumes, a changed one doesn't.
+    state, meta = fit(heads_loop, loop_config, f"{hc.run_name}-{cfg.fingerprint()}",
+                      "exits/ray", cfg.compute, store, hc.max_failures)  # fmt: skip
     heads = ExitHeads(layers, init.hidden_size, init.eps)
     heads.load_state_dict(state)
 
@@ -122,7 +129,7 @@ def head_probs(heads: ExitHeads, states: torch.Tensor) -> np.ndarray:
 def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config) -> None:
     with tempfile.TemporaryDirectory() as d:
         heads.save(d, exit_config)
-        for name in ("heads.safetensors", "exit_config.json"):
+        for name in (HEADS_FILE, EXIT_CONFIG_FILE):
             storage.write_bytes(Path(d, name).read_bytes(), exits_uri(cfg, name), cfg.storage)
 
 
@@ -131,7 +138,9 @@ def run_evaluation(cfg: Config) -> dict:
     store, ec = cfg.storage, cfg.evaluation
     train, items, neighbors = _tables(cfg)
     backbone = load_backbone(cfg.backbone)
-    heads, exit_config = ExitHeads.load(_local_heads(cfg), backbone)
+    if not has_trained_heads(cfg):
+        raise FileNotFoundError(f"no trained heads under {heads_location(cfg)}: run train_exits")
+    heads, exit_config = load_heads(backbone, cfg)
     zero_shot = ExitHeads.from_backbone(backbone, heads.layers)
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     test_cands = storage.read_table(table_uri(store.root, "candidates", "test"), store)
@@ -191,17 +200,6 @@ def run_evaluation(cfg: Config) -> dict:
     print(render_markdown(metrics))
     return {k: metrics[k] for k in ("test_pairs", "calibrated_tau", "mean_exit_layer",
                                     "compute_vs_full_depth")}  # fmt: skip
-
-
-def _local_heads(cfg: Config) -> str:
-    """The trained heads as a local directory (downloaded when they live on s3)."""
-    uri = cfg.exits.heads_uri or exits_uri(cfg)
-    if not storage.is_remote(uri):
-        return uri
-    local = tempfile.mkdtemp(prefix="optirag-heads-")
-    for name in ("heads.safetensors", "exit_config.json"):
-        Path(local, name).write_bytes(storage.read_bytes(storage.join(uri, name), cfg.storage))
-    return local
 
 
 def _lightgcn_scores(cfg: Config, pairs: F.Pairs) -> np.ndarray | None:

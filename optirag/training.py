@@ -7,6 +7,7 @@ the same run name resumes from the run's latest checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -139,9 +140,10 @@ def train_retriever(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Fit LightGCN with Ray Train; returns the best state dict and the run's meta."""
     config = {"retriever": cfg, "graph": graph, "valid": valid}
-    return fit(
-        retriever_loop, config, cfg.run_name, "retriever/ray", compute, store, cfg.max_failures
-    )
+    # The run name carries the config hash: an identical rerun resumes, a changed one doesn't.
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()
+    name = f"{cfg.run_name}-{digest[:8]}"
+    return fit(retriever_loop, config, name, "retriever/ray", compute, store, cfg.max_failures)
 
 
 # ----------------------------------------------------------------------------- exit heads

@@ -87,7 +87,7 @@ def test_ray_train_two_workers_loss_goes_down(trained):
     store, graph, cfg, state, meta = trained
     losses = [h["loss"] for h in meta["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    saved = sorted(Path(store.root, "retriever", "ray", "tiny").glob("checkpoint_2*"))
+    saved = sorted(Path(store.root, "retriever", "ray").glob("tiny-*/checkpoint_2*"))
     assert saved and (saved[-1] / "model.safetensors").exists()
     assert set(load_file(saved[-1] / "best.safetensors")) == set(state)
 
@@ -107,7 +107,7 @@ def test_checkpoint_roundtrips_through_s3(ray_session, s3_storage):
     graph = R.build_graph(train)
     cfg = RetrieverConfig(embedding_dim=8, num_layers=1, epochs=2, batch_size=128, run_name="s3run")
     state, meta = train_retriever(graph, train, cfg, ComputeConfig(train_workers=1), s3_storage)
-    fs, path = storage.resolve(storage.join(s3_storage.root, "retriever/ray/s3run"), s3_storage)
+    fs, path = storage.resolve(storage.join(s3_storage.root, "retriever/ray"), s3_storage)
     names = [i.path for i in fs.get_file_info(FileSelector(path, recursive=True))]
     best = [n for n in names if n.endswith("best.safetensors")]
     assert best, names
@@ -133,8 +133,10 @@ def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path):
         run_name="killed",
         max_failures=2,
     )
-    run_dir = Path(store.root, "retriever", "ray", "killed")
-    killed = _kill_when(lambda: len(list(run_dir.glob("checkpoint_2*"))) >= 1, "RayTrainWorker")
+    run_dir = Path(store.root, "retriever", "ray")
+    killed = _kill_when(
+        lambda: len(list(run_dir.glob("killed-*/checkpoint_2*"))) >= 1, "RayTrainWorker"
+    )
     state, meta = train_retriever(graph, train, cfg, ComputeConfig(train_workers=2), store)
     assert killed.is_set()
     assert meta["resumes"] >= 1 and meta["epoch"] == 40

@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +59,44 @@ def test_ray_job_submit_scores_movielens(movielens, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     port = "6399"
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    "--dashboard-port=8299"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            "--dashboard-port=8299",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     try:
         root = movielens.storage.root
-        cmd = ["ray", "job", "submit", "--address", "http://127.0.0.1:8299",
-               "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "conf/runtime_env.yaml"),
-               "--", "python", "jobs/score.py", "--config", "conf/demo.yaml",
-               f"storage.root={root}", "scoring.run_id=submitted",
-               f"scoring.candidates_uri={root}/candidates/test_sample.parquet",
-               f"backbone.cache_dir={ROOT}/data/cache/models"]
+        cmd = [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            "http://127.0.0.1:8299",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env",
+            str(ROOT / "conf/runtime_env.yaml"),
+            "--",
+            "python",
+            "jobs/score.py",
+            "--config",
+            "conf/demo.yaml",
+            f"storage.root={root}",
+            "scoring.run_id=submitted",
+            f"scoring.candidates_uri={root}/candidates/test_sample.parquet",
+            f"backbone.cache_dir={ROOT}/data/cache/models",
+        ]
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         manifest = json.loads(Path(root, "scores", "submitted", "_manifest.json").read_text())

@@ -1,0 +1,88 @@
+"""The whole scoring pipeline at scale on synthetic pairs with the tiny random model:
+pairs/s and peak memory (driver, Ray system processes, workers) per input size.
+
+    python bench/stream.py --pairs 100000 1000000 10000000
+
+Each size gets a fresh local Ray and a fresh synthetic data set on local disk. Writes
+bench/results/stream.json and prints a markdown table; the claim to check is that peak
+memory stays flat as the input grows (streaming, not loading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakMemory, gib, machine, write_results  # noqa: E402
+
+from optirag import scoring, synthetic  # noqa: E402
+from optirag.config import load_config  # noqa: E402
+
+
+def run_once(pairs: int, per_user: int, workdir: str, actors: int) -> dict:
+    users = pairs // per_user
+    overrides = [
+        f"storage.root={workdir}", "backbone.source=tiny", f"backbone.cache_dir={workdir}/models",
+        f"synthetic.num_users={users}", "synthetic.num_items=20000",
+        f"synthetic.candidates_per_user={per_user}", "synthetic.history_per_user=10",
+        "synthetic.users_per_shard=25000",
+        f"scoring.candidates_uri={workdir}/synthetic/candidates",
+        f"scoring.history_uri={workdir}/synthetic/interactions/train",
+        f"scoring.items_uri={workdir}/synthetic/items.parquet",
+        "scoring.rows_per_shard=20000", "scoring.run_id=bench", "compute.batch_rows=256",
+        f"compute.min_actors={actors}", f"compute.max_actors={actors}",
+        "exits.rule=agreement", "exits.threshold=0.01",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    ray.init(include_dashboard=False, num_cpus=2)
+    try:
+        synthetic.generate(cfg.synthetic, cfg.storage)
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            summary = scoring.run(cfg)
+            wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {
+        "pairs": pairs, "scored": summary["scored"], "wall_s": round(wall, 1),
+        "pairs_per_s": round(pairs / wall, 1), "peak_rss_gib_total": gib(mem.peak),
+        "peak_rss_gib_by_kind": {k: gib(v) for k, v in mem.peak_by_kind.items()},
+        "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--per-user", type=int, default=20)
+    parser.add_argument("--actors", type=int, default=1)
+    args = parser.parse_args()
+    runs = []
+    for pairs in args.pairs:
+        with tempfile.TemporaryDirectory() as workdir:
+            runs.append(run_once(pairs, args.per_user, workdir, args.actors))
+        print(json.dumps(runs[-1]), flush=True)
+    result = {"machine": machine(), "model": "tiny random Llama (6 layers, hidden 32)",
+              "actors": args.actors, "runs": runs}  # fmt: skip
+    if len(runs) > 1:
+        result["peak_ratio_largest_vs_smallest"] = round(
+            runs[-1]["peak_rss_gib_total"] / runs[0]["peak_rss_gib_total"], 3
+        )
+    write_results(
+        "stream", result,
+        [(f"{r['pairs']:,}", r["shards"], r["wall_s"], r["pairs_per_s"],
+          r["peak_rss_gib_total"], r["peak_rss_gib_by_kind"].get("ray_workers", 0))
+         for r in runs],
+        ("pairs", "shards", "wall s", "pairs/s", "peak RSS GiB (all)", "peak RSS GiB (workers)"),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
