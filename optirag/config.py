@@ -209,10 +209,10 @@ class HeadTrainingConfig(StrictModel):
     targets_per_user: int = Field(10, gt=0)
     valid_users: int | None = Field(200, gt=0, description="valid users sampled; None = all")
     epochs: int = Field(40, gt=0)
-    lr: float = Field(2e-3, gt=0, description="lr_0, of a head at depth 0")
+    lr: float = Field(0.02, gt=0, description="lr_0, of a head at depth 0")
     beta: float = Field(1.0, ge=0, description="lr_n = lr_0 * exp(-beta * layer_n / layers)")
     weight_decay: float = Field(0.01, ge=0)
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(128, gt=0)
     patience: int = Field(6, gt=0)
     auc_budget: float = Field(0.005, ge=0, description="max valid AUC loss of calibrated tau")
     tau_grid: list[float] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3]

@@ -91,6 +91,23 @@ def extract(scorer: PairScorer, pairs: Pairs, desc: str) -> dict[str, torch.Tens
     }
 
 
+def cached_extract(
+    scorer: PairScorer, pairs: Pairs, uri: str, key: dict, store: StorageConfig, desc: str
+) -> dict[str, torch.Tensor]:
+    """`extract`, reusing the features at `uri` when they were made with the same `key`
+    (backbone, prompt settings, neighbour table, pair sampling): the backbone is frozen, so
+    retraining heads or re-evaluating needs no model time."""
+    key_uri = uri + ".key.json"
+    fresh = storage.exists(uri, store) and storage.exists(key_uri, store)
+    if fresh and storage.read_json(key_uri, store) == key:
+        log.info("reusing cached features %s", uri)
+        return load_features(uri, store)
+    features = extract(scorer, pairs, desc)
+    save_features(features, uri, store)
+    storage.write_json(key, key_uri, store)
+    return features
+
+
 def save_features(features: dict[str, torch.Tensor], uri: str, store: StorageConfig) -> None:
     storage.write_bytes(save({k: v.contiguous() for k, v in features.items()}), uri, store)
 

@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import posixpath
 import queue
 import threading
 import time
@@ -140,13 +139,15 @@ class RunPaths:
 
 
 def check_output_location(inputs: Inputs) -> None:
+    """Refuse '..' in the output and an output inside an input folder (a later read of that
+    folder would pick the scores up as input)."""
     out = inputs.output.rstrip("/")
     if ".." in out.split("/"):
         raise RunRefused(f"output {out}: '..' is not allowed in an output path")
-    for source in (inputs.candidates, inputs.history, inputs.items):
-        prefix = posixpath.dirname(source.rstrip("/")) if source.endswith(".parquet") else source
-        if (out + "/").startswith(prefix.rstrip("/") + "/") and prefix != posixpath.dirname(out):
-            raise RunRefused(f"output {out} lies inside the input prefix {prefix}")
+    for source in (inputs.candidates, inputs.history, inputs.items, inputs.neighbors):
+        source = (source or "").rstrip("/")
+        if source and (out == source or out.startswith(source + "/")):
+            raise RunRefused(f"output {out} lies inside the input {source}")
 
 
 # ----------------------------------------------------------------------------- stages

@@ -78,11 +78,19 @@ def train_exits(cfg: Config) -> dict:
                              hc.seed)  # fmt: skip
     valid_cands = storage.read_table(table_uri(cfg.storage.root, "candidates", "valid"), store)
     valid_pairs = F.candidate_pairs(valid_cands, hc.valid_users, hc.seed)
-    log.info("extracting features: %d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
-    F.save_features(F.extract(scorer, pairs, "train features"), exits_uri(cfg, "features",
-                    "train.safetensors"), store)  # fmt: skip
-    valid = F.extract(scorer, valid_pairs, "valid features")
-    F.save_features(valid, exits_uri(cfg, "features", "valid.safetensors"), store)
+    log.info("features: %d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
+    key = feature_key(cfg, backbone, layers)
+    F.cached_extract(scorer, pairs, exits_uri(cfg, "features", "train.safetensors"),
+                     {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]},
+                     store, "train features")  # fmt: skip
+    valid = F.cached_extract(
+        scorer,
+        valid_pairs,
+        exits_uri(cfg, "features", "valid.safetensors"),
+        {**key, "pairs": [hc.valid_users]},
+        store,
+        "valid features",
+    )
     extract_s = time.perf_counter() - started
     init_state = {k: v.float().cpu().contiguous() for k, v in init.state_dict().items()}
     storage.write_bytes(save(init_state), exits_uri(cfg, "init.safetensors"), store)
@@ -121,6 +129,19 @@ def train_exits(cfg: Config) -> dict:
     }  # fmt: skip
 
 
+def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
+    """What the cached features depend on: model, prompts, neighbour table, seed."""
+    neighbors = cfg.scoring.neighbors_uri or storage.join(cfg.storage.root, "neighbors",
+                                                          "gcn.parquet")  # fmt: skip
+    stamp = None
+    if storage.exists(neighbors, cfg.storage):
+        fs, path = storage.resolve(neighbors, cfg.storage)
+        info = fs.get_file_info(path)
+        stamp = [info.size, str(info.mtime)]
+    return {"backbone": backbone.version, "layers": layers, "seed": cfg.heads.seed,
+            "prompts": cfg.prompts.model_dump(), "neighbors": [neighbors, stamp]}  # fmt: skip
+
+
 def head_probs(heads: ExitHeads, states: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return torch.sigmoid(heads.float()(states.float())).numpy()
@@ -145,8 +166,12 @@ def run_evaluation(cfg: Config) -> dict:
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     test_cands = storage.read_table(table_uri(store.root, "candidates", "test"), store)
     pairs = F.candidate_pairs(test_cands, ec.test_users, seed=cfg.heads.seed)
-    feats = F.extract(_scorer(cfg, backbone, heads, contexts, ExitRule("none")), pairs,
-                      "test features")  # fmt: skip
+    feats = F.cached_extract(
+        _scorer(cfg, backbone, heads, contexts, ExitRule("none")), pairs,
+        exits_uri(cfg, "features", "test.safetensors"),
+        {**feature_key(cfg, backbone, heads.layers), "pairs": [ec.test_users]}, store,
+        "test features",
+    )  # fmt: skip
     labels = feats["labels"].numpy()
     probs = head_probs(heads, feats["states"])
     zero = head_probs(zero_shot, feats["states"])[:, -1]
