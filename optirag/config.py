@@ -223,6 +223,7 @@ class HeadTrainingConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
+    output_uri: Location | None = None  # default: <root>/evaluation
     test_users: int | None = Field(200, gt=0, description="test users sampled; None = all")
     speed_pairs: int = Field(200, gt=0, description="pairs timed per tau for pairs/s")
     speed_taus: list[float] = [0.0, 0.01, 0.05]

@@ -56,6 +56,19 @@ class SweepRow:
         return self.__dict__.copy()
 
 
+def evaluate_rule(
+    head_probs: np.ndarray,
+    labels: np.ndarray,
+    layers: list[int],
+    num_layers: int,
+    rule: ExitRule,
+) -> SweepRow:
+    scores, exits = simulate_exits(head_probs, layers, rule)
+    mean_exit = float(exits.mean())
+    return SweepRow(rule.kind, rule.threshold, auc(labels, scores), logloss(labels, scores),
+                    mean_exit, mean_exit / num_layers)  # fmt: skip
+
+
 def sweep(
     head_probs: np.ndarray,
     labels: np.ndarray,
@@ -64,17 +77,11 @@ def sweep(
     taus: list[float],
     confidences: list[float],
 ) -> list[SweepRow]:
+    """Full depth, then the agreement rule at each tau, then the confidence rule at each c."""
     rules = [ExitRule("none", 0.0)]
     rules += [ExitRule("agreement", t) for t in taus]
     rules += [ExitRule("confidence", c) for c in confidences]
-    rows = []
-    for rule in rules:
-        scores, exits = simulate_exits(head_probs, layers, rule)
-        rows.append(
-            SweepRow(rule.kind, rule.threshold, auc(labels, scores), logloss(labels, scores),
-                     float(exits.mean()), float(exits.mean()) / num_layers)
-        )  # fmt: skip
-    return rows
+    return [evaluate_rule(head_probs, labels, layers, num_layers, r) for r in rules]
 
 
 def calibrate(rows: list[SweepRow], budget: float) -> SweepRow:

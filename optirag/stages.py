@@ -203,13 +203,14 @@ def run_evaluation(cfg: Config) -> dict:
     rows = E.sweep(probs, labels, heads.layers, n_layers, cfg.heads.tau_grid,
                    cfg.heads.confidence_grid)  # fmt: skip
     speed = _measure_speed(cfg, backbone, heads, contexts, pairs, [*ec.speed_taus, tau])
-    out = storage.join(store.root, "evaluation")
+    calibrated = E.evaluate_rule(probs, labels, heads.layers, n_layers,
+                                 ExitRule("agreement", tau))  # fmt: skip
+    out = ec.output_uri or storage.join(store.root, "evaluation")
     with tempfile.TemporaryDirectory() as d:
-        E.plot_sweep(rows, next(r for r in rows if r.rule == "agreement" and r.threshold == tau)
-                     if tau in cfg.heads.tau_grid else rows[0],
-                     f"{d}/sweep.png", f"test AUC vs compute ({backbone.version})")  # fmt: skip
-        storage.write_bytes(Path(d, "sweep.png").read_bytes(), storage.join(out, "sweep.png"),
-                            store)  # fmt: skip
+        E.plot_sweep(rows, calibrated, f"{d}/sweep.png",
+                     f"test AUC vs compute ({backbone.version})")  # fmt: skip
+        png = Path(d, "sweep.png").read_bytes()
+    storage.write_bytes(png, storage.join(out, "sweep.png"), store)
     counts = {int(k): int(v) for k, v in zip(*np.unique(ee_exits, return_counts=True),
                                               strict=True)}  # fmt: skip
     metrics = {
