@@ -1,7 +1,8 @@
 """The paper's ablations on MovieLens-100k with SmolLM2, each a full train_exits + evaluate
 run with its own heads and evaluation folder (features are cached per variant):
 
-  gcn         similar-user block from LightGCN neighbours (the default)
+  gcn         similar-user block from LightGCN neighbours (the default: <root>/exits,
+              <root>/evaluation, so a finished `make demo` makes this one cheap)
   no-block    no similar-user block in the prompt
   text-embed  similar-user block from MiniLM text-embedding neighbours
 
@@ -42,10 +43,14 @@ def main() -> None:
     results = {}
     for name in args.variants:
         extra = [o.format(root=root) for o in VARIANTS[name]]
-        folder = storage.join(root, "ablation", name)
-        cfg = load_config(args.config, [*args.overrides, *extra,
-                                        f"exits.heads_uri={folder}/exits",
-                                        f"evaluation.output_uri={folder}/evaluation"])  # fmt: skip
+        # The default variant is the main pipeline's own heads and evaluation folder.
+        folder = storage.join(root, "ablation", name) if extra else root
+        if extra:
+            extra += [
+                f"exits.heads_uri={folder}/exits",
+                f"evaluation.output_uri={folder}/evaluation",
+            ]
+        cfg = load_config(args.config, [*args.overrides, *extra])
         _init_ray(cfg)
         trained = stages.train_exits(cfg)
         stages.run_evaluation(cfg)
