@@ -87,16 +87,7 @@ def retriever_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     model = R.new_model(graph, cfg.embedding_dim, cfg.num_layers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    meta = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumes": 0}
-    best_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            meta = json.loads(Path(d, META_FILE).read_text())
-            model.load_state_dict(load_file(Path(d, MODEL_FILE)))
-            load_optimizer(opt, load_file(Path(d, OPTIM_FILE)), meta.pop("optimizer"))
-            best_state = load_file(Path(d, BEST_FILE))
-        meta["resumes"] += 1
+    meta, best_state = _restore(model, opt)
     model = prepare_model(model)
     edge_index = graph.edge_index()
     edges = torch.as_tensor(graph.edges)
@@ -121,15 +112,8 @@ def retriever_loop(config: dict) -> None:
         metrics = R.ranking_metrics(
             R.final_embeddings(inner, edge_index), graph, valid, cfg.eval_k, cfg.block_size
         )
-        score = metrics[f"ndcg@{cfg.eval_k}"]
-        if score > meta["best"]:
-            meta.update(best=score, bad_epochs=0, best_epoch=epoch)
-            best_state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
-        else:
-            meta["bad_epochs"] += 1
-        meta["epoch"] = epoch + 1
         metrics.update(epoch=epoch, loss=sum(losses) / max(len(losses), 1))
-        meta["history"].append(metrics)
+        best_state = _end_epoch(meta, metrics, metrics[f"ndcg@{cfg.eval_k}"], inner, best_state)
         _report(rank, inner, best_state, opt, meta, metrics)
         if meta["bad_epochs"] >= cfg.patience:
             break
@@ -193,16 +177,7 @@ def heads_loop(config: dict) -> None:
     heads = ExitHeads(config["layers"], config["hidden_size"], config["eps"])
     heads.load_state_dict(load(storage.read_bytes(config["init_uri"], store)))
     opt = head_optimizer(heads, config["num_layers"], cfg.lr, cfg.beta, cfg.weight_decay)
-    meta = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumes": 0}
-    best_state = {k: v.clone() for k, v in heads.state_dict().items()}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            meta = json.loads(Path(d, META_FILE).read_text())
-            heads.load_state_dict(load_file(Path(d, MODEL_FILE)))
-            load_optimizer(opt, load_file(Path(d, OPTIM_FILE)), meta.pop("optimizer"))
-            best_state = load_file(Path(d, BEST_FILE))
-        meta["resumes"] += 1
+    meta, best_state = _restore(heads, opt)
     model = prepare_model(heads)
     n = len(train["labels"])
     per_worker = max(1, cfg.batch_size // world)
@@ -227,16 +202,39 @@ def heads_loop(config: dict) -> None:
         metrics = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
                    "valid_auc_mean": float(np.mean(aucs)), "valid_auc_last": aucs[-1],
                    "valid_auc_per_head": aucs}  # fmt: skip
-        if metrics["valid_auc_mean"] > meta["best"]:
-            meta.update(best=metrics["valid_auc_mean"], bad_epochs=0, best_epoch=epoch)
-            best_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
-        else:
-            meta["bad_epochs"] += 1
-        meta["epoch"] = epoch + 1
-        meta["history"].append(metrics)
+        best_state = _end_epoch(meta, metrics, metrics["valid_auc_mean"], heads, best_state)
         _report(rank, heads, best_state, opt, meta, metrics)
         if meta["bad_epochs"] >= cfg.patience:
             break
+
+
+def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Resume from Ray Train's latest checkpoint when there is one: (meta, best state)."""
+    import ray.train
+
+    meta = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "resumes": 0}
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            meta = json.loads(Path(d, META_FILE).read_text())
+            model.load_state_dict(load_file(Path(d, MODEL_FILE)))
+            load_optimizer(opt, load_file(Path(d, OPTIM_FILE)), meta.pop("optimizer"))
+            best_state = load_file(Path(d, BEST_FILE))
+        meta["resumes"] += 1
+    return meta, best_state
+
+
+def _end_epoch(meta: dict, metrics: dict, score: float, model, best_state: dict) -> dict:
+    """Record the epoch; returns the best state so far (early stopping reads bad_epochs)."""
+    if score > meta["best"]:
+        meta.update(best=score, bad_epochs=0, best_epoch=metrics["epoch"])
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        meta["bad_epochs"] += 1
+    meta["epoch"] = metrics["epoch"] + 1
+    meta["history"].append(metrics)
+    return best_state
 
 
 def _report(rank: int, model, best_state, opt, meta: dict, metrics: dict) -> None:
