@@ -1,12 +1,13 @@
 """The paper's ablations on MovieLens-100k with SmolLM2, each a full train_exits + evaluate
 run with its own heads and evaluation folder (features are cached per variant):
 
-  gcn         similar-user block from LightGCN neighbours (the default: <root>/exits,
-              <root>/evaluation, so a finished `make demo` makes this one cheap)
+  gcn         similar-user block from LightGCN neighbours (the default)
   no-block    no similar-user block in the prompt
   text-embed  similar-user block from MiniLM text-embedding neighbours
 
-    python bench/ablation.py --config conf/demo.yaml [--variants gcn no-block text-embed]
+    python bench/ablation.py --config conf/demo.yaml [--variants ...] [a.b=c overrides]
+
+Each variant writes under <root>/ablation/<variant>/.
 
 Needs prepare_data, train_retriever and build_text_neighbors to have run. Writes
 bench/results/ablation.json and prints a markdown table.
