@@ -164,17 +164,22 @@ def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir,
 
 
 def _kill_when(predicate, match, timeout=120):
-    """SIGKILL the first process whose command line contains `match` once predicate() holds."""
+    """SIGKILL the first process of this test session's own Ray cluster (a descendant of
+    this process) whose command line contains `match`, once predicate() holds."""
     killed = threading.Event()
+    me = psutil.Process()
 
     def watch():
         deadline = time.time() + timeout
         while time.time() < deadline and not killed.is_set():
             if predicate():
-                for proc in psutil.process_iter(["pid", "cmdline", "name"]):
-                    text = " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or "")
+                for proc in me.children(recursive=True):
+                    try:
+                        text = " ".join(proc.cmdline()) + proc.name()
+                    except psutil.Error:
+                        continue
                     if match in text:
-                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        os.kill(proc.pid, signal.SIGKILL)
                         killed.set()
                         return
             time.sleep(0.05)
