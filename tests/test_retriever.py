@@ -127,7 +127,7 @@ def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path):
     cfg = RetrieverConfig(
         embedding_dim=8,
         num_layers=1,
-        epochs=40,
+        epochs=15,
         batch_size=16,
         patience=100,
         run_name="killed",

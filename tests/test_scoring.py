@@ -142,7 +142,7 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
     local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
     np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
     assert np.array_equal(scores[S.EXIT_LAYER].to_numpy(), local.exit_layers)
-    assert len(set(local.exit_layers.tolist())) > 1  # early exit really happened
+    assert (local.exit_layers < 6).any()  # early exit really happened (tiny model: 6 layers)
 
     # A published run is refused unless replacing is asked for.
     with pytest.raises(scoring.RunRefused, match="_SUCCESS"):
