@@ -55,9 +55,17 @@ def _init_ray(cfg: Config) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-def _run(job: str, description: str, argv: list[str], body: Callable[[Config], object]) -> int:
+def _run(
+    job: str,
+    description: str,
+    argv: list[str],
+    body: Callable[[Config], object],
+    needs_ray: bool = False,
+) -> int:
     try:
         cfg = _parse(job, description, argv)
+        if needs_ray:
+            _init_ray(cfg)
         result = body(cfg)
     except ConfigError as err:
         logging.basicConfig()
@@ -84,45 +92,36 @@ def prepare_data(argv: list[str]) -> int:
 def generate_synthetic(argv: list[str]) -> int:
     from optirag import synthetic
 
-    def body(cfg: Config) -> dict[str, int]:
-        _init_ray(cfg)
-        return synthetic.generate(cfg.synthetic, cfg.storage)
-
     return _run(
         "generate_synthetic",
         "Write a deterministic synthetic candidates data set as parquet shards (Ray Data).",
         argv,
-        body,
+        lambda cfg: synthetic.generate(cfg.synthetic, cfg.storage),
+        needs_ray=True,
     )
 
 
 def score(argv: list[str]) -> int:
     from optirag import scoring
 
-    def body(cfg: Config) -> dict:
-        _init_ray(cfg)
-        return scoring.run(cfg)
-
     return _run(
         "score",
         "Score candidate pairs with the early-exit LLM; writes scores/<run_id>/ exactly once.",
         argv,
-        body,
+        scoring.run,
+        needs_ray=True,
     )
 
 
 def train_retriever(argv: list[str]) -> int:
     from optirag import retriever
 
-    def body(cfg: Config) -> dict:
-        _init_ray(cfg)
-        return retriever.run(cfg)
-
     return _run(
         "train_retriever",
         "Train LightGCN with Ray Train and write the similar-user table (neighbors/gcn.parquet).",
         argv,
-        body,
+        retriever.run,
+        needs_ray=True,
     )
 
 
@@ -133,22 +132,19 @@ def build_text_neighbors(argv: list[str]) -> int:
         "build_text_neighbors",
         "The text-embedding retrieval baseline: neighbors/text-embed.parquet.",
         argv,
-        lambda cfg: retriever.run_text_baseline(cfg),
+        retriever.run_text_baseline,
     )
 
 
 def train_exits(argv: list[str]) -> int:
     from optirag import stages
 
-    def body(cfg: Config) -> dict:
-        _init_ray(cfg)
-        return stages.train_exits(cfg)
-
     return _run(
         "train_exits",
         "Train the exit heads (frozen backbone, depth-decayed LR) and calibrate tau.",
         argv,
-        body,
+        stages.train_exits,
+        needs_ray=True,
     )
 
 
