@@ -10,7 +10,6 @@ stops running as soon as none of its candidates is still active.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -324,7 +323,3 @@ def _pad(seqs: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return ids, lengths
-
-
-def mean_exit_fraction(exit_layers: torch.Tensor, num_layers: int) -> float:
-    return float(exit_layers.float().mean()) / num_layers if len(exit_layers) else math.nan

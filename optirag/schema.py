@@ -71,7 +71,6 @@ SCORE_COLUMNS = pa.schema(
 # Reasons a candidate row lands in rejects/ instead of scores/.
 REJECT_NULL_ID = "null_id"
 REJECT_UNKNOWN_ITEM = "unknown_item"
-REJECT_PROMPT_ERROR = "prompt_error"
 
 
 class SchemaError(ValueError):
