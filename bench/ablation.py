@@ -59,7 +59,7 @@ def main() -> None:
         results[name] = {"train": trained, "evaluation": metrics}
     rows = []
     for name, r in results.items():
-        models = {m["model"]: m["auc"] for m in r["evaluation"]["models"]}
+        models = {m["model"]: m["slices"]["all"]["auc"] for m in r["evaluation"]["models"]}
         ee = next(v for k, v in models.items() if k.startswith("early exit"))
         rows.append((name, f"{models['trained heads, full depth']:.4f}", f"{ee:.4f}",
                      f"{r['evaluation']['compute_vs_full_depth']:.2f}",

@@ -208,6 +208,13 @@ class HeadTrainingConfig(StrictModel):
     history_fraction: float = Field(0.5, gt=0, lt=1)
     targets_per_user: int = Field(10, gt=0)
     valid_users: int | None = Field(200, gt=0, description="valid users sampled; None = all")
+    max_train_pairs: int | None = Field(
+        None, gt=0, description="train on a random subset of this many extracted pairs"
+    )
+    side_features: list[Literal["mf", "user_rate", "user_count", "item_rate", "item_count"]] = (
+        Field([], description="CF features hybrid heads read beside the state (optirag.cf)")
+    )
+    mlp_size: int = Field(0, ge=0, description="hidden units of MLP heads; 0: linear heads")
     epochs: int = Field(40, gt=0)
     lr: float = Field(0.02, gt=0, description="lr_0, of a head at depth 0")
     beta: float = Field(1.0, ge=0, description="lr_n = lr_0 * exp(-beta * layer_n / layers)")

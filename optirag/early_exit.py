@@ -47,15 +47,25 @@ class RMSNorm(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """Final norm + a 2-way linear map to the (Yes, No) logits of the last-token state."""
+    """Final norm + a map to (Yes, No) logits of the last-token state: linear, or one hidden
+    layer (`mlp_size`). A hybrid head also reads `side_size` CF features concatenated to the
+    normalised state."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, side_size: int = 0, mlp_size: int = 0):
         super().__init__()
         self.norm = RMSNorm(hidden_size, eps)
-        self.proj = nn.Linear(hidden_size, 2)
+        inputs = hidden_size + side_size
+        self.proj = (
+            nn.Sequential(nn.Linear(inputs, mlp_size), nn.GELU(), nn.Linear(mlp_size, 2))
+            if mlp_size
+            else nn.Linear(inputs, 2)
+        )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(hidden))  # (B, H) -> (B, 2): Yes, No logits
+    def forward(self, hidden: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(hidden)  # (B, H)
+        if side is not None:
+            x = torch.cat([x, side.to(x.dtype)], dim=-1)  # (B, H + K)
+        return self.proj(x)  # (B, 2): Yes, No logits
 
 
 def prob_yes(logits: torch.Tensor) -> torch.Tensor:
@@ -64,39 +74,68 @@ def prob_yes(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ExitHeads(nn.Module):
-    """One ExitHead per exit layer. `from_backbone` starts each head as the model's own final
-    norm and LM-head rows for Yes/No, so the untrained last head gives exactly the model's
-    P(Yes | Yes or No). Needs no backbone otherwise, so training workers stay light."""
+    """One ExitHead per exit layer. `from_backbone` starts each linear head as the model's own
+    final norm and LM-head rows for Yes/No (side-feature weights zero), so the untrained last
+    head gives exactly the model's P(Yes | Yes or No). Needs no backbone otherwise, so
+    training workers stay light. `side_names` are the CF features hybrid heads read, in order
+    (see optirag.cf)."""
 
-    def __init__(self, layers: list[int], hidden_size: int, eps: float) -> None:
+    def __init__(
+        self,
+        layers: list[int],
+        hidden_size: int,
+        eps: float,
+        side_names: list[str] | tuple[str, ...] = (),
+        mlp_size: int = 0,
+    ) -> None:
         super().__init__()
         if not layers or layers != sorted(set(layers)) or layers[0] <= 0:
             raise ValueError(f"exit layers must be increasing and positive, got {layers}")
         self.layers = list(layers)
         self.hidden_size, self.eps = hidden_size, eps
-        self.heads = nn.ModuleList(ExitHead(hidden_size, eps) for _ in layers)
+        self.side_names, self.mlp_size = list(side_names), mlp_size
+        self.heads = nn.ModuleList(
+            ExitHead(hidden_size, eps, len(self.side_names), mlp_size) for _ in layers
+        )
 
     @classmethod
-    def from_backbone(cls, backbone: Backbone, layers: list[int]) -> ExitHeads:
+    def from_backbone(
+        cls,
+        backbone: Backbone,
+        layers: list[int],
+        side_names: list[str] | tuple[str, ...] = (),
+        mlp_size: int = 0,
+    ) -> ExitHeads:
         if layers[-1] != backbone.num_layers:
             raise ValueError(f"last exit layer must be {backbone.num_layers}, got {layers[-1]}")
         norm = backbone.final_norm
-        heads = cls(layers, backbone.hidden_size, norm.variance_epsilon)
+        heads = cls(layers, backbone.hidden_size, norm.variance_epsilon, side_names, mlp_size)
         rows = backbone.model.lm_head.weight[[backbone.yes_id, backbone.no_id]]  # (2, H)
         with torch.no_grad():
             for head in heads.heads:
                 head.norm.weight.copy_(norm.weight)
-                head.proj.weight.copy_(rows)
-                head.proj.bias.zero_()
+                if not mlp_size:  # an MLP head has no zero-shot equivalent: random init
+                    head.proj.weight.zero_()
+                    head.proj.weight[:, : rows.shape[1]].copy_(rows)
+                    head.proj.bias.zero_()
         return heads.to(device=backbone.device, dtype=backbone.dtype)
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """(N, num_heads, H) last-token states -> (N, num_heads) Yes-minus-No logits."""
-        logits = [head(states[:, h]) for h, head in enumerate(self.heads)]
+    def forward(self, states: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, num_heads, H) last-token states [+ (N, K) side features] -> (N, num_heads)
+        Yes-minus-No logits."""
+        self.check_side(side)
+        logits = [head(states[:, h], side) for h, head in enumerate(self.heads)]
         return torch.stack([lg[:, 0] - lg[:, 1] for lg in logits], dim=1).float()
 
+    def check_side(self, side: torch.Tensor | None) -> None:
+        expected = len(self.side_names)
+        got = 0 if side is None else side.shape[-1]
+        if got != expected:
+            raise ValueError(f"heads read side features {self.side_names}, got {got} columns")
+
     def meta(self) -> dict:
-        return {"layers": self.layers, "hidden_size": self.hidden_size, "eps": self.eps}
+        return {"layers": self.layers, "hidden_size": self.hidden_size, "eps": self.eps,
+                "side_features": self.side_names, "mlp_size": self.mlp_size}  # fmt: skip
 
     def save(self, directory: str | Path, meta: dict) -> None:
         directory = Path(directory)
@@ -104,7 +143,7 @@ class ExitHeads(nn.Module):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, directory / HEADS_FILE)
         (directory / EXIT_CONFIG_FILE).write_text(
-            json.dumps({**self.meta(), **meta}, indent=2, sort_keys=True)
+            json.dumps({**meta, **self.meta()}, indent=2, sort_keys=True)
         )
 
     @classmethod
@@ -112,7 +151,8 @@ class ExitHeads(nn.Module):
         """Heads and their exit config; on the backbone's device and dtype when given."""
         directory = Path(directory)
         meta = json.loads((directory / EXIT_CONFIG_FILE).read_text())
-        heads = cls(meta["layers"], meta["hidden_size"], meta["eps"])
+        heads = cls(meta["layers"], meta["hidden_size"], meta["eps"],
+                    meta.get("side_features", ()), meta.get("mlp_size", 0))  # fmt: skip
         heads.load_state_dict(load_file(directory / HEADS_FILE))
         if backbone is not None:
             if meta["layers"][-1] != backbone.num_layers:
@@ -172,15 +212,20 @@ class EarlyExitScorer:
         prefixes: list[list[int]] | None = None,
         prefix_of: list[int] | None = None,
         keep_hidden: bool = False,
+        side: torch.Tensor | None = None,
     ) -> ScoreResult:
-        """`keep_hidden` also returns each head's input, the last-token state (N, heads, H),
-        for head training; it needs the 'none' rule so every row reaches every head."""
+        """`side`: (N, K) CF features for hybrid heads. `keep_hidden` also returns each
+        head's input, the last-token state (N, heads, H), for head training; it needs the
+        'none' rule so every row reaches every head."""
         if keep_hidden and self.rule.kind != "none":
             raise ValueError("keep_hidden needs ExitRule('none')")
+        self.heads.check_side(side)
         bb, dev = self.backbone, self.backbone.device
         n = len(suffixes)
         suffix_ids, suffix_len = _pad(suffixes, dev)  # (N, S), (N,)
         rows = torch.arange(n, device=dev)  # original index of each active row
+        if side is not None:
+            side = side.to(dev)
         ctx = _PrefixContext.build(bb, prefixes, prefix_of, dev) if prefixes else None
 
         hidden = bb.embed(suffix_ids)  # (N, S, H)
@@ -209,7 +254,7 @@ class EarlyExitScorer:
             last = hidden[torch.arange(len(rows), device=dev), suffix_len - 1]  # (Na, H)
             if states is not None:
                 states.append(last.float().cpu())
-            p = prob_yes(self.heads.heads[h](last))  # (Na,)
+            p = prob_yes(self.heads.heads[h](last, None if side is None else side[rows]))
             head_probs[rows, h] = torch.where(done[rows], head_probs[rows, h], p)
             fire = self.rule.fires(p, p_prev) | (h == len(self.heads.layers) - 1)
             newly = fire & ~done[rows]

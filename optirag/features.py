@@ -69,6 +69,15 @@ def training_pairs(
     return Pairs(users[idx], items[idx], labels[idx].astype(np.int8), np.concatenate(cutoffs))
 
 
+def before_cutoffs(train: pa.Table, users: np.ndarray, cutoffs: np.ndarray) -> pa.Table:
+    """What training-pair prompts may know: each pair user's interactions before their cut,
+    and every interaction of the other users. Side features for training pairs are fitted
+    on this, so a head never reads a CF score that has seen its target."""
+    cut = dict(zip(users.tolist(), cutoffs.tolist(), strict=True))
+    limit = np.array([cut.get(u, np.iinfo(np.int64).max) for u in train[S.USER_ID].to_pylist()])
+    return train.filter(pa.array(train[S.TS].to_numpy() < limit))
+
+
 def candidate_pairs(candidates: pa.Table, n_users: int | None, seed: int) -> Pairs:
     """Evaluation pairs: all candidates of a user sample (history = the whole train split)."""
     keep = sample_users(candidates[S.USER_ID].to_numpy(), n_users, seed)
@@ -82,12 +91,16 @@ def candidate_pairs(candidates: pa.Table, n_users: int | None, seed: int) -> Pai
 
 def extract(scorer: PairScorer, pairs: Pairs, desc: str) -> dict[str, torch.Tensor]:
     """The heads' inputs for every pair: states (N, heads, H), plus ids and labels."""
+    n = len(pairs)
     result = scorer.score(pairs.users, pairs.items, pairs.cutoff, keep_hidden=True, desc=desc)
     return {
         "states": torch.from_numpy(result.hidden),
         "labels": torch.from_numpy(pairs.labels.astype(np.float32)),
         "users": torch.from_numpy(pairs.users.astype(np.int64)),
         "items": torch.from_numpy(pairs.items.astype(np.int64)),
+        "cutoff": torch.from_numpy(
+            pairs.cutoff.astype(np.int64) if pairs.cutoff is not None else np.full(n, -1)
+        ),
     }
 
 

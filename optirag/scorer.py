@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from optirag import storage
 from optirag.backbone import Backbone
+from optirag.cf import SideFeatures
 from optirag.config import Config, ExitConfig
 from optirag.context import ContextStore
 from optirag.early_exit import (
@@ -32,6 +33,7 @@ from optirag.early_exit import (
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
+SIDE_FEATURES_FILE = "side_features.safetensors"
 
 
 @dataclass
@@ -55,17 +57,23 @@ class PairScorer:
         share_prefixes: bool = True,
         compaction: bool = True,
         batch_rows: int = 64,
+        side_features: SideFeatures | None = None,
     ) -> None:
         self.engine = EarlyExitScorer(backbone, heads, rule, compaction=compaction)
         self.contexts = contexts
         self.prompts = prompts
         self.share_prefixes = share_prefixes
         self.batch_rows = batch_rows
+        self.side_features = side_features
         # A suffix depends only on the item, and a night's candidates repeat items a lot.
         self._suffix = functools.lru_cache(maxsize=200_000)(self._encode_suffix)
 
     def _encode_suffix(self, item: int) -> list[int]:
         return self.prompts.encode_suffix(self.contexts.item_texts[item])
+
+    def _encode_prefix(self, user: int, cutoff: int) -> list[int]:
+        ctx = self.contexts.context(user, None if cutoff < 0 else cutoff)
+        return self.prompts.encode_prefix(ctx)
 
     def score(
         self,
@@ -82,32 +90,35 @@ class PairScorer:
         cutoffs = before_ts if before_ts is not None else np.full(n, -1, dtype=np.int64)
         # Rows of one prefix next to each other; a stable sort keeps the order deterministic.
         order = np.lexsort((cutoffs, users))
-        prefix_cache: dict[tuple[int, int], list[int]] = {}
         result_parts: list[ScoreResult] = []
         prompt_tokens = 0
-        chunks = np.array_split(order, max(1, -(-n // self.batch_rows)))
-        for chunk in tqdm(chunks, desc=desc, disable=desc is None, unit="batch"):
+        chunks = prefix_batches(users[order], cutoffs[order], self.batch_rows)
+        for chunk in tqdm(
+            [order[c] for c in chunks], desc=desc, disable=desc is None, unit="batch"
+        ):
             keys = [(int(users[i]), int(cutoffs[i])) for i in chunk]
-            for key in keys:
-                if key not in prefix_cache:
-                    user, cut = key
-                    ctx = self.contexts.context(user, None if cut < 0 else cut)
-                    prefix_cache[key] = self.prompts.encode_prefix(ctx)
+            unique = list(dict.fromkeys(keys))  # rows are sorted: a prefix never comes back
+            prefix_ids = {k: self._encode_prefix(*k) for k in unique}
             suffixes = [self._suffix(int(items[i])) for i in chunk]
-            unique = list(dict.fromkeys(keys))
-            prefixes = [prefix_cache[k] for k in unique]
+            prefixes = [prefix_ids[k] for k in unique]
             prompt_tokens += sum(
-                len(prefix_cache[k]) + len(s) for k, s in zip(keys, suffixes, strict=True)
+                len(prefix_ids[k]) + len(s) for k, s in zip(keys, suffixes, strict=True)
+            )
+            side = (
+                torch.from_numpy(self.side_features(users[chunk], items[chunk]))
+                if self.side_features is not None
+                else None
             )
             if self.share_prefixes:
                 slot = {k: j for j, k in enumerate(unique)}
                 result = self.engine.score(
-                    suffixes, prefixes, [slot[k] for k in keys], keep_hidden=keep_hidden
+                    suffixes, prefixes, [slot[k] for k in keys], keep_hidden, side
                 )
             else:
                 result = self.engine.score(
-                    [prefix_cache[k] + s for k, s in zip(keys, suffixes, strict=True)],
+                    [prefix_ids[k] + s for k, s in zip(keys, suffixes, strict=True)],
                     keep_hidden=keep_hidden,
+                    side=side,
                 )
             result_parts.append(result)
         inverse = np.empty(n, dtype=np.int64)
@@ -126,6 +137,26 @@ class PairScorer:
         )
 
 
+def prefix_batches(users: np.ndarray, cutoffs: np.ndarray, batch_rows: int) -> list[slice]:
+    """Slices of rows (sorted by prefix) of at most `batch_rows`, never cutting a prefix's
+    rows in two unless they alone exceed a batch: a prefix split across batches runs twice."""
+    n = len(users)
+    starts = np.flatnonzero(np.r_[True, (users[1:] != users[:-1]) | (cutoffs[1:] != cutoffs[:-1])])
+    bounds = np.r_[starts, n]
+    batches, begin = [], 0
+    for g in range(len(starts)):
+        end = int(bounds[g + 1])
+        if end - begin > batch_rows and int(starts[g]) > begin:
+            batches.append(slice(begin, int(starts[g])))  # close before this group
+            begin = int(starts[g])
+        while end - begin > batch_rows:  # a group larger than a batch
+            batches.append(slice(begin, begin + batch_rows))
+            begin += batch_rows
+    if begin < n:
+        batches.append(slice(begin, n))
+    return batches
+
+
 def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
     """The scoring config overrides the rule the head training calibrated."""
     kind = cfg.rule or trained.get("rule", "agreement")
@@ -136,6 +167,17 @@ def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
 def heads_location(cfg: Config) -> str:
     """Where trained heads live: exits.heads_uri, or <storage.root>/exits."""
     return cfg.exits.heads_uri or storage.join(cfg.storage.root, "exits")
+
+
+def side_features_uri(cfg: Config) -> str:
+    return storage.join(heads_location(cfg), SIDE_FEATURES_FILE)
+
+
+def load_side_features(heads: ExitHeads, cfg: Config) -> SideFeatures | None:
+    """The CF features hybrid heads were trained with, stored beside them."""
+    if not heads.side_names:
+        return None
+    return SideFeatures.load(side_features_uri(cfg), cfg.storage)
 
 
 def has_trained_heads(cfg: Config) -> bool:
@@ -170,4 +212,5 @@ def build_pair_scorer(cfg: Config, contexts: ContextStore, backbone: Backbone) -
         share_prefixes=cfg.compute.share_prefixes,
         compaction=cfg.exits.compaction,
         batch_rows=cfg.compute.batch_rows,
+        side_features=load_side_features(heads, cfg),
     )

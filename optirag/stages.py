@@ -1,12 +1,14 @@
 """The head-training and evaluation stages: read the tables, run the modules, write results.
 
 <root>/exits/                 heads.safetensors + exit_config.json (layers, rule, calibrated tau)
-<root>/exits/features/        cached frozen-backbone features (train, valid, test)
+<root>/features/              cached frozen-backbone features, named by split and key hash
 <root>/evaluation/            metrics.json, sweep.md, sweep.png
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -16,10 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
+from optirag import cf, storage
 from optirag import evaluate as E
 from optirag import features as F
 from optirag import schema as S
-from optirag import storage
 from optirag.backbone import Backbone, load_backbone
 from optirag.config import Config
 from optirag.context import ContextStore
@@ -32,7 +34,14 @@ from optirag.early_exit import (
     default_exit_layers,
 )
 from optirag.prompts import PromptBuilder
-from optirag.scorer import PairScorer, has_trained_heads, heads_location, load_heads
+from optirag.scorer import (
+    PairScorer,
+    has_trained_heads,
+    heads_location,
+    load_heads,
+    load_side_features,
+    side_features_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +59,13 @@ def _tables(cfg: Config):
     return train, items, neighbors
 
 
-def _scorer(cfg: Config, backbone: Backbone, heads: ExitHeads, contexts, rule) -> PairScorer:
+def _scorer(
+    cfg: Config, backbone: Backbone, heads: ExitHeads, contexts, rule, side=None
+) -> PairScorer:
     return PairScorer(
         backbone, heads, rule, contexts, PromptBuilder(backbone.tokenizer, cfg.prompts),
         share_prefixes=cfg.compute.share_prefixes, batch_rows=cfg.compute.batch_rows,
+        side_features=side,
     )  # fmt: skip
 
 
@@ -69,9 +81,11 @@ def train_exits(cfg: Config) -> dict:
     train, items, neighbors = _tables(cfg)
     backbone = load_backbone(cfg.backbone)
     layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
-    init = ExitHeads.from_backbone(backbone, layers)
-    scorer = _scorer(cfg, backbone, init, ContextStore(train, items, neighbors, cfg.prompts),
-                     ExitRule("none"))  # fmt: skip
+    # Features are the frozen backbone's states: extracted through plain heads whatever the
+    # head variant, so every variant shares them.
+    contexts = ContextStore(train, items, neighbors, cfg.prompts)
+    plain = ExitHeads.from_backbone(backbone, layers)
+    scorer = _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
 
     started = time.perf_counter()
     pairs = F.training_pairs(train, hc.train_users, hc.history_fraction, hc.targets_per_user,
@@ -80,35 +94,38 @@ def train_exits(cfg: Config) -> dict:
     valid_pairs = F.candidate_pairs(valid_cands, hc.valid_users, hc.seed)
     log.info("features: %d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
     key = feature_key(cfg, backbone, layers)
-    F.cached_extract(scorer, pairs, exits_uri(cfg, "features", "train.safetensors"),
-                     {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]},
-                     store, "train features")  # fmt: skip
-    valid = F.cached_extract(
-        scorer,
-        valid_pairs,
-        exits_uri(cfg, "features", "valid.safetensors"),
-        {**key, "pairs": [hc.valid_users]},
-        store,
-        "valid features",
-    )
+    train_key = {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]}
+    valid_key = {**key, "pairs": [hc.valid_users]}
+    train_uri = features_uri(cfg, "train", train_key)
+    valid_uri = features_uri(cfg, "valid", valid_key)
+    train_feats = F.cached_extract(scorer, pairs, train_uri, train_key, store, "train features")
+    valid = F.cached_extract(scorer, valid_pairs, valid_uri, valid_key, store, "valid features")
     extract_s = time.perf_counter() - started
+    side_features, train_side, valid_side = _side_features(cfg, train, train_feats, valid)
+    init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size)
     init_state = {k: v.float().cpu().contiguous() for k, v in init.state_dict().items()}
     storage.write_bytes(save(init_state), exits_uri(cfg, "init.safetensors"), store)
+    n_train = len(train_feats["labels"])
+    train_rows = None
+    if hc.max_train_pairs is not None and hc.max_train_pairs < n_train:
+        rng = np.random.default_rng(hc.seed)
+        train_rows = torch.from_numpy(np.sort(rng.choice(n_train, hc.max_train_pairs, False)))
+        n_train = hc.max_train_pairs
 
     loop_config = {
         "heads": hc, "storage": store, "layers": layers, "hidden_size": init.hidden_size,
         "eps": init.eps, "num_layers": backbone.num_layers,
-        "train_uri": exits_uri(cfg, "features", "train.safetensors"),
-        "valid_uri": exits_uri(cfg, "features", "valid.safetensors"),
+        "train_uri": train_uri, "valid_uri": valid_uri, "train_rows": train_rows,
+        "train_side": train_side, "valid_side": valid_side,
         "init_uri": exits_uri(cfg, "init.safetensors"),
     }  # fmt: skip
     # The run name carries the config hash: an identical rerun resumes, a changed one doesn't.
     state, meta = fit(heads_loop, loop_config, f"{hc.run_name}-{cfg.fingerprint()}",
                       "exits/ray", cfg.compute, store, hc.max_failures)  # fmt: skip
-    heads = ExitHeads(layers, init.hidden_size, init.eps)
+    heads = ExitHeads(layers, init.hidden_size, init.eps, hc.side_features, hc.mlp_size)
     heads.load_state_dict(state)
 
-    probs = head_probs(heads, valid["states"])
+    probs = head_probs(heads, valid["states"], valid_side)
     labels = valid["labels"].numpy()
     rows = E.sweep(probs, labels, layers, backbone.num_layers, hc.tau_grid, hc.confidence_grid)
     chosen = E.calibrate(rows, hc.auc_budget)
@@ -116,17 +133,34 @@ def train_exits(cfg: Config) -> dict:
         "rule": "agreement", "threshold": chosen.threshold, "auc_budget": hc.auc_budget,
         "backbone": backbone.version, "calibration": [r.as_dict() for r in rows],
         "training": {k: v for k, v in meta.items() if k != "history"},
-        "history": meta["history"], "train_pairs": len(pairs), "valid_pairs": len(valid_pairs),
+        "history": meta["history"], "train_pairs": n_train, "valid_pairs": len(valid_pairs),
         "feature_extraction_s": round(extract_s, 1),
     }  # fmt: skip
     _publish_heads(heads, exit_config, cfg)
+    if side_features is not None:
+        side_features.save(side_features_uri(cfg), store)
     return {
-        "train_pairs": len(pairs), "valid_pairs": len(valid_pairs),
+        "train_pairs": n_train, "valid_pairs": len(valid_pairs),
         "best_epoch": meta.get("best_epoch"), "valid_auc_per_head":
         meta["history"][meta.get("best_epoch", -1)]["valid_auc_per_head"],
         "calibrated": chosen.as_dict(), "heads_uri": exits_uri(cfg),
         "feature_extraction_s": round(extract_s, 1),
     }  # fmt: skip
+
+
+def _side_features(cfg: Config, train, train_feats: dict, valid_feats: dict):
+    """The hybrid heads' CF features: for training pairs fitted only on what their prompts
+    may know (before each user's cut), for valid pairs (and later test and scoring) on the
+    whole train split, which is what is published beside the heads."""
+    names = cfg.heads.side_features
+    if not names:
+        return None, None, None
+    users, items = train_feats["users"].numpy(), train_feats["items"].numpy()
+    known = F.before_cutoffs(train, users, train_feats["cutoff"].numpy())
+    train_side = cf.SideFeatures.fit(names, known, cfg.heads.seed)(users, items)
+    full = cf.SideFeatures.fit(names, train, cfg.heads.seed)
+    valid_side = full(valid_feats["users"].numpy(), valid_feats["items"].numpy())
+    return full, torch.from_numpy(train_side), torch.from_numpy(valid_side)
 
 
 def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
@@ -142,9 +176,18 @@ def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
             "prompts": cfg.prompts.model_dump(), "neighbors": [neighbors, stamp]}  # fmt: skip
 
 
-def head_probs(heads: ExitHeads, states: torch.Tensor) -> np.ndarray:
+def features_uri(cfg: Config, split: str, key: dict) -> str:
+    """Cached features are addressed by what they depend on, so every head variant trained
+    on the same backbone, prompts and pairs reuses them."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return storage.join(cfg.storage.root, "features", f"{split}-{digest}.safetensors")
+
+
+def head_probs(
+    heads: ExitHeads, states: torch.Tensor, side: torch.Tensor | None = None
+) -> np.ndarray:
     with torch.no_grad():
-        return torch.sigmoid(heads.float()(states.float())).numpy()
+        return torch.sigmoid(heads.float()(states.float(), side)).numpy()
 
 
 def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config) -> None:
@@ -155,56 +198,46 @@ def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config) -> None:
 
 
 def run_evaluation(cfg: Config) -> dict:
-    """Test metrics of the trained heads, the baselines, the tau sweep and measured speed."""
+    """Test metrics of the trained heads and the baselines, on all pairs and the cold-item and
+    light-user slices, the tau sweep, and measured speed."""
     store, ec = cfg.storage, cfg.evaluation
     train, items, neighbors = _tables(cfg)
     backbone = load_backbone(cfg.backbone)
     if not has_trained_heads(cfg):
         raise FileNotFoundError(f"no trained heads under {heads_location(cfg)}: run train_exits")
     heads, exit_config = load_heads(backbone, cfg)
-    zero_shot = ExitHeads.from_backbone(backbone, heads.layers)
+    side_features = load_side_features(heads, cfg)
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     test_cands = storage.read_table(table_uri(store.root, "candidates", "test"), store)
     pairs = F.candidate_pairs(test_cands, ec.test_users, seed=cfg.heads.seed)
+    plain = ExitHeads.from_backbone(backbone, heads.layers)
+    test_key = {**feature_key(cfg, backbone, heads.layers), "pairs": [ec.test_users]}
     feats = F.cached_extract(
-        _scorer(cfg, backbone, heads, contexts, ExitRule("none")), pairs,
-        exits_uri(cfg, "features", "test.safetensors"),
-        {**feature_key(cfg, backbone, heads.layers), "pairs": [ec.test_users]}, store,
-        "test features",
+        _scorer(cfg, backbone, plain, contexts, ExitRule("none")), pairs,
+        features_uri(cfg, "test", test_key), test_key, store, "test features",
     )  # fmt: skip
     labels = feats["labels"].numpy()
-    probs = head_probs(heads, feats["states"])
-    zero = head_probs(zero_shot, feats["states"])[:, -1]
+    side = side_features(pairs.users, pairs.items) if side_features is not None else None
+    probs = head_probs(heads, feats["states"], None if side is None else torch.from_numpy(side))
     n_layers = backbone.num_layers
     tau = float(cfg.exits.threshold if cfg.exits.threshold is not None
                 else exit_config["threshold"])  # fmt: skip
-    ee_scores, ee_exits = E.simulate_exits(probs, heads.layers, ExitRule("agreement", tau))
+    rule = ExitRule("agreement", tau)
+    ee_scores, ee_exits = E.simulate_exits(probs, heads.layers, rule)
 
-    models = {
-        "item popularity": E.popularity_scores(train, pairs.items),
-        "logistic regression on ids": E.id_logistic_regression(train, pairs.users, pairs.items),
-        "matrix factorisation (dim 32, BCE)": E.matrix_factorisation(
-            train, pairs.users, pairs.items
-        ),
-        "LLM zero-shot P(Yes)": zero,
-    }
-    gcn = _lightgcn_scores(cfg, pairs)
-    if gcn is not None:
-        models["LightGCN dot product"] = gcn
+    models = _baselines(cfg, train, pairs)
+    models["LLM zero-shot P(Yes)"] = head_probs(plain, feats["states"])[:, -1]
     for h, layer in enumerate(heads.layers):
         models[f"exit head @ layer {layer}"] = probs[:, h]
     models["trained heads, full depth"] = probs[:, -1]
     models[f"early exit (calibrated tau={tau:g})"] = ee_scores
-    table = [
-        {"model": name, "auc": E.auc(labels, s), "logloss": E.logloss(labels, np.clip(s, 0, 1))
-         if name != "LightGCN dot product" else None}
-        for name, s in models.items()
-    ]  # fmt: skip
+    table = E.model_table(models, labels, E.slice_masks(train, pairs.users, pairs.items),
+                          MF_BASELINE, set(models) - {LIGHTGCN_BASELINE})  # fmt: skip
     rows = E.sweep(probs, labels, heads.layers, n_layers, cfg.heads.tau_grid,
                    cfg.heads.confidence_grid)  # fmt: skip
-    speed = _measure_speed(cfg, backbone, heads, contexts, pairs, [*ec.speed_taus, tau])
-    calibrated = E.evaluate_rule(probs, labels, heads.layers, n_layers,
-                                 ExitRule("agreement", tau))  # fmt: skip
+    speed = _measure_speed(cfg, backbone, heads, contexts, pairs, [*ec.speed_taus, tau],
+                           side_features)  # fmt: skip
+    calibrated = E.evaluate_rule(probs, labels, heads.layers, n_layers, rule)
     out = ec.output_uri or storage.join(store.root, "evaluation")
     with tempfile.TemporaryDirectory() as d:
         E.plot_sweep(rows, calibrated, f"{d}/sweep.png",
@@ -216,6 +249,7 @@ def run_evaluation(cfg: Config) -> dict:
     metrics = {
         "test_pairs": len(pairs), "test_users": int(len(np.unique(pairs.users))),
         "backbone": backbone.version, "layers": heads.layers, "calibrated_tau": tau,
+        "side_features": heads.side_names, "mlp_size": heads.mlp_size,
         "models": table, "sweep": [r.as_dict() for r in rows], "speed": speed,
         "exit_histogram": counts, "mean_exit_layer": float(ee_exits.mean()),
         "compute_vs_full_depth": float(ee_exits.mean()) / n_layers,
@@ -226,6 +260,22 @@ def run_evaluation(cfg: Config) -> dict:
     print(render_markdown(metrics))
     return {k: metrics[k] for k in ("test_pairs", "calibrated_tau", "mean_exit_layer",
                                     "compute_vs_full_depth")}  # fmt: skip
+
+
+MF_BASELINE = "matrix factorisation (dim 32, BCE)"
+LIGHTGCN_BASELINE = "LightGCN dot product"
+
+
+def _baselines(cfg: Config, train, pairs: F.Pairs) -> dict[str, np.ndarray]:
+    models = {
+        "item popularity": cf.popularity_scores(train, pairs.items),
+        "logistic regression on ids": E.id_logistic_regression(train, pairs.users, pairs.items),
+        MF_BASELINE: cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items),
+    }
+    gcn = _lightgcn_scores(cfg, pairs)
+    if gcn is not None:
+        models[LIGHTGCN_BASELINE] = gcn
+    return models
 
 
 def _lightgcn_scores(cfg: Config, pairs: F.Pairs) -> np.ndarray | None:
@@ -250,13 +300,15 @@ def _lightgcn_scores(cfg: Config, pairs: F.Pairs) -> np.ndarray | None:
     return scores
 
 
-def _measure_speed(cfg, backbone, heads, contexts, pairs: F.Pairs, taus: list[float]) -> list:
+def _measure_speed(
+    cfg, backbone, heads, contexts, pairs: F.Pairs, taus: list[float], side_features
+) -> list:
     """Measured pairs/s of the real engine on the first `speed_pairs` pairs, per tau."""
     n = min(cfg.evaluation.speed_pairs, len(pairs))
     results = []
     for tau in taus:
         rule = ExitRule("agreement", tau) if tau > 0 else ExitRule("none")
-        scorer = _scorer(cfg, backbone, heads, contexts, rule)
+        scorer = _scorer(cfg, backbone, heads, contexts, rule, side_features)
         start = time.perf_counter()
         out = scorer.score(pairs.users[:n], pairs.items[:n])
         seconds = time.perf_counter() - start
@@ -268,11 +320,28 @@ def _measure_speed(cfg, backbone, heads, contexts, pairs: F.Pairs, taus: list[fl
 
 def render_markdown(metrics: dict) -> str:
     lines = [f"Test pairs: {metrics['test_pairs']} ({metrics['test_users']} users); "
-             f"backbone {metrics['backbone']}; exit layers {metrics['layers']}", "",
-             "| model | test AUC | LogLoss |", "|---|---|---|"]  # fmt: skip
+             f"backbone {metrics['backbone']}; exit layers {metrics['layers']}; "
+             f"side features {metrics.get('side_features') or 'none'}; "
+             f"MLP size {metrics.get('mlp_size', 0)}; train pairs {metrics.get('train_pairs')}",
+             ""]  # fmt: skip
+    slices = list(metrics["models"][0]["slices"])
+    lines.append("| model | " + " | ".join(f"AUC {s} (vs MF, 95% CI)" for s in slices)
+                 + " | LogLoss |")  # fmt: skip
+    lines.append("|---" * (len(slices) + 2) + "|")
     for row in metrics["models"]:
-        ll = f"{row['logloss']:.4f}" if row["logloss"] is not None else "-"
-        lines.append(f"| {row['model']} | {row['auc']:.4f} | {ll} |")
+        cells = []
+        for name in slices:
+            e = row["slices"][name]
+            cell = f"{e['auc']:.4f}"
+            if "diff_vs_reference" in e:
+                lo, hi = e["diff_ci"]
+                cell += f" ({e['diff_vs_reference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+            cells.append(cell)
+        ll = row["slices"]["all"].get("logloss")
+        ll_cell = f"{ll:.4f}" if ll is not None else "-"
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {ll_cell} |")
+    lines += ["", "Pairs per slice: " + ", ".join(
+        f"{k} {v['pairs']}" for k, v in metrics["models"][0]["slices"].items())]  # fmt: skip
     lines += ["", "| rule | threshold | AUC | mean exit layer | compute |", "|---|---|---|---|---|"]
     for r in metrics["sweep"]:
         lines.append(f"| {r['rule']} | {r['threshold']:g} | {r['auc']:.4f} | "

@@ -148,9 +148,11 @@ def head_optimizer(heads, num_layers: int, lr0: float, beta: float, weight_decay
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def head_losses(heads, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def head_losses(
+    heads, states: torch.Tensor, labels: torch.Tensor, side: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binary cross-entropy of every head's Yes-minus-No logit, summed over heads."""
-    logits = heads(states)  # (B, num_heads)
+    logits = heads(states, side)  # (B, num_heads)
     targets = labels[:, None].expand_as(logits)
     per_head = torch.nn.functional.binary_cross_entropy_with_logits(
         logits, targets, reduction="none"
@@ -169,12 +171,16 @@ def heads_loop(config: dict) -> None:
 
     cfg = config["heads"]
     store = config["storage"]
-    train = load_features(config["train_uri"], store)
-    valid = load_features(config["valid_uri"], store)
+    # Side features (hybrid heads) come in the config, row-aligned with the cached features.
+    train = {**load_features(config["train_uri"], store), "side": config["train_side"]}
+    valid = {**load_features(config["valid_uri"], store), "side": config["valid_side"]}
+    if config["train_rows"] is not None:
+        train = {k: v[config["train_rows"]] if v is not None else None for k, v in train.items()}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    heads = ExitHeads(config["layers"], config["hidden_size"], config["eps"])
+    heads = ExitHeads(config["layers"], config["hidden_size"], config["eps"],
+                      cfg.side_features, cfg.mlp_size)  # fmt: skip
     heads.load_state_dict(load(storage.read_bytes(config["init_uri"], store)))
     opt = head_optimizer(heads, config["num_layers"], cfg.lr, cfg.beta, cfg.weight_decay)
     meta, best_state = _restore(heads, opt)
@@ -189,14 +195,15 @@ def heads_loop(config: dict) -> None:
         losses = []
         for start in range(0, len(mine), per_worker):
             batch = mine[start : start + per_worker]
-            loss = head_losses(model, train["states"][batch], train["labels"][batch])
+            side = train["side"][batch] if train["side"] is not None else None
+            loss = head_losses(model, train["states"][batch], train["labels"][batch], side)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
         model.eval()
         with torch.no_grad():
-            valid_logits = heads(valid["states"]).numpy()
+            valid_logits = heads(valid["states"], valid["side"]).numpy()
         labels = valid["labels"].numpy()
         aucs = [float(roc_auc_score(labels, valid_logits[:, h])) for h in range(len(heads.layers))]
         metrics = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),

@@ -1,0 +1,189 @@
+"""Collaborative-filtering signal trained in this project: biased matrix factorisation and
+per-user / per-item statistics of the training interactions.
+
+Used twice: as evaluation baselines, and as the side features that hybrid exit heads read
+beside the hidden state (`SideFeatures`). Users and items the table never saw get the
+cold-start values: zero MF embedding and bias, prior rates, zero counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load, save
+
+from optirag import schema as S
+from optirag import storage
+from optirag.config import StorageConfig
+
+# What a hybrid head can read, each a fixed transform so no scaler has to be fitted:
+#   mf          MF logit of the pair
+#   user_rate   logit of the user's smoothed like rate;  user_count  log1p(user's ratings)
+#   item_rate   logit of the item's smoothed like rate;  item_count  log1p(item's ratings)
+SIDE_FEATURES = ("mf", "user_rate", "user_count", "item_rate", "item_count")
+PRIOR_WEIGHT = 10.0  # pseudo-ratings at the global like rate in the smoothed rates
+
+
+def _lookup(ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of `query` in sorted `ids`, and whether each was found."""
+    pos = np.searchsorted(ids, query)
+    pos = np.minimum(pos, max(len(ids) - 1, 0))
+    found = (ids[pos] == query) if len(ids) else np.zeros(len(query), dtype=bool)
+    return pos, found
+
+
+@dataclass
+class MatrixFactorisation:
+    """Biased MF: logit = <u, i> + b_u + b_i + b."""
+
+    user_ids: np.ndarray  # (U,) sorted
+    item_ids: np.ndarray  # (I,) sorted
+    user_emb: np.ndarray  # (U, D)
+    item_emb: np.ndarray  # (I, D)
+    user_bias: np.ndarray  # (U,)
+    item_bias: np.ndarray  # (I,)
+    bias: float
+
+    @classmethod
+    def fit(
+        cls,
+        train: pa.Table,
+        dim: int = 32,
+        epochs: int = 20,
+        l2: float = 0.03,  # chosen on the valid split (0.789 valid AUC on MovieLens-100k)
+        seed: int = 0,
+    ) -> MatrixFactorisation:
+        """Binary cross-entropy on the labels, Adam, L2 on the batch's embeddings."""
+        torch.manual_seed(seed)
+        users, items = train[S.USER_ID].to_numpy(), train[S.ITEM_ID].to_numpy()
+        user_ids, tu = np.unique(users, return_inverse=True)
+        item_ids, ti = np.unique(items, return_inverse=True)
+        tu, ti = torch.as_tensor(tu), torch.as_tensor(ti)
+        ty = torch.as_tensor(train[S.LABEL].to_numpy().astype(np.float32))
+        ue = torch.nn.Parameter(torch.randn(len(user_ids), dim) * 0.05)
+        ie = torch.nn.Parameter(torch.randn(len(item_ids), dim) * 0.05)
+        ub = torch.nn.Parameter(torch.zeros(len(user_ids)))
+        ib = torch.nn.Parameter(torch.zeros(len(item_ids)))
+        bias = torch.nn.Parameter(torch.zeros(()))
+        opt = torch.optim.Adam([ue, ie, ub, ib, bias], lr=0.01)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for batch in torch.randperm(len(ty), generator=gen).split(1024):
+                u, i = tu[batch], ti[batch]
+                logit = (ue[u] * ie[i]).sum(-1) + ub[u] + ib[i] + bias
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty[batch])
+                reg = l2 * (ue[u].pow(2).sum() + ie[i].pow(2).sum() + ib[i].pow(2).sum())
+                opt.zero_grad()
+                (loss + reg / len(batch)).backward()
+                opt.step()
+        return cls(user_ids, item_ids, *(p.detach().numpy() for p in (ue, ie, ub, ib)),
+                   float(bias.detach()))  # fmt: skip
+
+    def logits(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        u, u_ok = _lookup(self.user_ids, users)
+        i, i_ok = _lookup(self.item_ids, items)
+        dot = (self.user_emb[u] * self.item_emb[i]).sum(-1) * (u_ok & i_ok)
+        return (dot + self.user_bias[u] * u_ok + self.item_bias[i] * i_ok + self.bias).astype(
+            np.float32
+        )
+
+    def probs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits(users, items)))
+
+
+@dataclass
+class Stats:
+    """Smoothed like rate and rating count per id (users or items)."""
+
+    ids: np.ndarray
+    rate: np.ndarray
+    count: np.ndarray
+    prior: float
+
+    @classmethod
+    def fit(cls, ids: np.ndarray, labels: np.ndarray, prior_weight: float = PRIOR_WEIGHT):
+        prior = float(labels.mean()) if len(labels) else 0.5
+        uniq, inv = np.unique(ids, return_inverse=True)
+        pos = np.bincount(inv, weights=labels.astype(float), minlength=len(uniq))
+        count = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+        return cls(uniq, (pos + prior_weight * prior) / (count + prior_weight), count, prior)
+
+    def lookup(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos, found = _lookup(self.ids, query)
+        return np.where(found, self.rate[pos], self.prior), np.where(found, self.count[pos], 0)
+
+
+def popularity_scores(train: pa.Table, items: np.ndarray) -> np.ndarray:
+    """Smoothed positive rate of each item in the training data."""
+    stats = Stats.fit(train[S.ITEM_ID].to_numpy(), train[S.LABEL].to_numpy())
+    return stats.lookup(items)[0]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+class SideFeatures:
+    """The configured CF features of (user, item) pairs, for hybrid exit heads."""
+
+    def __init__(self, names: list[str], mf: MatrixFactorisation, users: Stats, items: Stats):
+        unknown = sorted(set(names) - set(SIDE_FEATURES))
+        if unknown:
+            raise ValueError(f"unknown side features {unknown}; choose from {SIDE_FEATURES}")
+        self.names, self.mf, self.users, self.items = list(names), mf, users, items
+
+    @classmethod
+    def fit(cls, names: list[str], train: pa.Table, seed: int = 0) -> SideFeatures:
+        labels = train[S.LABEL].to_numpy()
+        return cls(
+            names,
+            MatrixFactorisation.fit(train, seed=seed),
+            Stats.fit(train[S.USER_ID].to_numpy(), labels),
+            Stats.fit(train[S.ITEM_ID].to_numpy(), labels),
+        )
+
+    def __call__(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(N, len(names)) float32, columns in the configured order."""
+        user_rate, user_count = self.users.lookup(users)
+        item_rate, item_count = self.items.lookup(items)
+        columns = {
+            "mf": lambda: self.mf.logits(users, items),
+            "user_rate": lambda: _logit(user_rate),
+            "user_count": lambda: np.log1p(user_count),
+            "item_rate": lambda: _logit(item_rate),
+            "item_count": lambda: np.log1p(item_count),
+        }
+        out = np.zeros((len(users), len(self.names)), dtype=np.float32)
+        for j, name in enumerate(self.names):
+            out[:, j] = columns[name]()
+        return out
+
+    def save(self, uri: str, store: StorageConfig) -> None:
+        mf, us, it = self.mf, self.users, self.items
+        tensors = {
+            "mf.user_ids": mf.user_ids, "mf.item_ids": mf.item_ids, "mf.user_emb": mf.user_emb,
+            "mf.item_emb": mf.item_emb, "mf.user_bias": mf.user_bias, "mf.item_bias": mf.item_bias,
+            "users.ids": us.ids, "users.rate": us.rate, "users.count": us.count,
+            "items.ids": it.ids, "items.rate": it.rate, "items.count": it.count,
+        }  # fmt: skip
+        blob = save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+        storage.write_bytes(blob, uri, store)
+        meta = {"names": self.names, "bias": mf.bias, "user_prior": us.prior,
+                "item_prior": it.prior}  # fmt: skip
+        storage.write_json(meta, uri + ".json", store)
+
+    @classmethod
+    def load(cls, uri: str, store: StorageConfig) -> SideFeatures:
+        t = {k: v.numpy() for k, v in load(storage.read_bytes(uri, store)).items()}
+        meta = storage.read_json(uri + ".json", store)
+        mf = MatrixFactorisation(
+            t["mf.user_ids"], t["mf.item_ids"], t["mf.user_emb"], t["mf.item_emb"],
+            t["mf.user_bias"], t["mf.item_bias"], meta["bias"],
+        )  # fmt: skip
+        users = Stats(t["users.ids"], t["users.rate"], t["users.count"], meta["user_prior"])
+        items = Stats(t["items.ids"], t["items.rate"], t["items.count"], meta["item_prior"])
+        return cls(meta["names"], mf, users, items)
