@@ -16,8 +16,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
+    import importlib.metadata as md
+
     import pyarrow
-    import ray
     import torch
 
     info = {
@@ -26,9 +27,13 @@ def machine() -> dict:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
+    for package in ("ray", "transformers"):  # a GPU box may run the model benches sans Ray
+        try:
+            info[package] = md.version(package)
+        except md.PackageNotFoundError:
+            info[package] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

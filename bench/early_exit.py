@@ -4,9 +4,12 @@
 
     python bench/early_exit.py --config conf/demo.yaml [--users 10 --per-user 20]
 
-Uses the trained heads under <root>/exits when present (else untrained heads, for which
-the exit rates mean little). Writes bench/results/early_exit.json (or early_exit_gpu.json
-on a GPU, with the card's name) and prints a markdown table.
+Uses the trained heads (exits.heads_uri, default <root>/exits; hybrid heads with their side
+features) when present, else untrained heads, for which the exit rates mean little. Writes
+bench/results/<name>.json (default early_exit, or early_exit_gpu on a GPU, with the card's
+name) and prints a markdown table. On a GPU, bf16 (backbone.dtype=auto) and larger batches:
+
+    python bench/early_exit.py --users 200 --per-user 50 compute.batch_rows=2000
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ from optirag.backbone import load_backbone  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore  # noqa: E402
 from optirag.data import table_uri  # noqa: E402
-from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers  # noqa: E402
+from optirag.early_exit import ExitRule  # noqa: E402
 from optirag.prompts import PromptBuilder  # noqa: E402
-from optirag.scorer import PairScorer  # noqa: E402
+from optirag.scorer import (  # noqa: E402
+    PairScorer,
+    has_trained_heads,
+    load_heads,
+    load_side_features,
+)
 
 
 def main() -> None:
@@ -39,20 +47,16 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--per-user", type=int, default=20)
     parser.add_argument("--taus", default="0.005,0.02,0.05,0.1")
+    parser.add_argument("--name", help="results file name (default by device)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     store, root = cfg.storage, cfg.storage.root
 
     backbone = load_backbone(cfg.backbone)
-    heads_dir = Path(root, "exits")
-    trained = (heads_dir / "heads.safetensors").exists()
-    if trained:
-        heads, _ = ExitHeads.load(heads_dir, backbone)
-    else:
-        heads = ExitHeads.from_backbone(
-            backbone, default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
-        )
+    trained = has_trained_heads(cfg)
+    heads, _ = load_heads(backbone, cfg)
+    side_features = load_side_features(heads, cfg)
     train = storage.read_table(table_uri(root, "interactions", "train"), store)
     items = storage.read_table(table_uri(root, "items"), store)
     nb_uri = storage.join(root, "neighbors", "gcn.parquet")
@@ -69,7 +73,8 @@ def main() -> None:
 
     def run(name: str, rule: ExitRule, share: bool) -> dict:
         scorer = PairScorer(backbone, heads, rule, contexts, prompts, share_prefixes=share,
-                            batch_rows=cfg.compute.batch_rows)  # fmt: skip
+                            batch_rows=cfg.compute.batch_rows,
+                            side_features=side_features)  # fmt: skip
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -86,9 +91,8 @@ def main() -> None:
                 "scores": out.scores}  # fmt: skip
 
     # Warm-up so the first variant does not pay for lazy initialisation.
-    PairScorer(backbone, heads, ExitRule("none"), contexts, prompts).score(
-        pair_users[:2], pair_items[:2]
-    )
+    PairScorer(backbone, heads, ExitRule("none"), contexts, prompts,
+               side_features=side_features).score(pair_users[:2], pair_items[:2])  # fmt: skip
     rows = [run("full depth, no sharing", ExitRule("none"), False),
             run("full depth, shared prefixes", ExitRule("none"), True)]  # fmt: skip
     rows += [run(f"early exit tau={t}, shared", ExitRule("agreement", float(t)), True)
@@ -105,9 +109,10 @@ def main() -> None:
         del r["scores"]
     result = {"machine": machine(), "backbone": backbone.version, "dtype": str(backbone.dtype),
               "device": str(backbone.device), "trained_heads": trained, "layers": heads.layers,
+              "side_features": heads.side_names, "batch_rows": cfg.compute.batch_rows,
               "users": args.users, "candidates_per_user": args.per_user,
               "shared_vs_plain_max_score_diff": max_diff, "rows": rows}  # fmt: skip
-    name = "early_exit_gpu" if backbone.device.type == "cuda" else "early_exit"
+    name = args.name or ("early_exit_gpu" if backbone.device.type == "cuda" else "early_exit")
     write_results(
         name, result,
         [(r["variant"], r["pairs_per_s"], r["tokens_per_pair"], f"{r['mean_exit_layer']:.1f}",
