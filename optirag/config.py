@@ -195,6 +195,20 @@ class ScoringConfig(StrictModel):
     stall_timeout_s: float = Field(900, gt=0, description="fail when no shard finishes this long")
 
 
+class LoraConfig(StrictModel):
+    """Fine-tune the backbone with LoRA jointly with the heads (optirag.lora) instead of
+    training heads on frozen features. Heads use heads.lr; both decay with depth (beta)."""
+
+    enabled: bool = False
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    lr: float = Field(1e-3, gt=0, description="lr_0 of the LoRA weights")
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(16, gt=0, description="prompts per step, all workers")
+
+
 class HeadTrainingConfig(StrictModel):
     """Exit-head training on a frozen backbone (see optirag.features, optirag.training).
 
@@ -215,6 +229,7 @@ class HeadTrainingConfig(StrictModel):
         Field([], description="CF features hybrid heads read beside the state (optirag.cf)")
     )
     mlp_size: int = Field(0, ge=0, description="hidden units of MLP heads; 0: linear heads")
+    lora: LoraConfig = LoraConfig()
     epochs: int = Field(40, gt=0)
     lr: float = Field(0.02, gt=0, description="lr_0, of a head at depth 0")
     beta: float = Field(1.0, ge=0, description="lr_n = lr_0 * exp(-beta * layer_n / layers)")

@@ -23,6 +23,7 @@ from optirag.backbone import Backbone
 RuleKind = Literal["agreement", "confidence", "none"]
 HEADS_FILE = "heads.safetensors"
 EXIT_CONFIG_FILE = "exit_config.json"
+ADAPTER_FILE = "adapter.safetensors"  # LoRA weights the heads were trained with, if any
 
 
 def default_exit_layers(num_layers: int, num_heads: int) -> list[int]:

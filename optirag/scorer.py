@@ -14,14 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load
 from tqdm.auto import tqdm
 
 from optirag import storage
 from optirag.backbone import Backbone
 from optirag.cf import SideFeatures
-from optirag.config import Config, ExitConfig
+from optirag.config import Config, ExitConfig, LoraConfig
 from optirag.context import ContextStore
 from optirag.early_exit import (
+    ADAPTER_FILE,
     EXIT_CONFIG_FILE,
     HEADS_FILE,
     EarlyExitScorer,
@@ -74,6 +76,14 @@ class PairScorer:
     def _encode_prefix(self, user: int, cutoff: int) -> list[int]:
         ctx = self.contexts.context(user, None if cutoff < 0 else cutoff)
         return self.prompts.encode_prefix(ctx)
+
+    def prompt_ids(
+        self, users: np.ndarray, items: np.ndarray, before_ts: np.ndarray | None = None
+    ) -> list[list[int]]:
+        """Each pair's whole prompt, prefix + suffix (what training on prompts reads)."""
+        cutoffs = before_ts if before_ts is not None else np.full(len(users), -1)
+        return [self._encode_prefix(int(u), int(c)) + self._suffix(int(i))
+                for u, i, c in zip(users, items, cutoffs, strict=True)]  # fmt: skip
 
     def score(
         self,
@@ -193,7 +203,13 @@ def load_heads(backbone: Backbone, cfg: Config) -> tuple[ExitHeads, dict]:
             for name in (HEADS_FILE, EXIT_CONFIG_FILE):
                 data = storage.read_bytes(storage.join(location, name), cfg.storage)
                 Path(local, name).write_bytes(data)
-            return ExitHeads.load(local, backbone)
+            heads, meta = ExitHeads.load(local, backbone)
+        if "lora" in meta:  # heads trained jointly with an adapter: merge it into the backbone
+            from optirag.lora import load_lora
+
+            adapter = load(storage.read_bytes(storage.join(location, ADAPTER_FILE), cfg.storage))
+            load_lora(backbone, LoraConfig(**meta["lora"]), adapter)
+        return heads, meta
     if cfg.exits.heads_uri:
         raise FileNotFoundError(f"exits.heads_uri {location}: no {HEADS_FILE}")
     log.warning("no trained heads under %s: scoring with untrained (zero-shot) heads", location)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from optirag import cf, storage
 from optirag import evaluate as E
@@ -27,6 +27,7 @@ from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.data import table_uri
 from optirag.early_exit import (
+    ADAPTER_FILE,
     EXIT_CONFIG_FILE,
     HEADS_FILE,
     ExitHeads,
@@ -74,69 +75,46 @@ def exits_uri(cfg: Config, *parts: str) -> str:
 
 
 def train_exits(cfg: Config) -> dict:
-    """Extract features, train the heads with Ray Train, calibrate tau on valid, publish."""
-    from optirag.training import fit, heads_loop
-
+    """Train the exit heads with Ray Train (on cached frozen-backbone features, or jointly
+    with a LoRA adapter when heads.lora.enabled), calibrate tau on valid, publish."""
     store, hc = cfg.storage, cfg.heads
     train, items, neighbors = _tables(cfg)
     backbone = load_backbone(cfg.backbone)
     layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
-    # Features are the frozen backbone's states: extracted through plain heads whatever the
-    # head variant, so every variant shares them.
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
-    plain = ExitHeads.from_backbone(backbone, layers)
-    scorer = _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
-
-    started = time.perf_counter()
     pairs = F.training_pairs(train, hc.train_users, hc.history_fraction, hc.targets_per_user,
                              hc.seed)  # fmt: skip
     valid_cands = storage.read_table(table_uri(cfg.storage.root, "candidates", "valid"), store)
     valid_pairs = F.candidate_pairs(valid_cands, hc.valid_users, hc.seed)
-    log.info("features: %d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
-    key = feature_key(cfg, backbone, layers)
-    train_key = {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]}
-    valid_key = {**key, "pairs": [hc.valid_users]}
-    train_uri = features_uri(cfg, "train", train_key)
-    valid_uri = features_uri(cfg, "valid", valid_key)
-    train_feats = F.cached_extract(scorer, pairs, train_uri, train_key, store, "train features")
-    valid = F.cached_extract(scorer, valid_pairs, valid_uri, valid_key, store, "valid features")
-    extract_s = time.perf_counter() - started
-    side_features, train_side, valid_side = _side_features(cfg, train, train_feats, valid)
+    log.info("%d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
+    side_features, train_side, valid_side = _side_features(cfg, train, pairs, valid_pairs)
     init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size)
-    init_state = {k: v.float().cpu().contiguous() for k, v in init.state_dict().items()}
-    storage.write_bytes(save(init_state), exits_uri(cfg, "init.safetensors"), store)
-    n_train = len(train_feats["labels"])
-    train_rows = None
-    if hc.max_train_pairs is not None and hc.max_train_pairs < n_train:
+    rows = None
+    if hc.max_train_pairs is not None and hc.max_train_pairs < len(pairs):
         rng = np.random.default_rng(hc.seed)
-        train_rows = torch.from_numpy(np.sort(rng.choice(n_train, hc.max_train_pairs, False)))
-        n_train = hc.max_train_pairs
+        rows = torch.from_numpy(np.sort(rng.choice(len(pairs), hc.max_train_pairs, False)))
+    train_exits_fn = _fit_lora_heads if hc.lora.enabled else _fit_frozen_heads
+    started = time.perf_counter()
+    heads, adapter, valid_states, meta = train_exits_fn(
+        cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side, valid_side
+    )
+    train_s = time.perf_counter() - started
 
-    loop_config = {
-        "heads": hc, "storage": store, "layers": layers, "hidden_size": init.hidden_size,
-        "eps": init.eps, "num_layers": backbone.num_layers,
-        "train_uri": train_uri, "valid_uri": valid_uri, "train_rows": train_rows,
-        "train_side": train_side, "valid_side": valid_side,
-        "init_uri": exits_uri(cfg, "init.safetensors"),
-    }  # fmt: skip
-    # The run name carries the config hash: an identical rerun resumes, a changed one doesn't.
-    state, meta = fit(heads_loop, loop_config, f"{hc.run_name}-{cfg.fingerprint()}",
-                      "exits/ray", cfg.compute, store, hc.max_failures)  # fmt: skip
-    heads = ExitHeads(layers, init.hidden_size, init.eps, hc.side_features, hc.mlp_size)
-    heads.load_state_dict(state)
-
-    probs = head_probs(heads, valid["states"], valid_side)
-    labels = valid["labels"].numpy()
-    rows = E.sweep(probs, labels, layers, backbone.num_layers, hc.tau_grid, hc.confidence_grid)
-    chosen = E.calibrate(rows, hc.auc_budget)
+    probs = head_probs(heads, valid_states, valid_side)
+    calibration = E.sweep(probs, valid_pairs.labels, layers, backbone.num_layers, hc.tau_grid,
+                          hc.confidence_grid)  # fmt: skip
+    chosen = E.calibrate(calibration, hc.auc_budget)
+    n_train = len(rows) if rows is not None else len(pairs)
     exit_config = {
         "rule": "agreement", "threshold": chosen.threshold, "auc_budget": hc.auc_budget,
-        "backbone": backbone.version, "calibration": [r.as_dict() for r in rows],
+        "backbone": backbone.version, "calibration": [r.as_dict() for r in calibration],
         "training": {k: v for k, v in meta.items() if k != "history"},
         "history": meta["history"], "train_pairs": n_train, "valid_pairs": len(valid_pairs),
-        "feature_extraction_s": round(extract_s, 1),
+        "training_s": round(train_s, 1),
     }  # fmt: skip
-    _publish_heads(heads, exit_config, cfg)
+    if adapter is not None:
+        exit_config["lora"] = hc.lora.model_dump()
+    _publish_heads(heads, exit_config, cfg, adapter)
     if side_features is not None:
         side_features.save(side_features_uri(cfg), store)
     return {
@@ -144,22 +122,92 @@ def train_exits(cfg: Config) -> dict:
         "best_epoch": meta.get("best_epoch"), "valid_auc_per_head":
         meta["history"][meta.get("best_epoch", -1)]["valid_auc_per_head"],
         "calibrated": chosen.as_dict(), "heads_uri": exits_uri(cfg),
-        "feature_extraction_s": round(extract_s, 1),
+        "training_s": round(train_s, 1),
     }  # fmt: skip
 
 
-def _side_features(cfg: Config, train, train_feats: dict, valid_feats: dict):
+def _fit_frozen_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side,
+                      valid_side):  # fmt: skip
+    """Extract (or reuse) the frozen backbone's states, then train the heads on them."""
+    from optirag.training import fit, heads_loop
+
+    store, hc = cfg.storage, cfg.heads
+    # Features are extracted through plain heads whatever the head variant, so every
+    # variant shares them.
+    plain = ExitHeads.from_backbone(backbone, init.layers)
+    scorer = _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
+    key = feature_key(cfg, backbone, init.layers)
+    train_key = {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]}
+    valid_key = {**key, "pairs": [hc.valid_users]}
+    train_uri = features_uri(cfg, "train", train_key)
+    valid_uri = features_uri(cfg, "valid", valid_key)
+    F.cached_extract(scorer, pairs, train_uri, train_key, store, "train features")
+    valid = F.cached_extract(scorer, valid_pairs, valid_uri, valid_key, store, "valid features")
+    init_state = {k: v.float().cpu().contiguous() for k, v in init.state_dict().items()}
+    storage.write_bytes(save(init_state), exits_uri(cfg, "init.safetensors"), store)
+    loop_config = {
+        "heads": hc, "storage": store, "layers": init.layers, "hidden_size": init.hidden_size,
+        "eps": init.eps, "num_layers": backbone.num_layers,
+        "train_uri": train_uri, "valid_uri": valid_uri, "train_rows": rows,
+        "train_side": train_side, "valid_side": valid_side,
+        "init_uri": exits_uri(cfg, "init.safetensors"),
+    }  # fmt: skip
+    # The run name carries the config hash: an identical rerun resumes, a changed one doesn't.
+    state, meta = fit(heads_loop, loop_config, f"{hc.run_name}-{cfg.fingerprint()}",
+                      "exits/ray", cfg.compute, store, hc.max_failures)  # fmt: skip
+    heads = ExitHeads(init.layers, init.hidden_size, init.eps, hc.side_features, hc.mlp_size)
+    heads.load_state_dict(state)
+    return heads, None, valid["states"], meta
+
+
+def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side,
+                    valid_side):  # fmt: skip
+    """Train LoRA + heads on whole prompts; valid states come from the merged backbone."""
+    from optirag import lora
+    from optirag.training import fit, lora_loop
+
+    hc = cfg.heads
+    plain = ExitHeads.from_backbone(backbone, init.layers)
+    scorer = _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
+    if rows is not None:
+        pairs = F.Pairs(*(getattr(pairs, f)[rows.numpy()] for f in ("users", "items", "labels",
+                                                                   "cutoff")))  # fmt: skip
+        train_side = train_side[rows] if train_side is not None else None
+
+    def split(p: F.Pairs, side) -> dict:
+        return {"prompts": scorer.prompt_ids(p.users, p.items, p.cutoff),
+                "labels": torch.from_numpy(p.labels.astype(np.float32)), "side": side}  # fmt: skip
+
+    loop_config = {
+        "heads": hc, "backbone": cfg.backbone, "layers": init.layers, "eps": init.eps,
+        "init_heads": {k: v.float().cpu() for k, v in init.state_dict().items()},
+        "train": split(pairs, train_side), "valid": split(valid_pairs, valid_side),
+    }  # fmt: skip
+    state, meta = fit(lora_loop, loop_config, f"{hc.run_name}-lora-{cfg.fingerprint()}",
+                      "exits/ray", cfg.compute, cfg.storage, hc.max_failures)  # fmt: skip
+    heads = ExitHeads(init.layers, init.hidden_size, init.eps, hc.side_features, hc.mlp_size)
+    heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
+                           if k.startswith("heads.")})  # fmt: skip
+    adapter = {k.removeprefix("lora.").replace("/", "."): v for k, v in state.items()
+               if k.startswith("lora.")}  # fmt: skip
+    lora.load_lora(backbone, hc.lora, adapter)
+    merged = _scorer(cfg, backbone, ExitHeads.from_backbone(backbone, init.layers), contexts,
+                     ExitRule("none"))  # fmt: skip
+    valid = F.extract(merged, valid_pairs, "valid features (LoRA)")
+    return heads, adapter, valid["states"], meta
+
+
+def _side_features(cfg: Config, train, pairs: F.Pairs, valid_pairs: F.Pairs):
     """The hybrid heads' CF features: for training pairs fitted only on what their prompts
     may know (before each user's cut), for valid pairs (and later test and scoring) on the
     whole train split, which is what is published beside the heads."""
     names = cfg.heads.side_features
     if not names:
         return None, None, None
-    users, items = train_feats["users"].numpy(), train_feats["items"].numpy()
-    known = F.before_cutoffs(train, users, train_feats["cutoff"].numpy())
-    train_side = cf.SideFeatures.fit(names, known, cfg.heads.seed)(users, items)
+    known = F.before_cutoffs(train, pairs.users, pairs.cutoff)
+    train_side = cf.SideFeatures.fit(names, known, cfg.heads.seed)(pairs.users, pairs.items)
     full = cf.SideFeatures.fit(names, train, cfg.heads.seed)
-    valid_side = full(valid_feats["users"].numpy(), valid_feats["items"].numpy())
+    valid_side = full(valid_pairs.users, valid_pairs.items)
     return full, torch.from_numpy(train_side), torch.from_numpy(valid_side)
 
 
@@ -190,10 +238,16 @@ def head_probs(
         return torch.sigmoid(heads.float()(states.float(), side)).numpy()
 
 
-def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config) -> None:
+def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config, adapter=None) -> None:
     with tempfile.TemporaryDirectory() as d:
         heads.save(d, exit_config)
-        for name in (HEADS_FILE, EXIT_CONFIG_FILE):
+        names = [HEADS_FILE, EXIT_CONFIG_FILE]
+        if adapter is not None:
+            save_file(
+                {k: v.float().contiguous() for k, v in adapter.items()}, f"{d}/{ADAPTER_FILE}"
+            )
+            names.append(ADAPTER_FILE)
+        for name in names:
             storage.write_bytes(Path(d, name).read_bytes(), exits_uri(cfg, name), cfg.storage)
 
 

@@ -164,7 +164,6 @@ def heads_loop(config: dict) -> None:
     """Ray Train worker loop: DDP over this worker's shard of the cached features."""
     import ray.train
     from ray.train.torch import prepare_model
-    from sklearn.metrics import roc_auc_score
 
     from optirag.early_exit import ExitHeads
     from optirag.features import load_features
@@ -204,13 +203,94 @@ def heads_loop(config: dict) -> None:
         model.eval()
         with torch.no_grad():
             valid_logits = heads(valid["states"], valid["side"]).numpy()
-        labels = valid["labels"].numpy()
-        aucs = [float(roc_auc_score(labels, valid_logits[:, h])) for h in range(len(heads.layers))]
-        metrics = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
-                   "valid_auc_mean": float(np.mean(aucs)), "valid_auc_last": aucs[-1],
-                   "valid_auc_per_head": aucs}  # fmt: skip
+        metrics = _epoch_metrics(epoch, losses, valid["labels"].numpy(), valid_logits)
         best_state = _end_epoch(meta, metrics, metrics["valid_auc_mean"], heads, best_state)
         _report(rank, heads, best_state, opt, meta, metrics)
+        if meta["bad_epochs"] >= cfg.patience:
+            break
+
+
+def _epoch_metrics(epoch: int, losses: list[float], labels: np.ndarray, logits: np.ndarray):
+    """Mean train loss and every head's valid AUC (model selection: the mean over heads)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [float(roc_auc_score(labels, logits[:, h])) for h in range(logits.shape[1])]
+    return {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
+            "valid_auc_mean": float(np.mean(aucs)), "valid_auc_last": aucs[-1],
+            "valid_auc_per_head": aucs}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- LoRA + heads
+
+
+def pad_prompts(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(p)
+    return ids, lengths
+
+
+def lora_loop(config: dict) -> None:
+    """Ray Train worker loop: LoRA + exit heads on whole prompts (each worker one replica),
+    every head's loss summed, depth-decayed learning rates."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    from optirag import lora
+    from optirag.backbone import load_backbone
+    from optirag.early_exit import ExitHeads
+
+    cfg, lcfg = config["heads"], config["heads"].lora
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(config["backbone"])
+    lora.add_lora(backbone, lcfg)
+    heads = ExitHeads(config["layers"], backbone.hidden_size, config["eps"], cfg.side_features,
+                      cfg.mlp_size)  # fmt: skip
+    heads.load_state_dict(config["init_heads"])
+    heads.to(backbone.device)
+    parts = lora.TrainableParts(backbone, heads)
+    opt = lora.lora_optimizer(parts, backbone.num_layers, lcfg.lr, cfg.lr, cfg.beta,
+                              cfg.weight_decay)  # fmt: skip
+    meta, best_state = _restore(parts, opt)
+    model = prepare_model(lora.LoraExitModel(backbone, heads))
+    train, valid = config["train"], config["valid"]
+    per_worker = max(1, lcfg.batch_size // world)
+
+    def logits_of(split: dict, rows: torch.Tensor) -> torch.Tensor:
+        ids, lengths = pad_prompts([split["prompts"][i] for i in rows.tolist()])
+        side = split["side"][rows] if split["side"] is not None else None
+        return model(ids.to(backbone.device), lengths.to(backbone.device), side)
+
+    for epoch in range(meta["epoch"], lcfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        mine = torch.randperm(len(train["labels"]), generator=gen)[rank::world]
+        model.train()
+        losses = []
+        for start in range(0, len(mine), per_worker):
+            rows = mine[start : start + per_worker]
+            logits = logits_of(train, rows)
+            targets = train["labels"][rows, None].expand_as(logits).to(logits.device)
+            loss = (
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, targets, reduction="none"
+                )
+                .mean(0)
+                .sum()
+            )  # every head's loss, summed
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            batches = torch.arange(len(valid["labels"])).split(per_worker)
+            valid_logits = torch.cat([logits_of(valid, b).cpu() for b in batches]).numpy()
+        metrics = _epoch_metrics(epoch, losses, valid["labels"].numpy(), valid_logits)
+        best_state = _end_epoch(meta, metrics, metrics["valid_auc_mean"], parts, best_state)
+        _report(rank, parts, best_state, opt, meta, metrics)
         if meta["bad_epochs"] >= cfg.patience:
             break
 

@@ -1,0 +1,126 @@
+"""LoRA fine-tuning jointly with the exit heads (tiny model, real Ray Train)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optirag import lora, stages, storage
+from optirag.backbone import load_backbone
+from optirag.config import BackboneConfig, ComputeConfig, Config, HeadTrainingConfig, LoraConfig
+from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
+from optirag.training import fit, lora_loop, pad_prompts
+from tests.test_accuracy import _write_tables
+
+
+def _backbone(tiny_llama_dir):
+    return load_backbone(BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu"))
+
+
+def test_untrained_adapter_forward_equals_the_scoring_engine(tiny_llama_dir):
+    backbone = _backbone(tiny_llama_dir)
+    heads = ExitHeads.from_backbone(backbone, [2, 4, 6])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 300, size=rng.integers(3, 12)).tolist() for _ in range(8)]
+    engine = EarlyExitScorer(backbone, heads, ExitRule("none")).score(prompts)
+    lora.add_lora(backbone, LoraConfig(enabled=True))  # B = 0: the adapter starts as a no-op
+    model = lora.LoraExitModel(backbone, heads).eval()
+    with torch.no_grad():
+        logits = model(*pad_prompts(prompts))
+    np.testing.assert_allclose(torch.sigmoid(logits).numpy(), engine.head_probs, atol=1e-5)
+
+
+def test_lora_learning_rates_decay_with_depth(tiny_llama_dir):
+    backbone = _backbone(tiny_llama_dir)
+    lora.add_lora(backbone, LoraConfig(enabled=True))
+    heads = ExitHeads.from_backbone(backbone, [3, 6])
+    parts = lora.TrainableParts(backbone, heads)
+    opt = lora.lora_optimizer(parts, 6, lora_lr=1e-3, head_lr=1e-2, beta=2.0, weight_decay=0)
+    lora_groups = opt.param_groups[:-2]
+    assert [g["layer"] for g in lora_groups] == [1, 2, 3, 4, 5, 6]
+    assert [g["lr"] for g in lora_groups] == pytest.approx(
+        [1e-3 * math.exp(-2.0 * d / 6) for d in range(1, 7)]
+    )
+    assert [g["lr"] for g in opt.param_groups[-2:]] == pytest.approx(
+        [1e-2 * math.exp(-1.0), 1e-2 * math.exp(-2.0)]
+    )
+    trainable = {id(p) for p in backbone.model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in lora_groups for p in g["params"]}
+
+
+def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
+    ray_session, tiny_llama_dir, tmp_path
+):
+    from optirag.config import StorageConfig
+
+    backbone = _backbone(tiny_llama_dir)
+    layers = [3, 6]
+    init = ExitHeads.from_backbone(backbone, layers)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 96)
+    # learnable: a positive prompt ends in token 7, a negative one in token 9
+    prompts = [rng.integers(20, 300, 6).tolist() + [7 if y else 9] for y in labels]
+
+    def split(idx):
+        y = torch.as_tensor(labels[idx], dtype=torch.float32)
+        return {"prompts": [prompts[i] for i in idx], "labels": y, "side": None}
+
+    lcfg = LoraConfig(enabled=True, lr=5e-3, epochs=5, batch_size=16)
+    hc = HeadTrainingConfig(lr=0.05, patience=10, run_name="lora-t", lora=lcfg)
+    bcfg = BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu")
+    store = StorageConfig(root=str(tmp_path))
+    config = {"heads": hc, "backbone": bcfg, "layers": layers, "eps": init.eps,
+              "init_heads": dict(init.state_dict()), "train": split(np.arange(64)),
+              "valid": split(np.arange(64, 96))}  # fmt: skip
+    state, meta = fit(lora_loop, config, "lora-t", "exits/ray", ComputeConfig(train_workers=1),
+                      store, 0)  # fmt: skip
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0] * 0.7
+    assert meta["history"][-1]["valid_auc_mean"] > 0.9
+
+    # checkpoint -> adapter + heads -> merged backbone scores what the trained model scored
+    heads = ExitHeads(layers, init.hidden_size, init.eps)
+    heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
+                           if k.startswith("heads.")})  # fmt: skip
+    adapter = {k.removeprefix("lora.").replace("/", "."): v for k, v in state.items()
+               if k.startswith("lora.")}  # fmt: skip
+    assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    unmerged = _backbone(tiny_llama_dir)
+    lora.add_lora(unmerged, hc.lora)
+    with torch.no_grad():
+        params = dict(unmerged.model.named_parameters())
+        for k, v in adapter.items():
+            params[k].copy_(v)
+        expected = torch.sigmoid(lora.LoraExitModel(unmerged, heads).eval()(
+            *pad_prompts(prompts[64:])))  # fmt: skip
+    merged = _backbone(tiny_llama_dir)
+    lora.load_lora(merged, hc.lora, adapter)
+    got = EarlyExitScorer(merged, heads, ExitRule("none")).score(prompts[64:]).head_probs
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+    assert merged.version != _backbone(tiny_llama_dir).version  # features are not shared
+
+
+def test_lora_stage_publishes_an_adapter_that_scoring_merges(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    _write_tables(local_storage, movie_tables)
+    cfg = Config.model_validate({
+        "storage": {"root": local_storage.root},
+        "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+        "exits": {"layers": [3, 6]},
+        "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None,
+                  "side_features": ["mf"], "lora": {"enabled": True, "epochs": 1}},
+        "evaluation": {"test_users": None, "speed_pairs": 4, "speed_taus": [0.0]},
+        "compute": {"batch_rows": 8, "train_workers": 1},
+    })  # fmt: skip
+    stages.train_exits(cfg)
+    exits = storage.join(local_storage.root, "exits")
+    meta = storage.read_json(storage.join(exits, "exit_config.json"), local_storage)
+    assert meta["lora"]["rank"] == 8 and meta["side_features"] == ["mf"]
+    assert storage.exists(storage.join(exits, "adapter.safetensors"), local_storage)
+    summary = stages.run_evaluation(cfg)
+    assert summary["test_pairs"] == 30
+    backbone = _backbone(tiny_llama_dir)
+    stages.load_heads(backbone, cfg)
+    assert "+lora-r8-" in backbone.version
