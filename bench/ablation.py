@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_results  # noqa: E402
+from _common import machine, run_variant, write_results  # noqa: E402
 
-from optirag import stages, storage  # noqa: E402
-from optirag.cli import _init_ray  # noqa: E402
+from optirag import storage  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 
 VARIANTS = {
@@ -45,18 +44,8 @@ def main() -> None:
     for name in args.variants:
         extra = [o.format(root=root) for o in VARIANTS[name]]
         # The default variant is the main pipeline's own heads and evaluation folder.
-        folder = storage.join(root, "ablation", name) if extra else root
-        if extra:
-            extra += [
-                f"exits.heads_uri={folder}/exits",
-                f"evaluation.output_uri={folder}/evaluation",
-            ]
-        cfg = load_config(args.config, [*args.overrides, *extra])
-        _init_ray(cfg)
-        trained = stages.train_exits(cfg)
-        stages.run_evaluation(cfg)
-        metrics = storage.read_json(f"{folder}/evaluation/metrics.json", cfg.storage)
-        results[name] = {"train": trained, "evaluation": metrics}
+        folder = storage.join(root, "ablation", name) if extra else None
+        results[name] = run_variant(args.config, [*args.overrides, *extra], folder)
     rows = []
     for name, r in results.items():
         models = {m["model"]: m["slices"]["all"]["auc"] for m in r["evaluation"]["models"]}

@@ -247,8 +247,9 @@ class HeadTrainingConfig(StrictModel):
 class EvalConfig(StrictModel):
     output_uri: Location | None = None  # default: <root>/evaluation
     test_users: int | None = Field(200, gt=0, description="test users sampled; None = all")
-    speed_pairs: int = Field(200, gt=0, description="pairs timed per tau for pairs/s")
+    speed_pairs: int = Field(200, ge=0, description="pairs timed per tau for pairs/s; 0: skip")
     speed_taus: list[float] = [0.0, 0.01, 0.05]
+    bootstrap_resamples: int = Field(1000, gt=0, description="for the AUC-difference CIs")
 
 
 class RayConfig(StrictModel):

@@ -191,6 +191,7 @@ def model_table(
     masks: dict[str, np.ndarray],
     reference: str,
     probabilities: set[str],
+    n_resamples: int = 1000,
 ) -> list[dict]:
     """Per model and slice: pairs, AUC, the AUC difference to `reference` with its interval,
     and LogLoss for the models whose scores are probabilities."""
@@ -201,7 +202,7 @@ def model_table(
             y, s = labels[mask], scores[mask]
             entry = {"pairs": int(mask.sum()), "auc": auc(y, s)}
             if name != reference:
-                d, lo, hi = auc_difference(y, s, models[reference][mask])
+                d, lo, hi = auc_difference(y, s, models[reference][mask], n_resamples)
                 entry.update(diff_vs_reference=d, diff_ci=[lo, hi])
             if name in probabilities:
                 entry["logloss"] = logloss(y, s)

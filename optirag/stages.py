@@ -286,7 +286,8 @@ def run_evaluation(cfg: Config) -> dict:
     models["trained heads, full depth"] = probs[:, -1]
     models[f"early exit (calibrated tau={tau:g})"] = ee_scores
     table = E.model_table(models, labels, E.slice_masks(train, pairs.users, pairs.items),
-                          MF_BASELINE, set(models) - {LIGHTGCN_BASELINE})  # fmt: skip
+                          MF_BASELINE, set(models) - {LIGHTGCN_BASELINE},
+                          ec.bootstrap_resamples)  # fmt: skip
     rows = E.sweep(probs, labels, heads.layers, n_layers, cfg.heads.tau_grid,
                    cfg.heads.confidence_grid)  # fmt: skip
     speed = _measure_speed(cfg, backbone, heads, contexts, pairs, [*ec.speed_taus, tau],
@@ -360,7 +361,7 @@ def _measure_speed(
     """Measured pairs/s of the real engine on the first `speed_pairs` pairs, per tau."""
     n = min(cfg.evaluation.speed_pairs, len(pairs))
     results = []
-    for tau in taus:
+    for tau in taus if n else []:
         rule = ExitRule("agreement", tau) if tau > 0 else ExitRule("none")
         scorer = _scorer(cfg, backbone, heads, contexts, rule, side_features)
         start = time.perf_counter()

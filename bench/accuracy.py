@@ -1,0 +1,91 @@
+"""The accuracy study (issue 8) on MovieLens-100k with SmolLM2: each head variant trained and
+evaluated on the same pairs, against MF, on all test pairs and the cold-item and light-user
+slices, with paired-bootstrap 95% intervals of each AUC difference to MF.
+
+    python bench/accuracy.py --config conf/accuracy.yaml [--variants ...] [--curve 2500 5000]
+
+  frozen-linear   linear heads on the frozen backbone's states (the paper's heads)
+  frozen-mlp      one-hidden-layer heads
+  hybrid-linear   linear heads reading MF score + user/item statistics beside the state
+  hybrid-mlp      both
+  lora-hybrid     LoRA + hybrid heads trained jointly (CPU proof: 400 pairs, 1 epoch,
+                  evaluated on 100 test users only)
+
+`--curve N ...` also trains frozen-linear and hybrid-linear on N extracted pairs each (AUC
+against training pairs). Features are cached, so variants cost head training and evaluation
+only. Needs prepare_data and train_retriever (conf/demo.yaml) to have run. Each variant writes
+under <root>/accuracy/<variant>/; results go to bench/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, run_variant, write_results  # noqa: E402
+
+from optirag import storage  # noqa: E402
+from optirag.config import load_config  # noqa: E402
+
+HYBRID = "heads.side_features=[mf,user_rate,user_count,item_rate,item_count]"
+VARIANTS = {
+    "frozen-linear": [],
+    "frozen-mlp": ["heads.mlp_size=64"],
+    "hybrid-linear": [HYBRID],
+    "hybrid-mlp": [HYBRID, "heads.mlp_size=64"],
+    "lora-hybrid": [HYBRID, "heads.lora.enabled=true", "heads.max_train_pairs=400",
+                    "heads.valid_users=40", "heads.lora.epochs=1", "evaluation.test_users=100",
+                    "evaluation.speed_pairs=0"],
+}  # fmt: skip
+FAST_EVAL = ["evaluation.speed_pairs=0", "evaluation.bootstrap_resamples=300"]
+
+
+def _cell(entry: dict) -> str:
+    if "diff_vs_reference" not in entry:
+        return f"{entry['auc']:.4f}"
+    lo, hi = entry["diff_ci"]
+    return f"{entry['auc']:.4f} ({entry['diff_vs_reference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="conf/accuracy.yaml")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--curve", nargs="*", type=int, default=[])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    root = load_config(args.config, args.overrides).storage.root
+    runs = {name: [*VARIANTS[name]] for name in args.variants}
+    for n in args.curve:
+        runs[f"frozen-linear@{n}"] = [f"heads.max_train_pairs={n}", *FAST_EVAL]
+        runs[f"hybrid-linear@{n}"] = [HYBRID, f"heads.max_train_pairs={n}", *FAST_EVAL]
+    results = {}
+    for name, extra in runs.items():
+        folder = storage.join(root, "accuracy", name.replace("@", "-"))
+        results[name] = run_variant(args.config, [*args.overrides, *extra], folder)
+
+    first = next(iter(results.values()))["evaluation"]
+    slices = list(first["models"][0]["slices"])
+    rows = []
+    for m in first["models"]:  # the baselines, identical in every variant
+        if not m["model"].startswith(("exit head", "trained heads", "early exit", "LLM")):
+            rows.append((m["model"], "-", *(_cell(m["slices"][s]) for s in slices), "-", "-"))
+    for name, r in results.items():
+        ev = r["evaluation"]
+        by_name = {m["model"]: m for m in ev["models"]}
+        full = by_name["trained heads, full depth"]
+        ee = next(m for k, m in by_name.items() if k.startswith("early exit"))
+        rows.append((name, r["train"]["train_pairs"], *(_cell(full["slices"][s]) for s in slices),
+                     f"{ee['slices']['all']['auc']:.4f}",
+                     f"{ev['compute_vs_full_depth']:.2f}"))  # fmt: skip
+    header = ("model", "train pairs", *(f"AUC {s} (vs MF [95% CI])" for s in slices),
+              "early exit AUC", "compute")  # fmt: skip
+    result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
+              "variants": results}  # fmt: skip
+    write_results("accuracy", result, rows, header)
+
+
+if __name__ == "__main__":
+    main()
