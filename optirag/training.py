@@ -104,10 +104,7 @@ def retriever_loop(config: dict) -> None:
                 model, edge_index, edges[:, mine[start : start + per_worker]],
                 graph.num_users, graph.num_items, cfg.weight_decay, neg_gen,
             )  # fmt: skip
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(opt, loss))
         inner = model.module if hasattr(model, "module") else model
         metrics = R.ranking_metrics(
             R.final_embeddings(inner, edge_index), graph, valid, cfg.eval_k, cfg.block_size
@@ -148,16 +145,26 @@ def head_optimizer(heads, num_layers: int, lr0: float, beta: float, weight_decay
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def head_losses(
-    heads, states: torch.Tensor, labels: torch.Tensor, side: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Binary cross-entropy of every head's Yes-minus-No logit, summed over heads."""
-    logits = heads(states, side)  # (B, num_heads)
-    targets = labels[:, None].expand_as(logits)
+def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of every head's (B, num_heads) logit, summed over heads."""
+    targets = labels[:, None].expand_as(logits).to(logits.device)
     per_head = torch.nn.functional.binary_cross_entropy_with_logits(
         logits, targets, reduction="none"
     ).mean(0)
     return per_head.sum()
+
+
+def head_losses(
+    heads, states: torch.Tensor, labels: torch.Tensor, side: torch.Tensor | None = None
+) -> torch.Tensor:
+    return summed_bce(heads(states, side), labels)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def heads_loop(config: dict) -> None:
@@ -196,10 +203,7 @@ def heads_loop(config: dict) -> None:
             batch = mine[start : start + per_worker]
             side = train["side"][batch] if train["side"] is not None else None
             loss = head_losses(model, train["states"][batch], train["labels"][batch], side)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(opt, loss))
         model.eval()
         with torch.no_grad():
             valid_logits = heads(valid["states"], valid["side"]).numpy()
@@ -271,19 +275,8 @@ def lora_loop(config: dict) -> None:
         losses = []
         for start in range(0, len(mine), per_worker):
             rows = mine[start : start + per_worker]
-            logits = logits_of(train, rows)
-            targets = train["labels"][rows, None].expand_as(logits).to(logits.device)
-            loss = (
-                torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits, targets, reduction="none"
-                )
-                .mean(0)
-                .sum()
-            )  # every head's loss, summed
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            loss = summed_bce(logits_of(train, rows), train["labels"][rows])
+            losses.append(_step(opt, loss))
         model.eval()
         with torch.no_grad():
             batches = torch.arange(len(valid["labels"])).split(per_worker)
