@@ -2,6 +2,7 @@
 pairs/s and peak memory (driver, Ray system processes, workers) per input size.
 
     python bench/stream.py --pairs 100000 1000000 10000000
+    python bench/stream.py --pairs 10000000 --merge   # add a size to the recorded runs
 
 Each size gets a fresh local Ray and a fresh synthetic data set on local disk. Writes
 bench/results/stream.json and prints a markdown table; the claim to check is that peak
@@ -20,10 +21,12 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakMemory, gib, machine, write_results  # noqa: E402
+from _common import RESULTS, PeakMemory, gib, machine, write_results  # noqa: E402
 
 from optirag import scoring, synthetic  # noqa: E402
 from optirag.config import load_config  # noqa: E402
+
+RESULTS_FILE = RESULTS / "stream.json"
 
 
 def run_once(pairs: int, per_user: int, workdir: str, actors: int) -> dict:
@@ -63,12 +66,19 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-user", type=int, default=20)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument(
+        "--merge", action="store_true", help="keep other sizes' runs from results/stream.json"
+    )
     args = parser.parse_args()
     runs = []
     for pairs in args.pairs:
         with tempfile.TemporaryDirectory() as workdir:
             runs.append(run_once(pairs, args.per_user, workdir, args.actors))
         print(json.dumps(runs[-1]), flush=True)
+    if args.merge and RESULTS_FILE.exists():
+        previous = json.loads(RESULTS_FILE.read_text())["runs"]
+        runs = sorted([r for r in previous if r["pairs"] not in args.pairs] + runs,
+                      key=lambda r: r["pairs"])  # fmt: skip
     result = {"machine": machine(), "model": "tiny random Llama (6 layers, hidden 32)",
               "actors": args.actors, "runs": runs}  # fmt: skip
     if len(runs) > 1:
