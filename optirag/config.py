@@ -36,7 +36,8 @@ Location = Annotated[str, AfterValidator(_absolute_if_local)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # validate_default: default paths are made absolute too (Ray workers run elsewhere).
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
 class S3Config(StrictModel):

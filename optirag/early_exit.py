@@ -65,7 +65,7 @@ class ExitHead(nn.Module):
     def forward(self, hidden: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(hidden)  # (B, H)
         if side is not None:
-            x = torch.cat([x, side.to(x.dtype)], dim=-1)  # (B, H + K)
+            x = torch.cat([x, side.to(device=x.device, dtype=x.dtype)], dim=-1)  # (B, H + K)
         return self.proj(x)  # (B, 2): Yes, No logits
 
 

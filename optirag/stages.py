@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -234,8 +235,9 @@ def features_uri(cfg: Config, split: str, key: dict) -> str:
 def head_probs(
     heads: ExitHeads, states: torch.Tensor, side: torch.Tensor | None = None
 ) -> np.ndarray:
+    cpu_heads = copy.deepcopy(heads).float().cpu()  # cached features live on the CPU
     with torch.no_grad():
-        return torch.sigmoid(heads.float()(states.float(), side)).numpy()
+        return torch.sigmoid(cpu_heads(states.float(), side)).numpy()
 
 
 def _publish_heads(heads: ExitHeads, exit_config: dict, cfg: Config, adapter=None) -> None:

@@ -325,14 +325,18 @@ def _report(rank: int, model, best_state, opt, meta: dict, metrics: dict) -> Non
         checkpoint = None
         if rank == 0:
             opt_tensors, opt_meta = optimizer_tensors(opt)
-            save_file(dict(model.state_dict()), Path(d, MODEL_FILE))
-            save_file(best_state, Path(d, BEST_FILE))
-            save_file(opt_tensors, Path(d, OPTIM_FILE))
+            save_file(_on_cpu(model.state_dict()), Path(d, MODEL_FILE))
+            save_file(_on_cpu(best_state), Path(d, BEST_FILE))
+            save_file(_on_cpu(opt_tensors), Path(d, OPTIM_FILE))
             Path(d, META_FILE).write_text(json.dumps({**meta, "optimizer": opt_meta}))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(
             {k: v for k, v in metrics.items() if not isinstance(v, list)}, checkpoint=checkpoint
         )
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def fit(

@@ -83,3 +83,9 @@ def test_help_lists_sections(capsys):
     out = capsys.readouterr().out
     for section in Config.model_fields:
         assert f"  {section}:" in out
+
+
+def test_default_local_paths_are_absolute_too():
+    cfg = Config()
+    for path in (cfg.storage.root, cfg.backbone.cache_dir, cfg.data.movielens_dir):
+        assert Path(path).is_absolute(), path
