@@ -3,6 +3,8 @@ pairs/s and peak memory (driver, Ray system processes, workers) per input size.
 
     python bench/stream.py --pairs 100000 1000000 10000000
     python bench/stream.py --pairs 10000000 --merge   # add a size to the recorded runs
+    python bench/stream.py --pairs 1000000 10000000 --actors 12 --num-cpus 16 \
+        --name stream_16cpu backbone.device=cpu compute.torch_threads=1   # a bigger box
 
 Each size gets a fresh local Ray and a fresh synthetic data set on local disk. Writes
 bench/results/stream.json and prints a markdown table; the claim to check is that peak
@@ -26,10 +28,10 @@ from _common import RESULTS, PeakMemory, gib, machine, write_results  # noqa: E4
 from optirag import scoring, synthetic  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 
-RESULTS_FILE = RESULTS / "stream.json"
 
-
-def run_once(pairs: int, per_user: int, workdir: str, actors: int) -> dict:
+def run_once(
+    pairs: int, per_user: int, workdir: str, actors: int, num_cpus: int, extra: list[str]
+) -> dict:
     users = pairs // per_user
     overrides = [
         f"storage.root={workdir}", "backbone.source=tiny", f"backbone.cache_dir={workdir}/models",
@@ -41,10 +43,10 @@ def run_once(pairs: int, per_user: int, workdir: str, actors: int) -> dict:
         f"scoring.items_uri={workdir}/synthetic/items.parquet",
         "scoring.rows_per_shard=20000", "scoring.run_id=bench", "compute.batch_rows=256",
         f"compute.min_actors={actors}", f"compute.max_actors={actors}",
-        "exits.rule=agreement", "exits.threshold=0.01",
+        "exits.rule=agreement", "exits.threshold=0.01", *extra,
     ]  # fmt: skip
     cfg = load_config(None, overrides)
-    ray.init(include_dashboard=False, num_cpus=2)
+    ray.init(include_dashboard=False, num_cpus=num_cpus)
     try:
         synthetic.generate(cfg.synthetic, cfg.storage)
         with PeakMemory() as mem:
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-user", type=int, default=20)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--name", default="stream", help="results file name")
+    parser.add_argument("overrides", nargs="*", help="extra a.b=c config overrides")
     parser.add_argument(
         "--merge", action="store_true", help="keep other sizes' runs from results/stream.json"
     )
@@ -73,20 +78,23 @@ def main() -> None:
     runs = []
     for pairs in args.pairs:
         with tempfile.TemporaryDirectory() as workdir:
-            runs.append(run_once(pairs, args.per_user, workdir, args.actors))
+            runs.append(run_once(pairs, args.per_user, workdir, args.actors, args.num_cpus,
+                                 args.overrides))  # fmt: skip
         print(json.dumps(runs[-1]), flush=True)
-    if args.merge and RESULTS_FILE.exists():
-        previous = json.loads(RESULTS_FILE.read_text())["runs"]
+    results_file = RESULTS / f"{args.name}.json"
+    if args.merge and results_file.exists():
+        previous = json.loads(results_file.read_text())["runs"]
         runs = sorted([r for r in previous if r["pairs"] not in args.pairs] + runs,
                       key=lambda r: r["pairs"])  # fmt: skip
     result = {"machine": machine(), "model": "tiny random Llama (6 layers, hidden 32)",
-              "actors": args.actors, "runs": runs}  # fmt: skip
+              "actors": args.actors, "num_cpus": args.num_cpus, "overrides": args.overrides,
+              "runs": runs}  # fmt: skip
     if len(runs) > 1:
         result["peak_ratio_largest_vs_smallest"] = round(
             runs[-1]["peak_rss_gib_total"] / runs[0]["peak_rss_gib_total"], 3
         )
     write_results(
-        "stream", result,
+        args.name, result,
         [(f"{r['pairs']:,}", r["shards"], r["wall_s"], r["pairs_per_s"],
           r["peak_rss_gib_total"], r["peak_rss_gib_by_kind"].get("ray_workers", 0))
          for r in runs],
