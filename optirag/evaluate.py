@@ -199,6 +199,9 @@ def model_table(
     for name, scores in models.items():
         row = {"model": name, "slices": {}}
         for slice_name, mask in masks.items():
+            if not mask.any():  # e.g. no cold-start item among a small sample's pairs
+                row["slices"][slice_name] = {"pairs": 0, "auc": math.nan}
+                continue
             y, s = labels[mask], scores[mask]
             entry = {"pairs": int(mask.sum()), "auc": auc(y, s)}
             if name != reference:

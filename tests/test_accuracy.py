@@ -137,6 +137,11 @@ def test_slices_and_bootstrap_intervals():
     cold, light = list(masks)[1:]
     assert masks[cold].tolist() == [True, True, True]  # item 0 has 1 rating, 100 none
     assert masks[light].tolist() == [False, True, True]
+    scores = {"a": np.array([0.1, 0.9, 0.5]), "b": np.array([0.2, 0.8, 0.4])}
+    empty = {"all": np.ones(3, bool), "none": np.zeros(3, bool)}
+    table = E.model_table(scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50)
+    assert table[1]["slices"]["none"]["pairs"] == 0
+    assert "logloss" in table[1]["slices"]["all"]
 
 
 def _write_tables(store, movie_tables):
