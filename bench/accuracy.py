@@ -21,11 +21,12 @@ under <root>/accuracy/<variant>/; results go to bench/results/accuracy.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, run_variant, write_results  # noqa: E402
+from _common import RESULTS, machine, run_variant, write_results  # noqa: E402
 
 from optirag import storage  # noqa: E402
 from optirag.config import load_config  # noqa: E402
@@ -60,9 +61,19 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:4])
     parser.add_argument("--curve", nargs="*", type=int, default=[])
     parser.add_argument("--name", default="accuracy", help="results file name")
+    parser.add_argument(
+        "--controls-only",
+        action="store_true",
+        help="add the CF-only control to an existing results file (older runs lack it)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     root = load_config(args.config, args.overrides).storage.root
+    if args.controls_only:
+        result = json.loads((RESULTS / f"{args.name}.json").read_text())
+        result["controls"] = controls(args.config, args.overrides)
+        write(args.name, result)
+        return
     runs = {name: [*VARIANTS[name]] for name in args.variants}
     for n in args.curve:
         runs[f"frozen-linear@{n}"] = [f"heads.max_train_pairs={n}", *FAST_EVAL]
@@ -71,26 +82,55 @@ def main() -> None:
     for name, extra in runs.items():
         folder = storage.join(root, "accuracy", name.replace("@", "-"))
         results[name] = run_variant(args.config, [*args.overrides, *extra], folder)
+    result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
+              "variants": results}  # fmt: skip
+    write(args.name, result)
 
-    first = next(iter(results.values()))["evaluation"]
+
+def controls(config: str, overrides: list[str]) -> list[dict]:
+    """MF and the hybrid heads' control (logistic regression on the same CF features, no
+    LLM) on the same test pairs, with the control's difference to MF per slice."""
+    from optirag import cf, stages
+    from optirag import evaluate as E
+    from optirag import features as F
+    from optirag.data import table_uri
+
+    cfg = load_config(config, overrides)
+    store = cfg.storage
+    train = stages._tables(cfg)[0]
+    test = storage.read_table(table_uri(store.root, "candidates", "test"), store)
+    pairs = F.candidate_pairs(test, cfg.evaluation.test_users, cfg.heads.seed)
+    names = HYBRID.split("=", 1)[1].strip("[]").split(",")
+    models = {stages.MF_BASELINE: cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items),
+              stages.SIDE_ONLY: stages.side_features_only(cfg, train, pairs, names)}  # fmt: skip
+    masks = E.slice_masks(train, pairs.users, pairs.items)
+    return E.model_table(models, pairs.labels, masks, stages.MF_BASELINE, set(models))[1:]
+
+
+def write(name: str, result: dict) -> None:
+    variants = result["variants"]
+    first = next(iter(variants.values()))["evaluation"]
     slices = list(first["models"][0]["slices"])
     rows = []
-    for m in first["models"]:  # the baselines, identical in every variant
-        if not m["model"].startswith(("exit head", "trained heads", "early exit", "LLM")):
-            rows.append((m["model"], "-", *(_cell(m["slices"][s]) for s in slices), "-", "-"))
-    for name, r in results.items():
+    baselines = [
+        m
+        for m in first["models"]
+        if not m["model"].startswith(("exit head", "trained heads", "early exit", "LLM"))
+    ]
+    for m in baselines + result.get("controls", []):  # identical in every variant
+        rows.append((m["model"], "-", *(_cell(m["slices"][s]) for s in slices), "-", "-"))
+    for variant, r in variants.items():
         ev = r["evaluation"]
         by_name = {m["model"]: m for m in ev["models"]}
         full = by_name["trained heads, full depth"]
         ee = next(m for k, m in by_name.items() if k.startswith("early exit"))
-        rows.append((name, r["train"]["train_pairs"], *(_cell(full["slices"][s]) for s in slices),
-                     f"{ee['slices']['all']['auc']:.4f}",
-                     f"{ev['compute_vs_full_depth']:.2f}"))  # fmt: skip
+        ee_auc, compute = ee["slices"]["all"]["auc"], ev["compute_vs_full_depth"]
+        rows.append((variant, r["train"]["train_pairs"],
+                     *(_cell(full["slices"][s]) for s in slices),
+                     f"{ee_auc:.4f}", f"{compute:.2f}"))  # fmt: skip
     header = ("model", "train pairs", *(f"AUC {s} (vs MF [95% CI])" for s in slices),
               "early exit AUC", "compute")  # fmt: skip
-    result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
-              "variants": results}  # fmt: skip
-    write_results(args.name, result, rows, header)
+    write_results(name, result, rows, header)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def train_exits(cfg: Config) -> dict:
     valid_cands = storage.read_table(table_uri(cfg.storage.root, "candidates", "valid"), store)
     valid_pairs = F.candidate_pairs(valid_cands, hc.valid_users, hc.seed)
     log.info("%d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
-    side_features, train_side, valid_side = _side_features(cfg, train, pairs, valid_pairs)
+    side_features, train_side, valid_side = _side_features(
+        hc.side_features, hc.seed, train, pairs, valid_pairs
+    )
     init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size)
     rows = None
     if hc.max_train_pairs is not None and hc.max_train_pairs < len(pairs):
@@ -198,18 +200,29 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
     return heads, adapter, valid["states"], meta
 
 
-def _side_features(cfg: Config, train, pairs: F.Pairs, valid_pairs: F.Pairs):
+def _side_features(names: list[str], seed: int, train, pairs: F.Pairs, other: F.Pairs):
     """The hybrid heads' CF features: for training pairs fitted only on what their prompts
-    may know (before each user's cut), for valid pairs (and later test and scoring) on the
-    whole train split, which is what is published beside the heads."""
-    names = cfg.heads.side_features
+    may know (before each user's cut), for other pairs (valid; later test and scoring) on
+    the whole train split, which is what is published beside the heads."""
     if not names:
         return None, None, None
     known = F.before_cutoffs(train, pairs.users, pairs.cutoff)
-    train_side = cf.SideFeatures.fit(names, known, cfg.heads.seed)(pairs.users, pairs.items)
-    full = cf.SideFeatures.fit(names, train, cfg.heads.seed)
-    valid_side = full(valid_pairs.users, valid_pairs.items)
-    return full, torch.from_numpy(train_side), torch.from_numpy(valid_side)
+    train_side = cf.SideFeatures.fit(names, known, seed)(pairs.users, pairs.items)
+    full = cf.SideFeatures.fit(names, train, seed)
+    return full, torch.from_numpy(train_side), torch.from_numpy(full(other.users, other.items))
+
+
+def side_features_only(cfg: Config, train, pairs: F.Pairs, names: list[str]) -> np.ndarray:
+    """The hybrid heads' control: logistic regression on the same CF features of the same
+    training pairs, without the LLM's state. What a hybrid head adds over this is the LLM."""
+    from sklearn.linear_model import LogisticRegression
+
+    hc = cfg.heads
+    train_pairs = F.training_pairs(train, hc.train_users, hc.history_fraction,
+                                   hc.targets_per_user, hc.seed)  # fmt: skip
+    _, x_train, x_test = _side_features(names, hc.seed, train, train_pairs, pairs)
+    model = LogisticRegression(max_iter=1000).fit(x_train.numpy(), train_pairs.labels)
+    return model.predict_proba(x_test.numpy())[:, 1]
 
 
 def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
@@ -282,6 +295,8 @@ def run_evaluation(cfg: Config) -> dict:
     ee_scores, ee_exits = E.simulate_exits(probs, heads.layers, rule)
 
     models = _baselines(cfg, train, pairs)
+    if heads.side_names:
+        models[SIDE_ONLY] = side_features_only(cfg, train, pairs, heads.side_names)
     models["LLM zero-shot P(Yes)"] = head_probs(plain, feats["states"])[:, -1]
     for h, layer in enumerate(heads.layers):
         models[f"exit head @ layer {layer}"] = probs[:, h]
@@ -321,6 +336,7 @@ def run_evaluation(cfg: Config) -> dict:
 
 MF_BASELINE = "matrix factorisation (dim 32, BCE)"
 LIGHTGCN_BASELINE = "LightGCN dot product"
+SIDE_ONLY = "CF side features only (logistic regression)"
 
 
 def _baselines(cfg: Config, train, pairs: F.Pairs) -> dict[str, np.ndarray]:
