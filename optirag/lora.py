@@ -23,22 +23,17 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def add_lora(backbone: Backbone, cfg: LoraConfig) -> None:
-    """Inject trainable LoRA weights into the backbone's attention/MLP projections, in place;
-    everything else stays frozen."""
+    """Inject trainable LoRA weights into the backbone's `target_modules` (default: the
+    attention's q and v projections), in place; everything else stays frozen."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=list(cfg.target_modules))  # fmt: skip
     inject_adapter_in_model(peft_cfg, backbone.model)
-    # Adapters keep the backbone's dtype (bf16 on a GPU); a CPU run trains in float32.
     for name, param in backbone.model.named_parameters():
         param.requires_grad_("lora_" in name)
     backbone.version = f"{backbone.version}+lora-r{cfg.rank}"
-
-
-def lora_state(backbone: Backbone) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in backbone.model.named_parameters() if "lora_" in n}
 
 
 def load_lora(backbone: Backbone, cfg: LoraConfig, state: dict[str, torch.Tensor]) -> None:
