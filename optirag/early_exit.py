@@ -223,7 +223,7 @@ class EarlyExitScorer:
         self.heads.check_side(side)
         bb, dev = self.backbone, self.backbone.device
         n = len(suffixes)
-        suffix_ids, suffix_len = _pad(suffixes, dev)  # (N, S), (N,)
+        suffix_ids, suffix_len = pad_tokens(suffixes, dev)  # (N, S), (N,)
         rows = torch.arange(n, device=dev)  # original index of each active row
         if side is not None:
             side = side.to(dev)
@@ -320,7 +320,7 @@ class _PrefixContext:
     def build(cls, bb: Backbone, prefixes, prefix_of, dev) -> _PrefixContext:
         if prefix_of is None or len(prefix_of) == 0:
             raise ValueError("shared prefixes need prefix_of, one prefix index per row")
-        ids, lengths = _pad(prefixes, dev)
+        ids, lengths = pad_tokens(prefixes, dev)
         row_prefix = torch.as_tensor(prefix_of, dtype=torch.long, device=dev)
         return cls(bb, bb.embed(ids), lengths, row_prefix, _BlockKV())
 
@@ -350,8 +350,7 @@ class _PrefixContext:
 def _suffix_mask(s: int, offset, ctx: _PrefixContext | None, dev) -> torch.Tensor:
     """(Na, 1, S, P + S) bool: a suffix token sees its prefix's real tokens and earlier
     suffix tokens. Right padding needs no key mask: pads come after every real token."""
-    q = torch.arange(s, device=dev)
-    causal = (q[None, :] <= q[:, None]).expand(len(offset), s, s)  # (Na, S, S)
+    causal = causal_mask(len(offset), s, dev)[:, 0]  # (Na, S, S)
     if ctx is None:
         return causal[:, None]
     p = ctx.hidden.shape[1]
@@ -360,7 +359,14 @@ def _suffix_mask(s: int, offset, ctx: _PrefixContext | None, dev) -> torch.Tenso
     return torch.cat([prefix, causal], dim=2)[:, None]
 
 
-def _pad(seqs: list[list[int]], dev) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_mask(b: int, t: int, dev) -> torch.Tensor:
+    """(B, 1, T, T) bool: each token sees itself and earlier ones; right-padded rows need no
+    key mask, pads come after every real token."""
+    q = torch.arange(t, device=dev)
+    return (q[None, :] <= q[:, None]).expand(b, t, t)[:, None]
+
+
+def pad_tokens(seqs: list[list[int]], dev="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists with 0 (never attended to); returns ids (B, T) and lengths (B,)."""
     if any(len(s) == 0 for s in seqs):
         raise ValueError("empty token sequence")

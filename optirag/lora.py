@@ -17,7 +17,7 @@ from torch import nn
 
 from optirag.backbone import Backbone
 from optirag.config import LoraConfig
-from optirag.early_exit import ExitHeads
+from optirag.early_exit import ExitHeads, causal_mask
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -73,8 +73,7 @@ class LoraExitModel(nn.Module):
         bb = self.backbone
         b, t = ids.shape
         positions = torch.arange(t, device=ids.device).expand(b, t)
-        q = torch.arange(t, device=ids.device)
-        mask = (q[None, :] <= q[:, None]).expand(b, t, t)[:, None]  # causal; pads come last
+        mask = causal_mask(b, t, ids.device)
         hidden = bb.embed(ids)
         rotary = bb.rotary(hidden, positions)
         states, start = [], 0

@@ -227,14 +227,6 @@ def _epoch_metrics(epoch: int, losses: list[float], labels: np.ndarray, logits: 
 # ----------------------------------------------------------------------------- LoRA + heads
 
 
-def pad_prompts(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.as_tensor(p)
-    return ids, lengths
-
-
 def lora_loop(config: dict) -> None:
     """Ray Train worker loop: LoRA + exit heads on whole prompts (each worker one replica),
     every head's loss summed, depth-decayed learning rates."""
@@ -243,7 +235,7 @@ def lora_loop(config: dict) -> None:
 
     from optirag import lora
     from optirag.backbone import load_backbone
-    from optirag.early_exit import ExitHeads
+    from optirag.early_exit import ExitHeads, pad_tokens
 
     cfg, lcfg = config["heads"], config["heads"].lora
     ctx = ray.train.get_context()
@@ -264,7 +256,7 @@ def lora_loop(config: dict) -> None:
     per_worker = max(1, lcfg.batch_size // world)
 
     def logits_of(split: dict, rows: torch.Tensor) -> torch.Tensor:
-        ids, lengths = pad_prompts([split["prompts"][i] for i in rows.tolist()])
+        ids, lengths = pad_tokens([split["prompts"][i] for i in rows.tolist()])
         side = split["side"][rows] if split["side"] is not None else None
         return model(ids.to(backbone.device), lengths.to(backbone.device), side)
 

@@ -9,8 +9,8 @@ import torch
 from optirag import lora, stages, storage
 from optirag.backbone import load_backbone
 from optirag.config import BackboneConfig, ComputeConfig, Config, HeadTrainingConfig, LoraConfig
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
-from optirag.training import fit, lora_loop, pad_prompts
+from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, pad_tokens
+from optirag.training import fit, lora_loop
 from tests.test_accuracy import _write_tables
 
 
@@ -27,7 +27,7 @@ def test_untrained_adapter_forward_equals_the_scoring_engine(tiny_llama_dir):
     lora.add_lora(backbone, LoraConfig(enabled=True))  # B = 0: the adapter starts as a no-op
     model = lora.LoraExitModel(backbone, heads).eval()
     with torch.no_grad():
-        logits = model(*pad_prompts(prompts))
+        logits = model(*pad_tokens(prompts))
     np.testing.assert_allclose(torch.sigmoid(logits).numpy(), engine.head_probs, atol=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
         for k, v in adapter.items():
             params[k].copy_(v)
         expected = torch.sigmoid(lora.LoraExitModel(unmerged, heads).eval()(
-            *pad_prompts(prompts[64:])))  # fmt: skip
+            *pad_tokens(prompts[64:])))  # fmt: skip
     merged = _backbone(tiny_llama_dir)
     lora.load_lora(merged, hc.lora, adapter)
     got = EarlyExitScorer(merged, heads, ExitRule("none")).score(prompts[64:]).head_probs
