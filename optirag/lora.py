@@ -9,7 +9,6 @@ backbone, so the batched early-exit engine runs unchanged.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 
 import torch
@@ -90,26 +89,24 @@ class TrainableParts(nn.Module):
 
     def __init__(self, backbone: Backbone, heads: ExitHeads) -> None:
         super().__init__()
+        # ParameterDict keys may not contain dots
         self.lora = nn.ParameterDict(
             {n.replace(".", "/"): p for n, p in backbone.model.named_parameters() if "lora_" in n}
         )
         self.heads = heads
 
+    def layer_groups(self) -> dict[int, list[nn.Parameter]]:
+        """The LoRA parameters by the (1-based) backbone layer they adapt."""
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for name, param in self.lora.items():
+            layer = int(_LAYER.search(name.replace("/", ".")).group(1)) + 1  # type: ignore[union-attr]
+            by_layer.setdefault(layer, []).append(param)
+        return dict(sorted(by_layer.items()))
 
-def lora_optimizer(parts: TrainableParts, num_layers: int, lora_lr: float, head_lr: float,
-                   beta: float, weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
-    """AdamW with one group per LoRA layer and per head, each at its depth-decayed rate."""
-
-    def decayed(lr0: float, depth: int) -> float:
-        return lr0 * math.exp(-beta * depth / num_layers)
-
-    by_layer: dict[int, list[nn.Parameter]] = {}
-    for name, param in parts.lora.items():
-        layer = int(_LAYER.search(name.replace("/", ".")).group(1)) + 1  # type: ignore[union-attr]
-        by_layer.setdefault(layer, []).append(param)
-    groups = [{"params": ps, "lr": decayed(lora_lr, layer), "layer": layer}
-              for layer, ps in sorted(by_layer.items())]  # fmt: skip
-    heads = parts.heads
-    groups += [{"params": list(head.parameters()), "lr": decayed(head_lr, layer), "layer": layer}
-               for head, layer in zip(heads.heads, heads.layers, strict=True)]  # fmt: skip
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    @staticmethod
+    def split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """A TrainableParts state dict -> (heads state, adapter under the backbone's names)."""
+        heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
+        adapter = {k.removeprefix("lora.").replace("/", "."): v for k, v in state.items()
+                   if k.startswith("lora.")}  # fmt: skip
+        return heads, adapter

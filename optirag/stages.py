@@ -189,10 +189,8 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
     state, meta = fit(lora_loop, loop_config, f"{hc.run_name}-lora-{cfg.fingerprint()}",
                       "exits/ray", cfg.compute, cfg.storage, hc.max_failures)  # fmt: skip
     heads = ExitHeads(init.layers, init.hidden_size, init.eps, hc.side_features, hc.mlp_size)
-    heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
-                           if k.startswith("heads.")})  # fmt: skip
-    adapter = {k.removeprefix("lora.").replace("/", "."): v for k, v in state.items()
-               if k.startswith("lora.")}  # fmt: skip
+    heads_state, adapter = lora.TrainableParts.split(state)
+    heads.load_state_dict(heads_state)
     lora.load_lora(backbone, hc.lora, adapter)
     merged = _scorer(cfg, backbone, ExitHeads.from_backbone(backbone, init.layers), contexts,
                      ExitRule("none"))  # fmt: skip

@@ -136,12 +136,30 @@ def depth_decayed_lrs(layers: list[int], num_layers: int, lr0: float, beta: floa
     return [lr0 * math.exp(-beta * layer / num_layers) for layer in layers]
 
 
+def _depth_groups(params_by_layer: dict[int, list], num_layers: int, lr0: float, beta: float):
+    """One optimizer group per depth, each at its depth-decayed learning rate."""
+    layers = list(params_by_layer)
+    lrs = depth_decayed_lrs(layers, num_layers, lr0, beta)
+    return [{"params": params_by_layer[layer], "lr": lr, "layer": layer}
+            for layer, lr in zip(layers, lrs, strict=True)]  # fmt: skip
+
+
+def _head_groups(heads, num_layers: int, lr0: float, beta: float) -> list[dict]:
+    by_layer = {layer: list(h.parameters()) for layer, h in zip(heads.layers, heads.heads,
+                                                                 strict=True)}  # fmt: skip
+    return _depth_groups(by_layer, num_layers, lr0, beta)
+
+
 def head_optimizer(heads, num_layers: int, lr0: float, beta: float, weight_decay: float):
-    lrs = depth_decayed_lrs(heads.layers, num_layers, lr0, beta)
-    groups = [
-        {"params": list(head.parameters()), "lr": lr, "layer": layer}
-        for head, lr, layer in zip(heads.heads, lrs, heads.layers, strict=True)
-    ]
+    groups = _head_groups(heads, num_layers, lr0, beta)
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def lora_optimizer(parts, num_layers: int, lora_lr: float, head_lr: float, beta: float,
+                   weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
+    """AdamW with one group per adapted layer and per head, each at its depth-decayed rate."""
+    groups = _depth_groups(parts.layer_groups(), num_layers, lora_lr, beta)
+    groups += _head_groups(parts.heads, num_layers, head_lr, beta)
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
@@ -248,8 +266,8 @@ def lora_loop(config: dict) -> None:
     heads.load_state_dict(config["init_heads"])
     heads.to(backbone.device)
     parts = lora.TrainableParts(backbone, heads)
-    opt = lora.lora_optimizer(parts, backbone.num_layers, lcfg.lr, cfg.lr, cfg.beta,
-                              cfg.weight_decay)  # fmt: skip
+    opt = lora_optimizer(parts, backbone.num_layers, lcfg.lr, cfg.lr, cfg.beta,
+                         cfg.weight_decay)  # fmt: skip
     meta, best_state = _restore(parts, opt)
     model = prepare_model(lora.LoraExitModel(backbone, heads))
     train, valid = config["train"], config["valid"]

@@ -10,7 +10,7 @@ from optirag import lora, stages, storage
 from optirag.backbone import load_backbone
 from optirag.config import BackboneConfig, ComputeConfig, Config, HeadTrainingConfig, LoraConfig
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, pad_tokens
-from optirag.training import fit, lora_loop
+from optirag.training import fit, lora_loop, lora_optimizer
 from tests.test_accuracy import _write_tables
 
 
@@ -36,7 +36,7 @@ def test_lora_learning_rates_decay_with_depth(tiny_llama_dir):
     lora.add_lora(backbone, LoraConfig(enabled=True))
     heads = ExitHeads.from_backbone(backbone, [3, 6])
     parts = lora.TrainableParts(backbone, heads)
-    opt = lora.lora_optimizer(parts, 6, lora_lr=1e-3, head_lr=1e-2, beta=2.0, weight_decay=0)
+    opt = lora_optimizer(parts, 6, lora_lr=1e-3, head_lr=1e-2, beta=2.0, weight_decay=0)
     lora_groups = opt.param_groups[:-2]
     assert [g["layer"] for g in lora_groups] == [1, 2, 3, 4, 5, 6]
     assert [g["lr"] for g in lora_groups] == pytest.approx(
@@ -81,10 +81,8 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
 
     # checkpoint -> adapter + heads -> merged backbone scores what the trained model scored
     heads = ExitHeads(layers, init.hidden_size, init.eps)
-    heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
-                           if k.startswith("heads.")})  # fmt: skip
-    adapter = {k.removeprefix("lora.").replace("/", "."): v for k, v in state.items()
-               if k.startswith("lora.")}  # fmt: skip
+    heads_state, adapter = lora.TrainableParts.split(state)
+    heads.load_state_dict(heads_state)
     assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     unmerged = _backbone(tiny_llama_dir)
     lora.add_lora(unmerged, hc.lora)
