@@ -27,12 +27,19 @@ SIDE_FEATURES = ("mf", "user_rate", "user_count", "item_rate", "item_count")
 PRIOR_WEIGHT = 10.0  # pseudo-ratings at the global like rate in the smoothed rates
 
 
+def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each id in `sorted_ids`, -1 where it is absent."""
+    pos = np.searchsorted(sorted_ids, ids)
+    pos = np.clip(pos, 0, max(len(sorted_ids) - 1, 0))
+    found = len(sorted_ids) > 0 and sorted_ids[pos] == ids
+    return np.where(found, pos, -1)
+
+
 def _lookup(ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of `query` in sorted `ids`, and whether each was found."""
-    pos = np.searchsorted(ids, query)
-    pos = np.minimum(pos, max(len(ids) - 1, 0))
-    found = (ids[pos] == query) if len(ids) else np.zeros(len(query), dtype=bool)
-    return pos, found
+    """Positions of `query` in sorted `ids` (0 where absent, to index safely) and whether
+    each was found."""
+    pos = lookup(ids, query)
+    return np.maximum(pos, 0), pos >= 0
 
 
 @dataclass

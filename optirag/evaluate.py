@@ -156,17 +156,22 @@ def slice_masks(
     light_user_max: int = 20,
 ) -> dict[str, np.ndarray]:
     """Pairs of every test slice: all, cold-start items and light users (by train ratings)."""
-    item_ids, item_counts = np.unique(train[S.ITEM_ID].to_numpy(), return_counts=True)
-    user_ids, user_counts = np.unique(train[S.USER_ID].to_numpy(), return_counts=True)
-    per_item = dict(zip(item_ids.tolist(), item_counts.tolist(), strict=True))
-    per_user = dict(zip(user_ids.tolist(), user_counts.tolist(), strict=True))
+    item_count = _train_counts(train[S.ITEM_ID].to_numpy(), items)
+    user_count = _train_counts(train[S.USER_ID].to_numpy(), users)
     return {
         "all": np.ones(len(users), dtype=bool),
-        f"cold items (<= {cold_item_max} train ratings)": np.array(
-            [per_item.get(int(i), 0) <= cold_item_max for i in items]),
-        f"light users (<= {light_user_max} train ratings)": np.array(
-            [per_user.get(int(u), 0) <= light_user_max for u in users]),
-    }  # fmt: skip
+        f"cold items (<= {cold_item_max} train ratings)": item_count <= cold_item_max,
+        f"light users (<= {light_user_max} train ratings)": user_count <= light_user_max,
+    }
+
+
+def _train_counts(column: np.ndarray, ids) -> np.ndarray:
+    """How often each of `ids` occurs in `column` (0 for ids it lacks)."""
+    from optirag.cf import lookup
+
+    uniq, counts = np.unique(column, return_counts=True)
+    pos = lookup(uniq, np.asarray(ids))
+    return np.where(pos >= 0, counts[np.maximum(pos, 0)], 0)
 
 
 def auc_difference(

@@ -18,6 +18,7 @@ from safetensors.torch import load, save
 
 from optirag import schema as S
 from optirag import storage
+from optirag.cf import lookup
 from optirag.config import StorageConfig
 from optirag.scorer import PairScorer
 
@@ -73,8 +74,9 @@ def before_cutoffs(train: pa.Table, users: np.ndarray, cutoffs: np.ndarray) -> p
     """What training-pair prompts may know: each pair user's interactions before their cut,
     and every interaction of the other users. Side features for training pairs are fitted
     on this, so a head never reads a CF score that has seen its target."""
-    cut = dict(zip(users.tolist(), cutoffs.tolist(), strict=True))
-    limit = np.array([cut.get(u, np.iinfo(np.int64).max) for u in train[S.USER_ID].to_pylist()])
+    pair_users, first = np.unique(users, return_index=True)
+    pos = lookup(pair_users, train[S.USER_ID].to_numpy())
+    limit = np.where(pos >= 0, cutoffs[first][pos], np.iinfo(np.int64).max)
     return train.filter(pa.array(train[S.TS].to_numpy() < limit))
 
 

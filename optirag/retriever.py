@@ -17,6 +17,7 @@ import torch
 from torch_geometric.nn.models import LightGCN
 
 from optirag import schema as S
+from optirag.cf import lookup
 
 SOURCE_GCN = "gcn"
 SOURCE_POPULAR = "popular"
@@ -46,17 +47,10 @@ class Graph:
 
     def user_index(self, ids: np.ndarray) -> np.ndarray:
         """Node index per external user id, -1 where unknown."""
-        return _lookup(self.user_ids, ids)
+        return lookup(self.user_ids, ids)
 
     def item_index(self, ids: np.ndarray) -> np.ndarray:
-        return _lookup(self.item_ids, ids)
-
-
-def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    pos = np.searchsorted(sorted_ids, ids)
-    pos = np.clip(pos, 0, max(len(sorted_ids) - 1, 0))
-    found = len(sorted_ids) > 0 and sorted_ids[pos] == ids
-    return np.where(found, pos, -1)
+        return lookup(self.item_ids, ids)
 
 
 def build_graph(train: pa.Table, items: pa.Table | None = None) -> Graph:

@@ -360,11 +360,8 @@ def _lightgcn_scores(cfg: Config, pairs: F.Pairs) -> np.ndarray | None:
     emb = load(storage.read_bytes(storage.join(root, "embeddings.safetensors"), cfg.storage))
     emb = emb["embeddings"].numpy()
     user_ids, item_ids = np.asarray(meta["user_ids"]), np.asarray(meta["item_ids"])
-    u = np.searchsorted(user_ids, pairs.users)
-    i = np.searchsorted(item_ids, pairs.items)
-    known = (u < len(user_ids)) & (i < len(item_ids))
-    known &= user_ids[np.minimum(u, len(user_ids) - 1)] == pairs.users
-    known &= item_ids[np.minimum(i, len(item_ids) - 1)] == pairs.items
+    u, i = cf.lookup(user_ids, pairs.users), cf.lookup(item_ids, pairs.items)
+    known = (u >= 0) & (i >= 0)
     scores = np.zeros(len(pairs), dtype=np.float32)
     ue, ie = emb[u[known]], emb[len(user_ids) + i[known]]
     scores[known] = (ue * ie).sum(1)
