@@ -101,8 +101,10 @@ def controls(config: str, overrides: list[str]) -> list[dict]:
     test = storage.read_table(table_uri(store.root, "candidates", "test"), store)
     pairs = F.candidate_pairs(test, cfg.evaluation.test_users, cfg.heads.seed)
     names = HYBRID.split("=", 1)[1].strip("[]").split(",")
-    models = {stages.MF_BASELINE: cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items),
-              stages.SIDE_ONLY: stages.side_features_only(cfg, train, pairs, names)}  # fmt: skip
+    test_side = cf.SideFeatures.fit(names, train, cfg.heads.seed)(pairs.users, pairs.items)
+    mf = cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items)
+    control = stages.side_features_only(cfg, train, names, test_side)
+    models = {stages.MF_BASELINE: mf, stages.SIDE_ONLY: control}
     masks = E.slice_masks(train, pairs.users, pairs.items)
     return E.model_table(models, pairs.labels, masks, stages.MF_BASELINE, set(models))[1:]
 

@@ -35,6 +35,10 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.users)
 
+    def take(self, rows: np.ndarray) -> Pairs:
+        cutoff = self.cutoff[rows] if self.cutoff is not None else None
+        return Pairs(self.users[rows], self.items[rows], self.labels[rows], cutoff)
+
 
 def sample_users(users: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     unique = np.unique(users)

@@ -71,6 +71,13 @@ def _scorer(
     )  # fmt: skip
 
 
+def _state_scorer(cfg: Config, backbone: Backbone, layers: list[int], contexts) -> PairScorer:
+    """What extracts the backbone's states at the exit layers: plain heads whatever the head
+    variant (states do not depend on the heads), full depth for every row."""
+    plain = ExitHeads.from_backbone(backbone, layers)
+    return _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
+
+
 def exits_uri(cfg: Config, *parts: str) -> str:
     return storage.join(heads_location(cfg), *parts)
 
@@ -135,10 +142,7 @@ def _fit_frozen_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, t
     from optirag.training import fit, heads_loop
 
     store, hc = cfg.storage, cfg.heads
-    # Features are extracted through plain heads whatever the head variant, so every
-    # variant shares them.
-    plain = ExitHeads.from_backbone(backbone, init.layers)
-    scorer = _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
+    scorer = _state_scorer(cfg, backbone, init.layers, contexts)  # shared by all head variants
     key = feature_key(cfg, backbone, init.layers)
     train_key = {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]}
     valid_key = {**key, "pairs": [hc.valid_users]}
@@ -170,11 +174,9 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
     from optirag.training import fit, lora_loop
 
     hc = cfg.heads
-    plain = ExitHeads.from_backbone(backbone, init.layers)
-    scorer = _scorer(cfg, backbone, plain, contexts, ExitRule("none"))
+    scorer = _state_scorer(cfg, backbone, init.layers, contexts)  # encodes the prompts
     if rows is not None:
-        pairs = F.Pairs(*(getattr(pairs, f)[rows.numpy()] for f in ("users", "items", "labels",
-                                                                   "cutoff")))  # fmt: skip
+        pairs = pairs.take(rows.numpy())
         train_side = train_side[rows] if train_side is not None else None
 
     def split(p: F.Pairs, side) -> dict:
@@ -192,8 +194,7 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
     heads_state, adapter = lora.TrainableParts.split(state)
     heads.load_state_dict(heads_state)
     lora.load_lora(backbone, hc.lora, adapter)
-    merged = _scorer(cfg, backbone, ExitHeads.from_backbone(backbone, init.layers), contexts,
-                     ExitRule("none"))  # fmt: skip
+    merged = _state_scorer(cfg, backbone, init.layers, contexts)
     valid = F.extract(merged, valid_pairs, "valid features (LoRA)")
     return heads, adapter, valid["states"], meta
 
@@ -204,23 +205,29 @@ def _side_features(names: list[str], seed: int, train, pairs: F.Pairs, other: F.
     the whole train split, which is what is published beside the heads."""
     if not names:
         return None, None, None
-    known = F.before_cutoffs(train, pairs.users, pairs.cutoff)
-    train_side = cf.SideFeatures.fit(names, known, seed)(pairs.users, pairs.items)
+    train_side = _training_side(names, seed, train, pairs)
     full = cf.SideFeatures.fit(names, train, seed)
     return full, torch.from_numpy(train_side), torch.from_numpy(full(other.users, other.items))
 
 
-def side_features_only(cfg: Config, train, pairs: F.Pairs, names: list[str]) -> np.ndarray:
+def _training_side(names: list[str], seed: int, train, pairs: F.Pairs) -> np.ndarray:
+    """Training pairs' side features, fitted before each user's cut (leak-free)."""
+    known = F.before_cutoffs(train, pairs.users, pairs.cutoff)
+    return cf.SideFeatures.fit(names, known, seed)(pairs.users, pairs.items)
+
+
+def side_features_only(cfg: Config, train, names: list[str], test_side: np.ndarray) -> np.ndarray:
     """The hybrid heads' control: logistic regression on the same CF features of the same
-    training pairs, without the LLM's state. What a hybrid head adds over this is the LLM."""
+    training pairs, without the LLM's state, scoring the test pairs' features `test_side`.
+    What a hybrid head adds over this is the LLM."""
     from sklearn.linear_model import LogisticRegression
 
     hc = cfg.heads
     train_pairs = F.training_pairs(train, hc.train_users, hc.history_fraction,
                                    hc.targets_per_user, hc.seed)  # fmt: skip
-    _, x_train, x_test = _side_features(names, hc.seed, train, train_pairs, pairs)
-    model = LogisticRegression(max_iter=1000).fit(x_train.numpy(), train_pairs.labels)
-    return model.predict_proba(x_test.numpy())[:, 1]
+    x_train = _training_side(names, hc.seed, train, train_pairs)
+    model = LogisticRegression(max_iter=1000).fit(x_train, train_pairs.labels)
+    return model.predict_proba(test_side)[:, 1]
 
 
 def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
@@ -277,12 +284,10 @@ def run_evaluation(cfg: Config) -> dict:
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     test_cands = storage.read_table(table_uri(store.root, "candidates", "test"), store)
     pairs = F.candidate_pairs(test_cands, ec.test_users, seed=cfg.heads.seed)
-    plain = ExitHeads.from_backbone(backbone, heads.layers)
+    state_scorer = _state_scorer(cfg, backbone, heads.layers, contexts)
     test_key = {**feature_key(cfg, backbone, heads.layers), "pairs": [ec.test_users]}
-    feats = F.cached_extract(
-        _scorer(cfg, backbone, plain, contexts, ExitRule("none")), pairs,
-        features_uri(cfg, "test", test_key), test_key, store, "test features",
-    )  # fmt: skip
+    feats = F.cached_extract(state_scorer, pairs, features_uri(cfg, "test", test_key), test_key,
+                             store, "test features")  # fmt: skip
     labels = feats["labels"].numpy()
     side = side_features(pairs.users, pairs.items) if side_features is not None else None
     probs = head_probs(heads, feats["states"], None if side is None else torch.from_numpy(side))
@@ -294,8 +299,8 @@ def run_evaluation(cfg: Config) -> dict:
 
     models = _baselines(cfg, train, pairs)
     if heads.side_names:
-        models[SIDE_ONLY] = side_features_only(cfg, train, pairs, heads.side_names)
-    models["LLM zero-shot P(Yes)"] = head_probs(plain, feats["states"])[:, -1]
+        models[SIDE_ONLY] = side_features_only(cfg, train, heads.side_names, side)
+    models["LLM zero-shot P(Yes)"] = head_probs(state_scorer.engine.heads, feats["states"])[:, -1]
     for h, layer in enumerate(heads.layers):
         models[f"exit head @ layer {layer}"] = probs[:, h]
     models["trained heads, full depth"] = probs[:, -1]
