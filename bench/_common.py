@@ -40,12 +40,15 @@ def machine() -> dict:
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and its descendants (Ray's raylet, GCS and
-    workers when Ray was started here) in a background thread; `.peak` is the maximum seen."""
+    """Samples the memory of this process and its descendants (Ray's raylet, GCS and workers
+    when Ray was started here) in a background thread. `.peak` is the maximum summed RSS;
+    `.peak_pss` the maximum summed PSS, which counts a page shared by several processes (Ray's
+    object store, the model files) once in all rather than once per process."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
         self.peak = 0
+        self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,14 +65,17 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             by_kind: dict[str, int] = {}
+            pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    rss = proc.memory_info().rss
+                    info = proc.memory_full_info()
                     kind = "driver" if proc.pid == me.pid else _kind(proc.name())
                 except psutil.Error:
                     continue
-                by_kind[kind] = by_kind.get(kind, 0) + rss
+                by_kind[kind] = by_kind.get(kind, 0) + info.rss
+                pss += info.pss
             self.peak = max(self.peak, sum(by_kind.values()))
+            self.peak_pss = max(self.peak_pss, pss)
             for kind, rss in by_kind.items():
                 self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), rss)
             time.sleep(self.interval_s)

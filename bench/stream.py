@@ -58,6 +58,7 @@ def run_once(
     return {
         "pairs": pairs, "scored": summary["scored"], "wall_s": round(wall, 1),
         "pairs_per_s": round(pairs / wall, 1), "peak_rss_gib_total": gib(mem.peak),
+        "peak_pss_gib_total": gib(mem.peak_pss),
         "peak_rss_gib_by_kind": {k: gib(v) for k, v in mem.peak_by_kind.items()},
         "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
     }  # fmt: skip
@@ -90,15 +91,18 @@ def main() -> None:
               "actors": args.actors, "num_cpus": args.num_cpus, "overrides": args.overrides,
               "runs": runs}  # fmt: skip
     if len(runs) > 1:
-        result["peak_ratio_largest_vs_smallest"] = round(
-            runs[-1]["peak_rss_gib_total"] / runs[0]["peak_rss_gib_total"], 3
-        )
+        for metric in ("rss", "pss"):
+            result[f"peak_{metric}_ratio_largest_vs_smallest"] = round(
+                runs[-1][f"peak_{metric}_gib_total"] / runs[0][f"peak_{metric}_gib_total"], 3
+            )
     write_results(
         args.name, result,
         [(f"{r['pairs']:,}", r["shards"], r["wall_s"], r["pairs_per_s"],
-          r["peak_rss_gib_total"], r["peak_rss_gib_by_kind"].get("ray_workers", 0))
+          r["peak_rss_gib_total"], r["peak_pss_gib_total"],
+          r["peak_rss_gib_by_kind"].get("ray_workers", 0))
          for r in runs],
-        ("pairs", "shards", "wall s", "pairs/s", "peak RSS GiB (all)", "peak RSS GiB (workers)"),
+        ("pairs", "shards", "wall s", "pairs/s", "peak RSS GiB (all)", "peak PSS GiB (all)",
+         "peak RSS GiB (workers)"),
     )  # fmt: skip
 
 

@@ -19,6 +19,36 @@ from optirag.config import PromptConfig
 from optirag.prompts import UserContext, item_text
 
 
+class ItemTexts:
+    """Item id -> prompt text. The target item is shown with its text; history items by title
+    only unless asked, which keeps the per-user prefix short."""
+
+    def __init__(self, items: pa.Table, cfg: PromptConfig) -> None:
+        ids, titles, texts = (items[c].to_pylist() for c in (S.ITEM_ID, S.TITLE, S.TEXT))
+        self.target = {
+            int(i): item_text(t, x, cfg.max_item_chars)
+            for i, t, x in zip(ids, titles, texts, strict=True)
+        }
+        self.history = (
+            self.target
+            if cfg.history_item_text
+            else {
+                int(i): item_text(t, None, cfg.max_item_chars)
+                for i, t in zip(ids, titles, strict=True)
+            }
+        )
+
+
+def user_filter(users: np.ndarray) -> pc.Expression:
+    """Rows of these users. The min/max bounds let Parquet statistics skip whole row groups
+    of a table sorted by user, so a shard reads about its own users' rows only."""
+    field = pc.field(S.USER_ID)
+    if len(users) == 0:
+        return pc.scalar(False)
+    bounds = (field >= int(users.min())) & (field <= int(users.max()))
+    return bounds & field.isin(pa.array(users, pa.int64()))
+
+
 class ContextStore:
     def __init__(
         self,
@@ -28,31 +58,25 @@ class ContextStore:
         cfg: PromptConfig,
     ) -> None:
         self.cfg = cfg
-        ids, titles, texts = (items[c].to_pylist() for c in (S.ITEM_ID, S.TITLE, S.TEXT))
-        # The target item is shown with its text; history items by title only unless asked,
-        # which keeps the per-user prefix short.
-        self.item_texts = {
-            int(i): item_text(t, x, cfg.max_item_chars)
-            for i, t, x in zip(ids, titles, texts, strict=True)
-        }
-        self.history_texts = (
-            self.item_texts
-            if cfg.history_item_text
-            else {
-                int(i): item_text(t, None, cfg.max_item_chars)
-                for i, t in zip(ids, titles, strict=True)
-            }
-        )
+        self.texts = ItemTexts(items, cfg)
+        self.item_texts = self.texts.target
+        self.load_users(interactions, neighbors)
+
+    def load_users(self, interactions: pa.Table, neighbors: pa.Table | None) -> None:
+        """Replace the user-side tables; the scoring job loads one shard's users at a time so
+        that an actor's memory does not grow with the number of users in a night."""
         order = pc.sort_indices(
             interactions, [(S.USER_ID, "ascending"), (S.TS, "ascending"), (S.ITEM_ID, "ascending")]
         )
-        table = interactions.take(order)
+        table = interactions.select([S.USER_ID, S.ITEM_ID, S.LABEL, S.TS]).take(order)
         self._users = table[S.USER_ID].to_numpy()
         self._items = table[S.ITEM_ID].to_numpy()
         self._labels = table[S.LABEL].to_numpy().astype(bool)
         self._ts = table[S.TS].to_numpy()
-        starts = np.flatnonzero(np.r_[True, self._users[1:] != self._users[:-1]])
-        ends = np.r_[starts[1:], len(self._users)]
+        first_of_user = np.ones(len(self._users), dtype=bool)
+        first_of_user[1:] = self._users[1:] != self._users[:-1]
+        starts = np.flatnonzero(first_of_user)
+        ends = np.append(starts[1:], len(self._users))[: len(starts)]
         self._span = {
             int(u): (int(a), int(b))
             for u, a, b in zip(self._users[starts], starts, ends, strict=True)
@@ -70,6 +94,11 @@ class ContextStore:
     def has_item(self, item: int) -> bool:
         return item in self.item_texts
 
+    @property
+    def users(self) -> set[int]:
+        """The users whose history is loaded."""
+        return set(self._span)
+
     def knows_user(self, user: int) -> bool:
         return user in self._span
 
@@ -83,7 +112,7 @@ class ContextStore:
         own = self._slice(user, before_ts)
         recent = slice(max(own.start, own.stop - self.cfg.max_history), own.stop)
         history = [
-            (self.history_texts.get(int(i), "(unknown item)"), bool(y))
+            (self.texts.history.get(int(i), "(unknown item)"), bool(y))
             for i, y in zip(self._items[recent], self._labels[recent], strict=True)
         ]
         seen = set(self._items[own].tolist())
@@ -100,4 +129,4 @@ class ContextStore:
                 if item not in seen:
                     weight[item] += sim
         ranked = sorted(weight.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [self.history_texts[i] for i, _ in ranked[: self.cfg.max_neighbor_items]]
+        return [self.texts.history[i] for i, _ in ranked[: self.cfg.max_neighbor_items]]

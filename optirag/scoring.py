@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from optirag import schema as S
 from optirag import storage
 from optirag.config import Config
+from optirag.context import ContextStore, user_filter
 from optirag.data import table_uri
 
 log = logging.getLogger(__name__)
@@ -178,33 +179,43 @@ class ScoreShard:
         import torch
 
         from optirag.backbone import load_backbone
-        from optirag.context import ContextStore
         from optirag.scorer import build_pair_scorer
 
         if cfg.compute.torch_threads:
             torch.set_num_threads(cfg.compute.torch_threads)
-        neighbors = (
-            storage.read_table(inputs.neighbors, cfg.storage, S.NEIGHBORS)
+        self.history = storage.open_dataset(inputs.history, cfg.storage, S.INTERACTIONS)
+        self.neighbors = (
+            storage.open_dataset(inputs.neighbors, cfg.storage, S.NEIGHBORS)
             if inputs.neighbors
             else None
         )
-        contexts = ContextStore(
-            storage.read_table(inputs.history, cfg.storage, S.INTERACTIONS),
-            storage.read_table(inputs.items, cfg.storage, S.ITEMS),
-            neighbors,
-            cfg.prompts,
-        )
-        self.scorer = build_pair_scorer(cfg, contexts, load_backbone(cfg.backbone))
+        items = storage.read_table(inputs.items, cfg.storage, S.ITEMS)
+        # User-side tables are loaded per shard (_load_users); only the items stay resident.
+        self.contexts = ContextStore(S.INTERACTIONS.empty_table(), items, None, cfg.prompts)
+        self.scorer = build_pair_scorer(cfg, self.contexts, load_backbone(cfg.backbone))
         self.model_version = model_version
+
+    def _load_users(self, users: np.ndarray) -> None:
+        """This shard's users' histories and neighbour lists, and their neighbours' histories."""
+        neighbors, wanted = None, users
+        if self.neighbors is not None:
+            neighbors = self.neighbors.to_table(filter=user_filter(users))
+            neighbor_ids = pc.list_flatten(neighbors[S.NEIGHBOR_IDS]).to_numpy()
+            wanted = np.union1d(users, neighbor_ids)
+        history = self.history.to_table(
+            columns=[S.USER_ID, S.ITEM_ID, S.LABEL, S.TS], filter=user_filter(wanted)
+        )
+        self.contexts.load_users(history, neighbors)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = pc.is_null(batch[S.REASON]).to_numpy(zero_copy_only=False)
         scores = np.full(len(batch), np.nan, dtype=np.float32)
         exits = np.zeros(len(batch), dtype=np.int16)
         if ok.any():
+            users = batch[S.USER_ID].to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+            self._load_users(np.unique(users))
             result = self.scorer.score(
-                batch[S.USER_ID].to_numpy(zero_copy_only=False)[ok].astype(np.int64),
-                batch[S.ITEM_ID].to_numpy(zero_copy_only=False)[ok].astype(np.int64),
+                users, batch[S.ITEM_ID].to_numpy(zero_copy_only=False)[ok].astype(np.int64)
             )
             scores[ok], exits[ok] = result.scores, result.exit_layers
         batch = batch.append_column(S.SCORE, pa.array(scores, pa.float32()))
@@ -331,6 +342,13 @@ def run(cfg: Config) -> dict:
         fs.delete_dir(path)
 
     shards = plan_shards(inputs.candidates, cfg)
+    for uri, required in (
+        (inputs.history, S.INTERACTIONS),
+        (inputs.items, S.ITEMS),
+        (inputs.neighbors, S.NEIGHBORS),
+    ):
+        if uri:  # fail here, naming the file, rather than in every actor
+            storage.checked_files(uri, cfg.storage, required)
     _load_or_write_plan(paths, shards, cfg, inputs)
     plan = {s.shard_id: s for s in shards}
     pending = [s for s in shards if _marker_ok(paths, s, cfg) is None]

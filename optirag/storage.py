@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -87,6 +88,23 @@ def list_files(uri: str, storage: StorageConfig, suffix: str = ".parquet") -> li
     )
 
 
+def checked_files(uri: str, storage: StorageConfig, required: pa.Schema | None = None) -> list[str]:
+    """The table's parquet files; fails naming the file that is unreadable or lacks a
+    required column (before any row is read)."""
+    fs, _ = resolve(uri, storage)
+    files = list_files(uri, storage)
+    if not files:
+        raise StorageError(f"{uri}: folder holds no parquet files")
+    for path in files:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StorageError(f"{path}: not a readable parquet file ({err})") from None
+        if required is not None:
+            check_columns(schema, required, source=path)
+    return files
+
+
 def read_table(
     uri: str,
     storage: StorageConfig,
@@ -95,22 +113,21 @@ def read_table(
 ) -> pa.Table:
     """Read a parquet file or folder; fail naming the file on a missing, empty or bad input."""
     fs, _ = resolve(uri, storage)
-    files = list_files(uri, storage)
-    if not files:
-        raise StorageError(f"{uri}: folder holds no parquet files")
-    tables = []
-    for path in files:
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise StorageError(f"{path}: not a readable parquet file ({err})") from None
-        if required is not None:
-            check_columns(schema, required, source=path)
-        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    tables = [
+        pq.read_table(path, filesystem=fs, columns=columns)
+        for path in checked_files(uri, storage, required)
+    ]
     table = pa.concat_tables(tables, promote_options="permissive")
     if table.num_rows == 0:
         raise StorageError(f"{uri}: table is empty")
     return table
+
+
+def open_dataset(uri: str, storage: StorageConfig, required: pa.Schema | None = None) -> ds.Dataset:
+    """A checked parquet table to read parts of with a filter, many times: the files are
+    listed and checked once here."""
+    fs, _ = resolve(uri, storage)
+    return ds.dataset(checked_files(uri, storage, required), filesystem=fs, format="parquet")
 
 
 def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:

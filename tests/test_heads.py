@@ -47,7 +47,7 @@ def test_training_pairs_never_see_their_future(movie_tables):
     for user, item, cut in zip(pairs.users, pairs.items, pairs.cutoff, strict=True):
         assert any(u == user and i == item and t >= cut for u, t, i in rows)
         shown = [t for t, _ in store.context(int(user), int(cut)).history]
-        before = [store.history_texts[i] for u, t, i in rows if u == user and t < cut]
+        before = [store.texts.history[i] for u, t, i in rows if u == user and t < cut]
         assert shown == before  # exactly the interactions before the cut, nothing later
         assert len(before) < sum(u == user for u, _, _ in rows)
 

@@ -60,12 +60,12 @@ def test_context_has_no_future_interactions(movie_tables):
     assert len(ctx.history) == 3  # ts 0, 10, 20
     user1 = interactions.filter(interactions["user_id"].to_numpy() == 1)
     later = {
-        store.history_texts[i]
+        store.texts.history[i]
         for i, t in zip(user1["item_id"].to_pylist(), user1["ts"].to_pylist(), strict=True)
         if t >= 30
     }
     earlier = {
-        store.history_texts[i]
+        store.texts.history[i]
         for i, t in zip(user1["item_id"].to_pylist(), user1["ts"].to_pylist(), strict=True)
         if t < 30
     }

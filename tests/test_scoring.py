@@ -151,6 +151,24 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
     assert again["shards_run"] == again["shards"]
 
 
+def test_actor_loads_only_its_shards_users(local_storage, tiny_llama_dir, movie_tables):
+    """Per shard, an actor holds the shard's users' histories and their neighbours' only."""
+    cands = _candidates(n_users=6, per_user=5)
+    _write_inputs(local_storage, movie_tables, cands)
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=5)
+    inputs = scoring.Inputs.from_config(cfg)
+    actor = scoring.ScoreShard(cfg, inputs, "v1")
+    fs, _ = storage.resolve(inputs.candidates, cfg.storage)
+    known_items = movie_tables[1][S.ITEM_ID].to_numpy()
+    lists = movie_tables[2].to_pydict()
+    neighbors = dict(zip(lists[S.USER_ID], lists[S.NEIGHBOR_IDS], strict=True))
+    for shard in scoring.plan_shards(inputs.candidates, cfg):
+        batch = actor(scoring.read_shard(shard, fs, known_items))
+        assert np.isfinite(batch[S.SCORE].to_numpy()).all()
+        (user,) = set(batch[S.USER_ID].to_pylist())
+        assert actor.contexts.users == {user, *neighbors.get(user, [])}
+
+
 def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir, movie_tables):
     _write_inputs(local_storage, movie_tables, _candidates())
     cfg = _config(local_storage, tiny_llama_dir)
@@ -218,7 +236,7 @@ def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables,
     deadline = time.time() + 180
     while len(_markers(cfg)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read()}"
     proc.kill()
     proc.wait()
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
