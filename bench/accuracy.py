@@ -8,9 +8,12 @@ slices, with paired-bootstrap 95% intervals of each AUC difference to MF.
   frozen-mlp      one-hidden-layer heads
   hybrid-linear   linear heads reading MF score + user/item statistics beside the state
   hybrid-mlp      both
+  cf-prompt-*     the prompt also shows the target's mean rating and count and similar users'
+                  ratings of it (prompts.target_ratings), with linear or hybrid heads
   lora-hybrid     LoRA + hybrid heads trained jointly (CPU proof: 400 pairs, 1 epoch,
                   evaluated on 100 test users only)
-  lora-hybrid-gpu the same on every training pair, on a GPU (`--name accuracy_gpu`)
+  lora-hybrid-gpu the same on every training pair (1 epoch), on a GPU (`--name accuracy_gpu`)
+  combination-gpu every lever: CF prompt + hybrid MLP heads + LoRA, on a GPU
 
 `--curve N ...` also trains frozen-linear and hybrid-linear on N extracted pairs each (AUC
 against training pairs). Features are cached, so variants cost head training and evaluation
@@ -32,18 +35,23 @@ from optirag import storage  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 
 HYBRID = "heads.side_features=[mf,user_rate,user_count,item_rate,item_count]"
+CF_PROMPT = "prompts.target_ratings=true"
+# LoRA on a GPU: every training pair, one epoch (what 15 minutes of a lent GPU allow).
+LORA_GPU = ["heads.lora.enabled=true", "heads.lora.epochs=1", "heads.lora.batch_size=32",
+            "compute.train_use_gpu=true", "compute.train_workers=1"]  # fmt: skip
 VARIANTS = {
     "frozen-linear": [],
     "frozen-mlp": ["heads.mlp_size=64"],
     "hybrid-linear": [HYBRID],
     "hybrid-mlp": [HYBRID, "heads.mlp_size=64"],
+    "cf-prompt-linear": [CF_PROMPT],
+    "cf-prompt-hybrid": [CF_PROMPT, HYBRID],
     "lora-hybrid": [HYBRID, "heads.lora.enabled=true", "heads.max_train_pairs=400",
                     "heads.valid_users=40", "heads.lora.epochs=1", "evaluation.test_users=100",
                     "evaluation.speed_pairs=0"],
-    # The full run on a GPU: every training pair, the same valid and test pairs as above.
-    "lora-hybrid-gpu": [HYBRID, "heads.lora.enabled=true", "compute.train_use_gpu=true",
-                        "compute.train_workers=1", "heads.lora.batch_size=32",
-                        "evaluation.bootstrap_resamples=300"],
+    "lora-hybrid-gpu": [HYBRID, *LORA_GPU],
+    # Every lever at once: CF in the prompt, hybrid MLP heads, LoRA.
+    "combination-gpu": [CF_PROMPT, HYBRID, "heads.mlp_size=64", "heads.lr=0.002", *LORA_GPU],
 }  # fmt: skip
 FAST_EVAL = ["evaluation.speed_pairs=0", "evaluation.bootstrap_resamples=300"]
 
@@ -82,9 +90,9 @@ def main() -> None:
     for name, extra in runs.items():
         folder = storage.join(root, "accuracy", name.replace("@", "-"))
         results[name] = run_variant(args.config, [*args.overrides, *extra], folder)
-    result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
-              "variants": results}  # fmt: skip
-    write(args.name, result)
+        result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
+                  "variants": results}  # fmt: skip
+        write(args.name, result)  # after every variant: a long study keeps what it finished
 
 
 def controls(config: str, overrides: list[str]) -> list[dict]:

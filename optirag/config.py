@@ -148,6 +148,12 @@ class PromptConfig(StrictModel):
     max_prefix_tokens: int = Field(384, gt=16)
     use_neighbors: bool = True
     use_chat_template: bool = True
+    target_ratings: bool = Field(
+        False,
+        description="collaborative signal in the prompt: the target item's mean rating and "
+        "rating count, and similar users' ratings of it",
+    )
+    max_neighbor_ratings: int = Field(5, ge=0, description="similar users' ratings shown")
 
 
 class ExitConfig(StrictModel):

@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from optirag import schema as S
 from optirag.config import PromptConfig
@@ -49,6 +50,75 @@ def user_filter(users: np.ndarray) -> pc.Expression:
     return bounds & field.isin(pa.array(users, pa.int64()))
 
 
+class ItemRatings:
+    """Each item's mean rating and rating count, optionally over ratings before a time only
+    (a training prompt must not see its target's own rating).
+
+    Entries are (item, ts, rating sum, count): one per rating, or one per item holding its
+    totals when the history is too big to keep (`totals`, no time cut then)."""
+
+    def __init__(self, items: np.ndarray, ts: np.ndarray, sums: np.ndarray, counts: np.ndarray):
+        order = np.lexsort((ts, items))
+        self._ts = ts[order]
+        self._sum = np.cumsum(sums[order], dtype=np.float64)
+        self._count = np.cumsum(counts[order], dtype=np.int64)
+        self._ids, self._starts = np.unique(items[order], return_index=True)
+        self._ends = np.append(self._starts[1:], len(order))
+
+    @classmethod
+    def from_interactions(cls, interactions: pa.Table) -> ItemRatings:
+        rated = interactions.filter(pc.is_valid(interactions[S.RATING]))
+        items = rated[S.ITEM_ID].to_numpy()
+        return cls(items, rated[S.TS].to_numpy(), rated[S.RATING].to_numpy(), np.ones_like(items))
+
+    @classmethod
+    def totals(cls, history: ds.Dataset) -> ItemRatings:
+        """Totals per item, read one batch at a time: memory grows with items, not ratings."""
+        parts: list[pa.Table] = []
+        for batch in history.to_batches(columns=[S.ITEM_ID, S.RATING]):
+            parts.append(
+                pa.Table.from_batches([batch])
+                .group_by(S.ITEM_ID)
+                .aggregate([(S.RATING, "sum"), (S.RATING, "count")])
+            )
+            if len(parts) >= 64:  # fold the partial totals so they stay O(items)
+                parts = [_fold(parts)]
+        table = _fold(parts) if parts else _fold([_EMPTY_TOTALS])
+        items = table[S.ITEM_ID].to_numpy()
+        return cls(items, np.full(len(items), np.iinfo(np.int64).min),
+                   table["rating_sum"].to_numpy(), table["rating_count"].to_numpy())  # fmt: skip
+
+    def lookup(self, item: int, before_ts: int | None = None) -> tuple[float, int]:
+        """(mean rating, count); (nan, 0) for an item without ratings."""
+        pos = int(np.searchsorted(self._ids, item))
+        if pos == len(self._ids) or self._ids[pos] != item:
+            return float("nan"), 0
+        start, end = int(self._starts[pos]), int(self._ends[pos])
+        if before_ts is not None:
+            end = start + int(np.searchsorted(self._ts[start:end], before_ts, side="left"))
+        if end == start:
+            return float("nan"), 0
+        before = (self._sum[start - 1], self._count[start - 1]) if start else (0.0, 0)
+        count = int(self._count[end - 1] - before[1])
+        return float(self._sum[end - 1] - before[0]) / count, count
+
+
+_EMPTY_TOTALS = pa.table(
+    {S.ITEM_ID: pa.array([], pa.int64()), "rating_sum": pa.array([], pa.float64()),
+     "rating_count": pa.array([], pa.int64())}
+)  # fmt: skip
+
+
+def _fold(parts: list[pa.Table]) -> pa.Table:
+    """Sum per-batch (item, rating_sum, rating_count) aggregates into one row per item."""
+    table = pa.concat_tables(parts, promote_options="permissive")
+    folded = table.group_by(S.ITEM_ID).aggregate([("rating_sum", "sum"), ("rating_count", "sum")])
+    return pa.table(
+        {S.ITEM_ID: folded[S.ITEM_ID], "rating_sum": folded["rating_sum_sum"],
+         "rating_count": folded["rating_count_sum"]}
+    )  # fmt: skip
+
+
 class ContextStore:
     def __init__(
         self,
@@ -56,10 +126,15 @@ class ContextStore:
         items: pa.Table,
         neighbors: pa.Table | None,
         cfg: PromptConfig,
+        item_ratings: ItemRatings | None = None,
     ) -> None:
+        """`item_ratings` (for `cfg.target_ratings`): default, from `interactions`."""
         self.cfg = cfg
         self.texts = ItemTexts(items, cfg)
         self.item_texts = self.texts.target
+        if cfg.target_ratings and item_ratings is None:
+            item_ratings = ItemRatings.from_interactions(interactions)
+        self.item_ratings = item_ratings
         self.load_users(interactions, neighbors)
 
     def load_users(self, interactions: pa.Table, neighbors: pa.Table | None) -> None:
@@ -68,8 +143,9 @@ class ContextStore:
         order = pc.sort_indices(
             interactions, [(S.USER_ID, "ascending"), (S.TS, "ascending"), (S.ITEM_ID, "ascending")]
         )
-        table = interactions.select([S.USER_ID, S.ITEM_ID, S.LABEL, S.TS]).take(order)
+        table = interactions.select([S.USER_ID, S.ITEM_ID, S.LABEL, S.TS, S.RATING]).take(order)
         self._users = table[S.USER_ID].to_numpy()
+        self._ratings = table[S.RATING].to_numpy(zero_copy_only=False)
         self._items = table[S.ITEM_ID].to_numpy()
         self._labels = table[S.LABEL].to_numpy().astype(bool)
         self._ts = table[S.TS].to_numpy()
@@ -130,3 +206,27 @@ class ContextStore:
                     weight[item] += sim
         ranked = sorted(weight.items(), key=lambda kv: (-kv[1], kv[0]))
         return [self.texts.history[i] for i, _ in ranked[: self.cfg.max_neighbor_items]]
+
+    def target_text(self, user: int, item: int, before_ts: int | None = None) -> str:
+        """The target item as the prompt shows it; with `target_ratings`, followed by its
+        mean rating and count and similar users' ratings of it (all before `before_ts`)."""
+        text = self.item_texts[item]
+        if not self.cfg.target_ratings:
+            return text
+        mean, count = self.item_ratings.lookup(item, before_ts)
+        notes = [f"mean rating {mean:.1f} from {count} ratings" if count else "no ratings yet"]
+        neighbor = self._neighbor_ratings(user, item, before_ts)
+        if neighbor:
+            notes.append("similar users rated it " + ", ".join(f"{r:g}" for r in neighbor))
+        return f"{text} ({'; '.join(notes)})"
+
+    def _neighbor_ratings(self, user: int, item: int, before_ts: int | None) -> list[float]:
+        """Ratings of `item` by the user's neighbours, most similar first."""
+        ratings = []
+        for neighbor in self._neighbors.get(user, ([], []))[0]:
+            span = self._slice(int(neighbor), before_ts)
+            rated = self._ratings[span][self._items[span] == item]
+            ratings += [float(r) for r in rated if r == r]  # r != r: a missing rating
+            if len(ratings) >= self.cfg.max_neighbor_ratings:
+                return ratings[: self.cfg.max_neighbor_ratings]
+        return ratings

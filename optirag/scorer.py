@@ -67,11 +67,12 @@ class PairScorer:
         self.share_prefixes = share_prefixes
         self.batch_rows = batch_rows
         self.side_features = side_features
-        # A suffix depends only on the item, and a night's candidates repeat items a lot.
-        self._suffix = functools.lru_cache(maxsize=200_000)(self._encode_suffix)
+        # A night's candidates repeat target texts a lot: encode each once.
+        self._encode_target = functools.lru_cache(maxsize=200_000)(self.prompts.encode_suffix)
 
-    def _encode_suffix(self, item: int) -> list[int]:
-        return self.prompts.encode_suffix(self.contexts.item_texts[item])
+    def _suffix(self, user: int, cutoff: int, item: int) -> list[int]:
+        target = self.contexts.target_text(user, item, None if cutoff < 0 else cutoff)
+        return self._encode_target(target)
 
     def _encode_prefix(self, user: int, cutoff: int) -> list[int]:
         ctx = self.contexts.context(user, None if cutoff < 0 else cutoff)
@@ -82,7 +83,7 @@ class PairScorer:
     ) -> list[list[int]]:
         """Each pair's whole prompt, prefix + suffix (what training on prompts reads)."""
         cutoffs = before_ts if before_ts is not None else np.full(len(users), -1)
-        return [self._encode_prefix(int(u), int(c)) + self._suffix(int(i))
+        return [self._encode_prefix(int(u), int(c)) + self._suffix(int(u), int(c), int(i))
                 for u, i, c in zip(users, items, cutoffs, strict=True)]  # fmt: skip
 
     def score(
@@ -109,7 +110,7 @@ class PairScorer:
             keys = [(int(users[i]), int(cutoffs[i])) for i in chunk]
             unique = list(dict.fromkeys(keys))  # rows are sorted: a prefix never comes back
             prefix_ids = {k: self._encode_prefix(*k) for k in unique}
-            suffixes = [self._suffix(int(items[i])) for i in chunk]
+            suffixes = [self._suffix(*k, int(items[i])) for k, i in zip(keys, chunk, strict=True)]
             prefixes = [prefix_ids[k] for k in unique]
             prompt_tokens += sum(
                 len(prefix_ids[k]) + len(s) for k, s in zip(keys, suffixes, strict=True)

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from optirag import schema as S
 from optirag import storage
 from optirag.config import Config
-from optirag.context import ContextStore, user_filter
+from optirag.context import ContextStore, ItemRatings, user_filter
 from optirag.data import table_uri
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,11 @@ class ScoreShard:
             else None
         )
         items = storage.read_table(inputs.items, cfg.storage, S.ITEMS)
-        # User-side tables are loaded per shard (_load_users); only the items stay resident.
-        self.contexts = ContextStore(S.INTERACTIONS.empty_table(), items, None, cfg.prompts)
+        ratings = ItemRatings.totals(self.history) if cfg.prompts.target_ratings else None
+        # User-side tables are loaded per shard (_load_users); only item-side ones stay resident.
+        self.contexts = ContextStore(
+            S.INTERACTIONS.empty_table(), items, None, cfg.prompts, item_ratings=ratings
+        )
         self.scorer = build_pair_scorer(cfg, self.contexts, load_backbone(cfg.backbone))
         self.model_version = model_version
 
@@ -202,9 +205,7 @@ class ScoreShard:
             neighbors = self.neighbors.to_table(filter=user_filter(users))
             neighbor_ids = pc.list_flatten(neighbors[S.NEIGHBOR_IDS]).to_numpy()
             wanted = np.union1d(users, neighbor_ids)
-        history = self.history.to_table(
-            columns=[S.USER_ID, S.ITEM_ID, S.LABEL, S.TS], filter=user_filter(wanted)
-        )
+        history = self.history.to_table(columns=S.INTERACTIONS.names, filter=user_filter(wanted))
         self.contexts.load_users(history, neighbors)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

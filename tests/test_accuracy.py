@@ -86,8 +86,11 @@ def test_engine_feeds_each_row_its_own_side_features_through_compaction(tiny_bac
     np.testing.assert_allclose(early.scores.numpy(), scores, atol=1e-6)
 
 
-def test_shared_prefix_extraction_equals_plain_extraction(tiny_backbone, movie_tables):
-    cfg = PromptConfig()
+@pytest.mark.parametrize("target_ratings", [False, True], ids=["plain", "target-ratings"])
+def test_shared_prefix_extraction_equals_plain_extraction(
+    tiny_backbone, movie_tables, target_ratings
+):
+    cfg = PromptConfig(target_ratings=target_ratings)
     heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
     pairs = F.training_pairs(movie_tables[0], None, 0.4, 4, seed=0)
     feats = {}
@@ -158,8 +161,9 @@ def _write_tables(store, movie_tables):
         storage.write_table(cands, table_uri(root, "candidates", split), store)
 
 
-def test_hybrid_mlp_heads_train_evaluate_and_score(ray_session, local_storage, tiny_llama_dir,
-                                                   movie_tables):  # fmt: skip
+def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
     _write_tables(local_storage, movie_tables)
     cfg = Config.model_validate({
         "storage": {"root": local_storage.root},
@@ -169,6 +173,7 @@ def test_hybrid_mlp_heads_train_evaluate_and_score(ray_session, local_storage, t
                   "side_features": ["mf", "item_rate"], "mlp_size": 8, "max_train_pairs": 10},
         "evaluation": {"test_users": None, "speed_pairs": 6, "speed_taus": [0.0]},
         "compute": {"batch_rows": 8, "train_workers": 1},
+        "prompts": {"target_ratings": True},
     })  # fmt: skip
     trained = stages.train_exits(cfg)
     assert trained["train_pairs"] == 10

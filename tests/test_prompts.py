@@ -101,3 +101,56 @@ def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables
     ]
     np.testing.assert_allclose(out.scores, one_by_one, atol=1e-4)
     assert out.scores.dtype == np.float32 and (out.exit_layers == 6).all()
+
+
+def test_item_ratings_before_a_time_and_streamed_totals(movie_tables, tmp_path):
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from optirag import schema as S
+    from optirag.context import ItemRatings
+
+    interactions = movie_tables[0]
+    items, ts = interactions[S.ITEM_ID].to_numpy(), interactions[S.TS].to_numpy()
+    ratings = interactions[S.RATING].to_numpy()
+    by_time = ItemRatings.from_interactions(interactions)
+    pq.write_table(interactions, tmp_path / "h.parquet", row_group_size=5)  # many batches
+    totals = ItemRatings.totals(ds.dataset(tmp_path / "h.parquet"))
+    for item in range(0, 22):
+        for cut in (None, 0, 25, 40, 1000):
+            keep = (items == item) & (ts < (cut if cut is not None else np.inf))
+            mean, count = by_time.lookup(item, cut)
+            assert count == keep.sum()
+            if count:
+                assert mean == pytest.approx(ratings[keep].mean())
+            else:
+                assert np.isnan(mean)
+        assert totals.lookup(item) == pytest.approx(by_time.lookup(item), nan_ok=True)
+
+
+def test_target_ratings_in_prompt_respect_the_cut(movie_tables):
+    import pyarrow as pa
+
+    from optirag import schema as S
+
+    interactions = pa.table(
+        {S.USER_ID: [1, 2, 3, 2], S.ITEM_ID: [7, 7, 7, 8], S.LABEL: [0, 1, 1, 1],
+         S.TS: [10, 20, 30, 40], S.RATING: [2.0, 5.0, 4.0, None]},
+        schema=S.INTERACTIONS,
+    )  # fmt: skip
+    _, items, neighbors = movie_tables  # user 1's neighbours: 2 then 3
+    store = ContextStore(interactions, items, neighbors, PromptConfig(target_ratings=True))
+    title = store.item_texts[7]
+    assert (
+        store.target_text(1, 7)
+        == f"{title} (mean rating 3.7 from 3 ratings; similar users rated it 5, 4)"
+    )
+    assert (
+        store.target_text(1, 7, 25)
+        == f"{title} (mean rating 3.5 from 2 ratings; similar users rated it 5)"
+    )
+    assert store.target_text(1, 7, 15) == f"{title} (mean rating 2.0 from 1 ratings)"
+    assert store.target_text(1, 7, 5) == f"{title} (no ratings yet)"
+    assert store.target_text(1, 8) == f"{store.item_texts[8]} (no ratings yet)"  # rating missing
+    plain = ContextStore(interactions, items, neighbors, PromptConfig())
+    assert plain.target_text(1, 7) == title

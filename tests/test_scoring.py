@@ -151,22 +151,31 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
     assert again["shards_run"] == again["shards"]
 
 
-def test_actor_loads_only_its_shards_users(local_storage, tiny_llama_dir, movie_tables):
-    """Per shard, an actor holds the shard's users' histories and their neighbours' only."""
+@pytest.mark.parametrize("target_ratings", [False, True], ids=["plain", "target-ratings"])
+def test_actor_loads_only_its_shards_users(
+    local_storage, tiny_llama_dir, movie_tables, target_ratings
+):
+    """Per shard, an actor holds the shard's users' histories and their neighbours' only, and
+    scores as the in-process scorer holding every table does (item rating totals included)."""
     cands = _candidates(n_users=6, per_user=5)
     _write_inputs(local_storage, movie_tables, cands)
     cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=5)
+    prompts = cfg.prompts.model_copy(update={"target_ratings": target_ratings})
+    cfg = cfg.model_copy(update={"prompts": prompts})
     inputs = scoring.Inputs.from_config(cfg)
     actor = scoring.ScoreShard(cfg, inputs, "v1")
+    backbone = actor.scorer.engine.backbone
+    whole = build_pair_scorer(cfg, ContextStore(*movie_tables, prompts), backbone)
     fs, _ = storage.resolve(inputs.candidates, cfg.storage)
     known_items = movie_tables[1][S.ITEM_ID].to_numpy()
     lists = movie_tables[2].to_pydict()
     neighbors = dict(zip(lists[S.USER_ID], lists[S.NEIGHBOR_IDS], strict=True))
     for shard in scoring.plan_shards(inputs.candidates, cfg):
         batch = actor(scoring.read_shard(shard, fs, known_items))
-        assert np.isfinite(batch[S.SCORE].to_numpy()).all()
         (user,) = set(batch[S.USER_ID].to_pylist())
         assert actor.contexts.users == {user, *neighbors.get(user, [])}
+        expected = whole.score(batch[S.USER_ID].to_numpy(), batch[S.ITEM_ID].to_numpy())
+        np.testing.assert_allclose(batch[S.SCORE].to_numpy(), expected.scores, atol=1e-5)
 
 
 def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir, movie_tables):
