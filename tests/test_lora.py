@@ -108,9 +108,10 @@ def test_lora_stage_publishes_an_adapter_that_scoring_merges(
         "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
         "exits": {"layers": [3, 6]},
         "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None,
-                  "side_features": ["mf"], "lora": {"enabled": True, "epochs": 1}},
+                  "side_features": ["mf"], "mlp_size": 8, "lora": {"enabled": True, "epochs": 1}},
         "evaluation": {"test_users": None, "speed_pairs": 4, "speed_taus": [0.0]},
         "compute": {"batch_rows": 8, "train_workers": 1},
+        "prompts": {"target_ratings": True},  # every lever of the accuracy study at once
     })  # fmt: skip
     stages.train_exits(cfg)
     exits = storage.join(local_storage.root, "exits")
