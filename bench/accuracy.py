@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -86,12 +87,16 @@ def main() -> None:
     for n in args.curve:
         runs[f"frozen-linear@{n}"] = [f"heads.max_train_pairs={n}", *FAST_EVAL]
         runs[f"hybrid-linear@{n}"] = [HYBRID, f"heads.max_train_pairs={n}", *FAST_EVAL]
-    results = {}
+    results, failed = {}, {}
     for name, extra in runs.items():
         folder = storage.join(root, "accuracy", name.replace("@", "-"))
-        results[name] = run_variant(args.config, [*args.overrides, *extra], folder)
+        try:
+            results[name] = run_variant(args.config, [*args.overrides, *extra], folder)
+        except Exception as err:  # one failed variant must not lose the others' hours
+            logging.exception("variant %s failed", name)
+            failed[name] = f"{type(err).__name__}: {err}"
         result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
-                  "variants": results}  # fmt: skip
+                  "variants": results, "failed": failed}  # fmt: skip
         write(args.name, result)  # after every variant: a long study keeps what it finished
 
 
@@ -119,6 +124,9 @@ def controls(config: str, overrides: list[str]) -> list[dict]:
 
 def write(name: str, result: dict) -> None:
     variants = result["variants"]
+    if not variants:  # every variant failed: keep the errors
+        write_results(name, result, [], ("model",))
+        return
     first = next(iter(variants.values()))["evaluation"]
     slices = list(first["models"][0]["slices"])
     rows = []
