@@ -130,6 +130,10 @@ def open_dataset(uri: str, storage: StorageConfig, required: pa.Schema | None = 
     return ds.dataset(checked_files(uri, storage, required), filesystem=fs, format="parquet")
 
 
+# Row groups small enough that a filtered read (a shard's users) skips most of a big table.
+ROW_GROUP_ROWS = 128 * 1024
+
+
 def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
     """Write one parquet file so that readers never see it half-written.
 
@@ -138,11 +142,11 @@ def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
     fs, path = resolve(uri, storage)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     if is_remote(uri):
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
