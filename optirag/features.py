@@ -20,7 +20,7 @@ from optirag import schema as S
 from optirag import storage
 from optirag.cf import lookup
 from optirag.config import StorageConfig
-from optirag.scorer import PairScorer
+from optirag.scorer import PairScorer, cutoff_array
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ def extract(scorer: PairScorer, pairs: Pairs, desc: str) -> dict[str, torch.Tens
         "labels": torch.from_numpy(pairs.labels.astype(np.float32)),
         "users": torch.from_numpy(pairs.users.astype(np.int64)),
         "items": torch.from_numpy(pairs.items.astype(np.int64)),
-        "cutoff": torch.from_numpy(
-            pairs.cutoff.astype(np.int64) if pairs.cutoff is not None else np.full(n, -1)
-        ),
+        "cutoff": torch.from_numpy(cutoff_array(pairs.cutoff, n)),
     }
 
 

@@ -36,6 +36,18 @@ from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
 SIDE_FEATURES_FILE = "side_features.safetensors"
+NO_CUTOFF = -1  # a row whose prompt may see the whole history (scoring, evaluation)
+
+
+def cutoff_array(before_ts: np.ndarray | None, n: int) -> np.ndarray:
+    """Per-row history cut-offs as int64, NO_CUTOFF where none is given."""
+    if before_ts is None:
+        return np.full(n, NO_CUTOFF, dtype=np.int64)
+    return before_ts.astype(np.int64)
+
+
+def _before(cutoff: int) -> int | None:
+    return None if cutoff == NO_CUTOFF else cutoff
 
 
 @dataclass
@@ -71,18 +83,18 @@ class PairScorer:
         self._encode_target = functools.lru_cache(maxsize=200_000)(self.prompts.encode_suffix)
 
     def _suffix(self, user: int, cutoff: int, item: int) -> list[int]:
-        target = self.contexts.target_text(user, item, None if cutoff < 0 else cutoff)
+        target = self.contexts.target_text(user, item, _before(cutoff))
         return self._encode_target(target)
 
     def _encode_prefix(self, user: int, cutoff: int) -> list[int]:
-        ctx = self.contexts.context(user, None if cutoff < 0 else cutoff)
+        ctx = self.contexts.context(user, _before(cutoff))
         return self.prompts.encode_prefix(ctx)
 
     def prompt_ids(
         self, users: np.ndarray, items: np.ndarray, before_ts: np.ndarray | None = None
     ) -> list[list[int]]:
         """Each pair's whole prompt, prefix + suffix (what training on prompts reads)."""
-        cutoffs = before_ts if before_ts is not None else np.full(len(users), -1)
+        cutoffs = cutoff_array(before_ts, len(users))
         return [self._encode_prefix(int(u), int(c)) + self._suffix(int(u), int(c), int(i))
                 for u, i, c in zip(users, items, cutoffs, strict=True)]  # fmt: skip
 
@@ -98,7 +110,7 @@ class PairScorer:
         before it (training prompts); `keep_hidden` also returns the heads' inputs; `desc`
         shows a progress bar."""
         n = len(users)
-        cutoffs = before_ts if before_ts is not None else np.full(n, -1, dtype=np.int64)
+        cutoffs = cutoff_array(before_ts, n)
         # Rows of one prefix next to each other; a stable sort keeps the order deterministic.
         order = np.lexsort((cutoffs, users))
         result_parts: list[ScoreResult] = []
