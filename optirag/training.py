@@ -1,4 +1,6 @@
-"""Ray Train loops: the LightGCN retriever (DDP over edge shards).
+"""Ray Train loops: the LightGCN retriever (DDP over edge shards), exit heads on cached
+features, and LoRA + exit heads on whole prompts. They share one epoch skeleton: a seeded
+per-epoch shuffle sharded by rank (_my_batches) and _close_epoch.
 
 Every loop checkpoints to the configured storage each epoch (safetensors + JSON, never
 pickle), resumes from `ray.train.get_checkpoint()` after a worker failure, and a rerun with
@@ -94,25 +96,21 @@ def retriever_loop(config: dict) -> None:
     per_worker = max(1, cfg.batch_size // world)
 
     for epoch in range(meta["epoch"], cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        mine = torch.randperm(edges.shape[1], generator=gen)[rank::world]
         neg_gen = torch.Generator().manual_seed(cfg.seed + 7919 * epoch + rank)
         losses = []
         model.train()
-        for start in range(0, len(mine), per_worker):
-            loss = R.bpr_step(
-                model, edge_index, edges[:, mine[start : start + per_worker]],
-                graph.num_users, graph.num_items, cfg.weight_decay, neg_gen,
-            )  # fmt: skip
+        for rows in _my_batches(edges.shape[1], cfg.seed, epoch, per_worker):
+            loss = R.bpr_step(model, edge_index, edges[:, rows], graph.num_users,
+                              graph.num_items, cfg.weight_decay, neg_gen)  # fmt: skip
             losses.append(_step(opt, loss))
         inner = model.module if hasattr(model, "module") else model
         metrics = R.ranking_metrics(
             R.final_embeddings(inner, edge_index), graph, valid, cfg.eval_k, cfg.block_size
         )
         metrics.update(epoch=epoch, loss=sum(losses) / max(len(losses), 1))
-        best_state = _end_epoch(meta, metrics, metrics[f"ndcg@{cfg.eval_k}"], inner, best_state)
-        _report(rank, inner, best_state, opt, meta, metrics)
-        if meta["bad_epochs"] >= cfg.patience:
+        score = metrics[f"ndcg@{cfg.eval_k}"]
+        best_state, stop = _close_epoch(meta, metrics, score, inner, best_state, opt, cfg.patience)
+        if stop:
             break
 
 
@@ -200,8 +198,7 @@ def heads_loop(config: dict) -> None:
     valid = {**load_features(config["valid_uri"], store), "side": config["valid_side"]}
     if config["train_rows"] is not None:
         train = {k: v[config["train_rows"]] if v is not None else None for k, v in train.items()}
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    world = ray.train.get_context().get_world_size()
 
     heads = ExitHeads(config["layers"], config["hidden_size"], config["eps"],
                       cfg.side_features, cfg.mlp_size)  # fmt: skip
@@ -213,12 +210,9 @@ def heads_loop(config: dict) -> None:
     per_worker = max(1, cfg.batch_size // world)
 
     for epoch in range(meta["epoch"], cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        mine = torch.randperm(n, generator=gen)[rank::world]
         model.train()
         losses = []
-        for start in range(0, len(mine), per_worker):
-            batch = mine[start : start + per_worker]
+        for batch in _my_batches(n, cfg.seed, epoch, per_worker):
             side = train["side"][batch] if train["side"] is not None else None
             loss = head_losses(model, train["states"][batch], train["labels"][batch], side)
             losses.append(_step(opt, loss))
@@ -226,9 +220,9 @@ def heads_loop(config: dict) -> None:
         with torch.no_grad():
             valid_logits = heads(valid["states"], valid["side"]).numpy()
         metrics = _epoch_metrics(epoch, losses, valid["labels"].numpy(), valid_logits)
-        best_state = _end_epoch(meta, metrics, metrics["valid_auc_mean"], heads, best_state)
-        _report(rank, heads, best_state, opt, meta, metrics)
-        if meta["bad_epochs"] >= cfg.patience:
+        best_state, stop = _close_epoch(meta, metrics, metrics["valid_auc_mean"], heads,
+                                        best_state, opt, cfg.patience)  # fmt: skip
+        if stop:
             break
 
 
@@ -256,8 +250,7 @@ def lora_loop(config: dict) -> None:
     from optirag.early_exit import ExitHeads, pad_tokens
 
     cfg, lcfg = config["heads"], config["heads"].lora
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    world = ray.train.get_context().get_world_size()
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(config["backbone"])
     lora.add_lora(backbone, lcfg)
@@ -279,12 +272,9 @@ def lora_loop(config: dict) -> None:
         return model(ids.to(backbone.device), lengths.to(backbone.device), side)
 
     for epoch in range(meta["epoch"], lcfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        mine = torch.randperm(len(train["labels"]), generator=gen)[rank::world]
         model.train()
         losses = []
-        for start in range(0, len(mine), per_worker):
-            rows = mine[start : start + per_worker]
+        for rows in _my_batches(len(train["labels"]), cfg.seed, epoch, per_worker):
             loss = summed_bce(logits_of(train, rows), train["labels"][rows])
             losses.append(_step(opt, loss))
         model.eval()
@@ -292,9 +282,9 @@ def lora_loop(config: dict) -> None:
             batches = torch.arange(len(valid["labels"])).split(per_worker)
             valid_logits = torch.cat([logits_of(valid, b).cpu() for b in batches]).numpy()
         metrics = _epoch_metrics(epoch, losses, valid["labels"].numpy(), valid_logits)
-        best_state = _end_epoch(meta, metrics, metrics["valid_auc_mean"], parts, best_state)
-        _report(rank, parts, best_state, opt, meta, metrics)
-        if meta["bad_epochs"] >= cfg.patience:
+        best_state, stop = _close_epoch(meta, metrics, metrics["valid_auc_mean"], parts,
+                                        best_state, opt, cfg.patience)  # fmt: skip
+        if stop:
             break
 
 
@@ -315,6 +305,26 @@ def _restore(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, 
     return meta, best_state
 
 
+def _my_batches(n: int, seed: int, epoch: int, per_worker: int) -> tuple[torch.Tensor, ...]:
+    """This worker's rows of an epoch, in batches: every worker draws the same permutation
+    (seeded by the epoch, so a resumed run replays it) and takes every world-th row."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    mine = torch.randperm(n, generator=gen)[ctx.get_world_rank() :: ctx.get_world_size()]
+    return mine.split(per_worker)
+
+
+def _close_epoch(meta: dict, metrics: dict, score: float, model, best_state: dict, opt,
+                 patience: int) -> tuple[dict, bool]:  # fmt: skip
+    """Record the epoch, checkpoint and report it; returns the best state so far and whether
+    early stopping ends the run (`patience` epochs without a better score)."""
+    best_state = _end_epoch(meta, metrics, score, model, best_state)
+    _report(model, best_state, opt, meta, metrics)
+    return best_state, meta["bad_epochs"] >= patience
+
+
 def _end_epoch(meta: dict, metrics: dict, score: float, model, best_state: dict) -> dict:
     """Record the epoch; returns the best state so far (early stopping reads bad_epochs)."""
     if score > meta["best"]:
@@ -327,13 +337,13 @@ def _end_epoch(meta: dict, metrics: dict, score: float, model, best_state: dict)
     return best_state
 
 
-def _report(rank: int, model, best_state, opt, meta: dict, metrics: dict) -> None:
+def _report(model, best_state, opt, meta: dict, metrics: dict) -> None:
     """Checkpoint (rank 0 writes it) and report this epoch's metrics."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        if rank == 0:
+        if ray.train.get_context().get_world_rank() == 0:
             opt_tensors, opt_meta = optimizer_tensors(opt)
             save_file(_on_cpu(model.state_dict()), Path(d, MODEL_FILE))
             save_file(_on_cpu(best_state), Path(d, BEST_FILE))
