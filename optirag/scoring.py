@@ -175,7 +175,15 @@ def read_shard(shard: Shard, fs: pafs.FileSystem, known_items: np.ndarray) -> pa
 class ScoreShard:
     """Ray Data actor: one early-exit model replica, scoring a whole shard per call."""
 
-    def __init__(self, cfg: Config, inputs: Inputs, model_version: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        inputs: Inputs,
+        model_version: str,
+        item_ratings: ItemRatings | None = None,
+    ) -> None:
+        """`item_ratings`: the history's per-item totals (prompts.target_ratings), computed
+        once by the driver rather than by every actor."""
         import torch
 
         from optirag.backbone import load_backbone
@@ -190,10 +198,11 @@ class ScoreShard:
             else None
         )
         items = storage.read_table(inputs.items, cfg.storage, S.ITEMS)
-        ratings = ItemRatings.totals(self.history) if cfg.prompts.target_ratings else None
+        if cfg.prompts.target_ratings and item_ratings is None:
+            raise ValueError("prompts.target_ratings needs the history's item_ratings")
         # User-side tables are loaded per shard (_load_users); only item-side ones stay resident.
         self.contexts = ContextStore(
-            S.INTERACTIONS.empty_table(), items, None, cfg.prompts, item_ratings=ratings
+            S.INTERACTIONS.empty_table(), items, None, cfg.prompts, item_ratings=item_ratings
         )
         self.scorer = build_pair_scorer(cfg, self.contexts, load_backbone(cfg.backbone))
         self.model_version = model_version
@@ -367,6 +376,10 @@ def run(cfg: Config) -> dict:
             storage.read_table(inputs.items, cfg.storage, columns=[S.ITEM_ID])[S.ITEM_ID].to_numpy()
         )
         fs, _ = storage.resolve(inputs.candidates, cfg.storage)
+        item_ratings = None
+        if cfg.prompts.target_ratings:  # one pass over the history, batch by batch
+            history = storage.open_dataset(inputs.history, cfg.storage, S.INTERACTIONS)
+            item_ratings = ItemRatings.totals(history)
 
         def read(batch: dict[str, np.ndarray]) -> pa.Table:
             return read_shard(pending[int(batch["id"][0])], fs, ray.get(known_items))
@@ -380,7 +393,12 @@ def run(cfg: Config) -> dict:
             .map_batches(read, batch_size=1, batch_format="numpy")
             .map_batches(
                 ScoreShard,
-                fn_constructor_kwargs={"cfg": cfg, "inputs": inputs, "model_version": version},
+                fn_constructor_kwargs={
+                    "cfg": cfg,
+                    "inputs": inputs,
+                    "model_version": version,
+                    "item_ratings": item_ratings,
+                },  # fmt: skip
                 batch_size=None,
                 batch_format="pyarrow",
                 compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),

@@ -20,7 +20,7 @@ from optirag import schema as S
 from optirag import scoring, storage
 from optirag.backbone import load_backbone
 from optirag.config import Config
-from optirag.context import ContextStore
+from optirag.context import ContextStore, ItemRatings
 from optirag.data import table_uri
 from optirag.scorer import build_pair_scorer
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
@@ -163,7 +163,10 @@ def test_actor_loads_only_its_shards_users(
     prompts = cfg.prompts.model_copy(update={"target_ratings": target_ratings})
     cfg = cfg.model_copy(update={"prompts": prompts})
     inputs = scoring.Inputs.from_config(cfg)
-    actor = scoring.ScoreShard(cfg, inputs, "v1")
+    ratings = None
+    if target_ratings:  # what the driver computes, streamed from the history file
+        ratings = ItemRatings.totals(storage.open_dataset(inputs.history, cfg.storage))
+    actor = scoring.ScoreShard(cfg, inputs, "v1", item_ratings=ratings)
     backbone = actor.scorer.engine.backbone
     whole = build_pair_scorer(cfg, ContextStore(*movie_tables, prompts), backbone)
     fs, _ = storage.resolve(inputs.candidates, cfg.storage)
@@ -176,6 +179,25 @@ def test_actor_loads_only_its_shards_users(
         assert actor.contexts.users == {user, *neighbors.get(user, [])}
         expected = whole.score(batch[S.USER_ID].to_numpy(), batch[S.ITEM_ID].to_numpy())
         np.testing.assert_allclose(batch[S.SCORE].to_numpy(), expected.scores, atol=1e-5)
+
+
+def test_job_with_target_ratings_matches_the_in_process_scorer(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    """The driver's item rating totals reach every actor through Ray Data."""
+    cands = _candidates()
+    _write_inputs(local_storage, movie_tables, cands)
+    cfg = _config(local_storage, tiny_llama_dir)
+    prompts = cfg.prompts.model_copy(update={"target_ratings": True})
+    cfg = cfg.model_copy(update={"prompts": prompts})
+    scoring.run(cfg)
+    _, scores, rejects = _read_run(cfg)
+    _assert_exactly_once(scores, rejects, cands)
+    scorer = build_pair_scorer(
+        cfg, ContextStore(*movie_tables, prompts), load_backbone(cfg.backbone)
+    )
+    local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
+    np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
 
 
 def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir, movie_tables):
