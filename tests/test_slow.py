@@ -2,7 +2,10 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,17 +63,21 @@ def test_ray_job_submit_scores_movielens(movielens, tmp_path):
     # Ray 2.60 clusters require a token; the CLI then sends ~/.ray/auth_token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
     port = "6399"
+    temp_dir = tempfile.mkdtemp(prefix="optirag-ray-")  # short: Ray puts sockets under it
     subprocess.run(
         [
             "ray",
             "start",
             "--head",
+            f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
             "--num-cpus=2",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             "--dashboard-port=8299",
+            # Not the default 52365: another Ray on the machine may hold it.
+            f"--dashboard-agent-listen-port={_free_port()}",
         ],
         check=True,
         env=env,
@@ -109,5 +116,32 @@ def test_ray_job_submit_scores_movielens(movielens, tmp_path):
         sample = storage.read_table(f"{root}/candidates/test_sample.parquet", movielens.storage)
         assert manifest["scored"] + sum(manifest["rejected"].values()) == sample.num_rows
     finally:
-        # Stops every Ray instance on this machine: run slow tests on their own (make test-slow).
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        _stop_head(temp_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Kill the head this test started and everything under it: every process of the head
+    names its own temp dir on its command line. Unlike `ray stop`, which stops every Ray on
+    the machine, this leaves a developer's other Ray sessions alone."""
+    import psutil
+
+    ours = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
+            try:
+                ours |= {proc, *proc.children(recursive=True)}
+            except psutil.Error:
+                continue
+    for proc in ours:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(list(ours), timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)
