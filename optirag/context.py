@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 
 from optirag import schema as S
 from optirag.config import PromptConfig
-from optirag.prompts import UserContext, item_text
+from optirag.prompts import UserContext, item_text, rating_note
 
 
 class ItemTexts:
@@ -214,11 +214,7 @@ class ContextStore:
         if not self.cfg.target_ratings:
             return text
         mean, count = self.item_ratings.lookup(item, before_ts)
-        notes = [f"mean rating {mean:.1f} from {count} ratings" if count else "no ratings yet"]
-        neighbor = self._neighbor_ratings(user, item, before_ts)
-        if neighbor:
-            notes.append("similar users rated it " + ", ".join(f"{r:g}" for r in neighbor))
-        return f"{text} ({'; '.join(notes)})"
+        return f"{text} {rating_note(mean, count, self._neighbor_ratings(user, item, before_ts))}"
 
     def _neighbor_ratings(self, user: int, item: int, before_ts: int | None) -> list[float]:
         """Ratings of `item` by the user's neighbours, most similar first."""

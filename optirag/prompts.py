@@ -39,6 +39,14 @@ def item_text(title: str | None, text: str | None, max_chars: int) -> str:
     return clean_text(f"{title} [{extra}]" if extra else title, max_chars)
 
 
+def rating_note(mean: float, count: int, neighbor_ratings: list[float]) -> str:
+    """What the prompt says after the target item with `target_ratings`."""
+    notes = [f"mean rating {mean:.1f} from {count} ratings" if count else "no ratings yet"]
+    if neighbor_ratings:
+        notes.append("similar users rated it " + ", ".join(f"{r:g}" for r in neighbor_ratings))
+    return f"({'; '.join(notes)})"
+
+
 @dataclass
 class UserContext:
     """What the prompt says about a user; history oldest first, as (item text, liked)."""
@@ -82,6 +90,12 @@ class PromptBuilder:
 
     def suffix_text(self, target: str) -> str:
         return target + self._tail
+
+    def template_sample(self) -> str:
+        """A prompt rendered from fixed fake data: changes whenever the wording does, so it
+        belongs in every cache key of features extracted from prompts."""
+        ctx = UserContext([("A", True), ("B", False)], ["C"])
+        return self.prefix_text(ctx) + self.suffix_text("T " + rating_note(3.5, 2, [5.0]))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -231,7 +231,8 @@ def side_features_only(cfg: Config, train, names: list[str], test_side: np.ndarr
 
 
 def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
-    """What the cached features depend on: model, prompts, neighbour table, seed."""
+    """What the cached features depend on: model, prompt settings and wording (a prompt
+    rendered from fake data), neighbour table, seed."""
     neighbors = cfg.scoring.neighbors_uri or storage.join(cfg.storage.root, "neighbors",
                                                           "gcn.parquet")  # fmt: skip
     stamp = None
@@ -239,8 +240,10 @@ def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
         fs, path = storage.resolve(neighbors, cfg.storage)
         info = fs.get_file_info(path)
         stamp = [info.size, str(info.mtime)]
+    template = PromptBuilder(backbone.tokenizer, cfg.prompts).template_sample()
     return {"backbone": backbone.version, "layers": layers, "seed": cfg.heads.seed,
-            "prompts": cfg.prompts.model_dump(), "neighbors": [neighbors, stamp]}  # fmt: skip
+            "prompts": cfg.prompts.model_dump(), "neighbors": [neighbors, stamp],
+            "template": hashlib.sha256(template.encode()).hexdigest()[:12]}  # fmt: skip
 
 
 def features_uri(cfg: Config, split: str, key: dict) -> str:

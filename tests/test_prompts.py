@@ -154,3 +154,13 @@ def test_target_ratings_in_prompt_respect_the_cut(movie_tables):
     assert store.target_text(1, 8) == f"{store.item_texts[8]} (no ratings yet)"  # rating missing
     plain = ContextStore(interactions, items, neighbors, PromptConfig())
     assert plain.target_text(1, 7) == title
+
+
+def test_feature_cache_key_follows_the_prompt_wording(tiny_backbone, monkeypatch):
+    from optirag import prompts, stages
+    from optirag.config import Config
+
+    cfg = Config()
+    before = stages.feature_key(cfg, tiny_backbone, [2, 4])
+    monkeypatch.setattr(prompts, "rating_note", lambda mean, count, ratings: "(reworded)")
+    assert stages.feature_key(cfg, tiny_backbone, [2, 4]) != before
