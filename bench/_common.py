@@ -50,6 +50,7 @@ class PeakMemory:
         self.peak = 0
         self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
+        self.peak_count_by_kind: dict[str, int] = {}  # processes of each kind at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -65,6 +66,7 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             by_kind: dict[str, int] = {}
+            count: dict[str, int] = {}
             pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
@@ -73,11 +75,14 @@ class PeakMemory:
                 except psutil.Error:
                     continue
                 by_kind[kind] = by_kind.get(kind, 0) + info.rss
+                count[kind] = count.get(kind, 0) + 1
                 pss += info.pss
             self.peak = max(self.peak, sum(by_kind.values()))
             self.peak_pss = max(self.peak_pss, pss)
             for kind, rss in by_kind.items():
                 self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), rss)
+                self.peak_count_by_kind[kind] = max(self.peak_count_by_kind.get(kind, 0),
+                                                    count[kind])  # fmt: skip
             time.sleep(self.interval_s)
 
 

@@ -58,7 +58,7 @@ def run_once(
     return {
         "pairs": pairs, "scored": summary["scored"], "wall_s": round(wall, 1),
         "pairs_per_s": round(pairs / wall, 1), "peak_rss_gib_total": gib(mem.peak),
-        "peak_pss_gib_total": gib(mem.peak_pss),
+        "peak_pss_gib_total": gib(mem.peak_pss), "peak_processes_by_kind": mem.peak_count_by_kind,
         "peak_rss_gib_by_kind": {k: gib(v) for k, v in mem.peak_by_kind.items()},
         "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
     }  # fmt: skip
