@@ -51,8 +51,10 @@ VARIANTS = {
                     "heads.valid_users=40", "heads.lora.epochs=1", "evaluation.test_users=100",
                     "evaluation.speed_pairs=0"],
     "lora-hybrid-gpu": [HYBRID, *LORA_GPU],
-    # Every lever at once: CF in the prompt, hybrid MLP heads, LoRA.
-    "combination-gpu": [CF_PROMPT, HYBRID, "heads.mlp_size=64", "heads.lr=0.002", *LORA_GPU],
+    # Every lever at once: CF in the prompt, hybrid MLP heads, LoRA (64 prompts a step: the
+    # run had to fit the GPU minutes left).
+    "combination-gpu": [CF_PROMPT, HYBRID, "heads.mlp_size=64", "heads.lr=0.002", *LORA_GPU,
+                        "heads.lora.batch_size=64"],
 }  # fmt: skip
 FAST_EVAL = ["evaluation.speed_pairs=0", "evaluation.bootstrap_resamples=300"]
 
