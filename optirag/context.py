@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from optirag import schema as S
+from optirag.cf import lookup
 from optirag.config import PromptConfig
 from optirag.prompts import UserContext, item_text, rating_note
 
@@ -74,7 +75,7 @@ class ItemRatings:
     @classmethod
     def totals(cls, history: ds.Dataset) -> ItemRatings:
         """Totals per item, read one batch at a time: memory grows with items, not ratings."""
-        parts: list[pa.Table] = []
+        parts = [_EMPTY_TOTALS]
         for batch in history.to_batches(columns=[S.ITEM_ID, S.RATING]):
             parts.append(
                 pa.Table.from_batches([batch])
@@ -83,15 +84,15 @@ class ItemRatings:
             )
             if len(parts) >= 64:  # fold the partial totals so they stay O(items)
                 parts = [_fold(parts)]
-        table = _fold(parts) if parts else _fold([_EMPTY_TOTALS])
+        table = _fold(parts)
         items = table[S.ITEM_ID].to_numpy()
         return cls(items, np.full(len(items), np.iinfo(np.int64).min),
                    table["rating_sum"].to_numpy(), table["rating_count"].to_numpy())  # fmt: skip
 
     def lookup(self, item: int, before_ts: int | None = None) -> tuple[float, int]:
         """(mean rating, count); (nan, 0) for an item without ratings."""
-        pos = int(np.searchsorted(self._ids, item))
-        if pos == len(self._ids) or self._ids[pos] != item:
+        pos = int(lookup(self._ids, np.asarray([item]))[0])
+        if pos < 0:
             return float("nan"), 0
         start, end = int(self._starts[pos]), int(self._ends[pos])
         if before_ts is not None:

@@ -352,12 +352,10 @@ def run(cfg: Config) -> dict:
         fs.delete_dir(path)
 
     shards = plan_shards(inputs.candidates, cfg)
-    for uri, required in (
-        (inputs.history, S.INTERACTIONS),
-        (inputs.items, S.ITEMS),
-        (inputs.neighbors, S.NEIGHBORS),
-    ):
-        if uri:  # fail here, naming the file, rather than in every actor
+    # Fail here, naming the file, rather than in every actor.
+    history = storage.open_dataset(inputs.history, cfg.storage, S.INTERACTIONS)
+    for uri, required in ((inputs.items, S.ITEMS), (inputs.neighbors, S.NEIGHBORS)):
+        if uri:
             storage.checked_files(uri, cfg.storage, required)
     _load_or_write_plan(paths, shards, cfg, inputs)
     plan = {s.shard_id: s for s in shards}
@@ -376,10 +374,8 @@ def run(cfg: Config) -> dict:
             storage.read_table(inputs.items, cfg.storage, columns=[S.ITEM_ID])[S.ITEM_ID].to_numpy()
         )
         fs, _ = storage.resolve(inputs.candidates, cfg.storage)
-        item_ratings = None
-        if cfg.prompts.target_ratings:  # one pass over the history, batch by batch
-            history = storage.open_dataset(inputs.history, cfg.storage, S.INTERACTIONS)
-            item_ratings = ItemRatings.totals(history)
+        # One pass over the history, batch by batch, for every actor.
+        item_ratings = ItemRatings.totals(history) if cfg.prompts.target_ratings else None
 
         def read(batch: dict[str, np.ndarray]) -> pa.Table:
             return read_shard(pending[int(batch["id"][0])], fs, ray.get(known_items))
