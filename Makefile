@@ -45,6 +45,7 @@ demo: install data smollm2
 	@echo "  scores of a 50-user test sample under data/demo/scores/demo/"
 
 test: install
+	lint-imports
 	$(PYTHON) -m pytest
 
 test-slow: install data smollm2
@@ -56,6 +57,7 @@ bench: install
 lint:
 	ruff check optirag jobs tests bench
 	ruff format --check optirag jobs tests bench
+	lint-imports
 
 format:
 	ruff format optirag jobs tests bench

@@ -108,16 +108,16 @@ def write_results(name: str, result: dict, table_rows: Iterable[tuple], header: 
 def run_variant(config: str, overrides: list[str], folder: str | None) -> dict:
     """train_exits + run_evaluation with extra overrides; heads and evaluation under
     `folder` (None: the config's own locations). Returns training summary and metrics."""
-    from optirag import stages, storage
+    from optirag import artifacts
     from optirag.cli import _init_ray
     from optirag.config import load_config
+    from optirag.pipelines import evaluation, train_exits
 
     if folder is not None:
         overrides = [*overrides, f"exits.heads_uri={folder}/exits",
                      f"evaluation.output_uri={folder}/evaluation"]  # fmt: skip
     cfg = load_config(config, overrides)
     _init_ray(cfg)
-    trained = stages.train_exits(cfg)
-    stages.run_evaluation(cfg)
-    out = cfg.evaluation.output_uri or storage.join(cfg.storage.root, "evaluation")
-    return {"train": trained, "evaluation": storage.read_json(f"{out}/metrics.json", cfg.storage)}
+    trained = train_exits.run(cfg)
+    evaluation.run(cfg)
+    return {"train": trained, "evaluation": artifacts.load_evaluation(cfg)}

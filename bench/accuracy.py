@@ -105,23 +105,28 @@ def main() -> None:
 def controls(config: str, overrides: list[str]) -> list[dict]:
     """MF and the hybrid heads' control (logistic regression on the same CF features, no
     LLM) on the same test pairs, with the control's difference to MF per slice."""
-    from optirag import cf, stages
-    from optirag import evaluate as E
-    from optirag import features as F
-    from optirag.data import table_uri
+    from optirag import artifacts as A
+    from optirag import baselines as B
+    from optirag import cf
+    from optirag import metrics as M
+    from optirag import pairs as P
 
     cfg = load_config(config, overrides)
     store = cfg.storage
-    train = stages._tables(cfg)[0]
-    test = storage.read_table(table_uri(store.root, "candidates", "test"), store)
-    pairs = F.candidate_pairs(test, cfg.evaluation.test_users, cfg.heads.seed)
+    train = A.read_prompt_tables(cfg)[0]
+    test = storage.read_table(A.candidates_uri(store.root, "test"), store)
+    pairs = P.candidate_pairs(test, cfg.evaluation.test_users, cfg.heads.seed)
     names = HYBRID.split("=", 1)[1].strip("[]").split(",")
     test_side = cf.SideFeatures.fit(names, train, cfg.heads.seed)(pairs.users, pairs.items)
     mf = cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items)
-    control = stages.side_features_only(cfg, train, names, test_side)
-    models = {stages.MF_BASELINE: mf, stages.SIDE_ONLY: control}
-    masks = E.slice_masks(train, pairs.users, pairs.items)
-    return E.model_table(models, pairs.labels, masks, stages.MF_BASELINE, set(models))[1:]
+    hc = cfg.heads
+    train_pairs = P.training_pairs(train, hc.train_users, hc.history_fraction,
+                                   hc.targets_per_user, hc.seed)  # fmt: skip
+    x_train = P.training_side_features(names, hc.seed, train, train_pairs)
+    control = B.side_features_only(x_train, train_pairs.labels, test_side)
+    models = {B.MF_BASELINE: mf, B.SIDE_ONLY: control}
+    masks = M.slice_masks(train, pairs.users, pairs.items)
+    return M.model_table(models, pairs.labels, masks, B.MF_BASELINE, set(models))[1:]
 
 
 def write(name: str, result: dict) -> None:

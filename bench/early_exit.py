@@ -25,20 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
+from optirag import artifacts as A  # noqa: E402
 from optirag import schema as S  # noqa: E402
-from optirag import storage  # noqa: E402
 from optirag.backbone import load_backbone  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore  # noqa: E402
-from optirag.data import table_uri  # noqa: E402
 from optirag.early_exit import ExitRule  # noqa: E402
-from optirag.prompts import PromptBuilder  # noqa: E402
-from optirag.scorer import (  # noqa: E402
-    PairScorer,
-    has_trained_heads,
-    load_heads,
-    load_side_features,
-)
+from optirag.pair_scorer import make_pair_scorer  # noqa: E402
 
 
 def main() -> None:
@@ -51,18 +44,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    store, root = cfg.storage, cfg.storage.root
-
     backbone = load_backbone(cfg.backbone)
-    trained = has_trained_heads(cfg)
-    heads, _ = load_heads(backbone, cfg)
-    side_features = load_side_features(heads, cfg)
-    train = storage.read_table(table_uri(root, "interactions", "train"), store)
-    items = storage.read_table(table_uri(root, "items"), store)
-    nb_uri = storage.join(root, "neighbors", "gcn.parquet")
-    neighbors = storage.read_table(nb_uri, store) if storage.exists(nb_uri, store) else None
+    trained = A.has_trained_heads(cfg)
+    model = A.load_scoring_model(cfg, backbone)
+    heads = model.heads
+    train, items, neighbors = A.read_prompt_tables(cfg)
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
-    prompts = PromptBuilder(backbone.tokenizer, cfg.prompts)
 
     rng = np.random.default_rng(0)
     users = rng.choice(np.unique(train[S.USER_ID].to_numpy()), args.users, replace=False)
@@ -72,9 +59,9 @@ def main() -> None:
                                  for _ in users])  # fmt: skip
 
     def run(name: str, rule: ExitRule, share: bool) -> dict:
-        scorer = PairScorer(backbone, heads, rule, contexts, prompts, share_prefixes=share,
-                            batch_rows=cfg.compute.batch_rows,
-                            side_features=side_features)  # fmt: skip
+        compute = cfg.compute.model_copy(update={"share_prefixes": share})
+        scorer = make_pair_scorer(cfg.model_copy(update={"compute": compute}), backbone, model,
+                                  contexts, rule)  # fmt: skip
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -91,8 +78,9 @@ def main() -> None:
                 "scores": out.scores}  # fmt: skip
 
     # Warm-up so the first variant does not pay for lazy initialisation.
-    PairScorer(backbone, heads, ExitRule("none"), contexts, prompts,
-               side_features=side_features).score(pair_users[:2], pair_items[:2])  # fmt: skip
+    make_pair_scorer(cfg, backbone, model, contexts, ExitRule("none")).score(
+        pair_users[:2], pair_items[:2]
+    )
     rows = [run("full depth, no sharing", ExitRule("none"), False),
             run("full depth, shared prefixes", ExitRule("none"), True)]  # fmt: skip
     rows += [run(f"early exit tau={t}, shared", ExitRule("agreement", float(t)), True)

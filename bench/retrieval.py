@@ -15,21 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors.torch import load
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
+from optirag import artifacts as A  # noqa: E402
 from optirag import retriever as R  # noqa: E402
 from optirag import schema as S  # noqa: E402
 from optirag import storage, text_embed  # noqa: E402
 from optirag.backbone import model_dir  # noqa: E402
+from optirag.baselines import lightgcn_scores  # noqa: E402
 from optirag.cli import _init_ray  # noqa: E402
 from optirag.config import load_config  # noqa: E402
-from optirag.data import table_uri  # noqa: E402
-from optirag.evaluate import auc  # noqa: E402
-from optirag.features import Pairs  # noqa: E402
-from optirag.stages import _lightgcn_scores  # noqa: E402
+from optirag.metrics import auc  # noqa: E402
+from optirag.pairs import Pairs  # noqa: E402
+from optirag.pipelines import retrieval, text_neighbors  # noqa: E402
 
 
 def main() -> None:
@@ -44,21 +45,21 @@ def main() -> None:
     _init_ray(cfg)
 
     start = time.perf_counter()
-    report = R.run(cfg)
+    report = retrieval.run(cfg)
     train_s = time.perf_counter() - start
 
-    train = storage.read_table(table_uri(root, "interactions", "train"), store)
-    items = storage.read_table(table_uri(root, "items"), store)
+    train = storage.read_table(A.interactions_uri(root, "train"), store)
+    items = storage.read_table(A.items_uri(root), store)
     graph = R.build_graph(train, items)
-    emb = load(storage.read_bytes(storage.join(root, "retriever", "embeddings.safetensors"),
-                                  store))["embeddings"]  # fmt: skip
-    universe = R.user_universe(root, store)
+    embeddings, meta = A.load_retriever(root, store)
+    emb = torch.from_numpy(embeddings)
+    universe = retrieval.user_universe(root, store)
     start = time.perf_counter()
     gcn_table = R.publish_neighbors(graph, emb[: graph.num_users], universe, cfg.retriever, "gcn")
     gcn_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    R.run_text_baseline(cfg)
+    text_neighbors.run(cfg)
     minilm_s = time.perf_counter() - start
 
     docs = text_embed.user_documents(train, items)
@@ -68,10 +69,10 @@ def main() -> None:
     llm_sample_s = time.perf_counter() - start
     llm_full_s = llm_sample_s * len(docs) / len(sample)
 
-    test = storage.read_table(table_uri(root, "candidates", "test"), store)
+    test = storage.read_table(A.candidates_uri(root, "test"), store)
     pairs = Pairs(test[S.USER_ID].to_numpy(), test[S.ITEM_ID].to_numpy(),
                   test[S.LABEL].to_numpy())  # fmt: skip
-    gcn_auc = auc(pairs.labels, _lightgcn_scores(cfg, pairs))
+    gcn_auc = auc(pairs.labels, lightgcn_scores(embeddings, meta, pairs.users, pairs.items))
     result = {
         "machine": machine(), "users": int(len(universe)), "neighbors_rows": gcn_table.num_rows,
         "gcn_train_s": round(train_s, 1), "gcn_neighbor_table_s": round(gcn_s, 3),

@@ -25,8 +25,8 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, PeakMemory, gib, machine, write_results  # noqa: E402
 
-from optirag import scoring, synthetic  # noqa: E402
 from optirag.config import load_config  # noqa: E402
+from optirag.pipelines import scoring, synthetic  # noqa: E402
 
 
 def run_once(
@@ -48,7 +48,7 @@ def run_once(
     cfg = load_config(None, overrides)
     ray.init(include_dashboard=False, num_cpus=num_cpus)
     try:
-        synthetic.generate(cfg.synthetic, cfg.storage)
+        synthetic.run(cfg.synthetic, cfg.storage)
         with PeakMemory() as mem:
             start = time.perf_counter()
             summary = scoring.run(cfg)

@@ -21,6 +21,7 @@ from _common import PeakMemory, gib, machine, write_results  # noqa: E402
 
 from optirag import synthetic  # noqa: E402
 from optirag.config import StorageConfig, SyntheticConfig  # noqa: E402
+from optirag.pipelines import synthetic as synthetic_job  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.out) as root, PeakMemory() as mem:
         ray.init(num_cpus=None, include_dashboard=False)
         start = time.perf_counter()
-        totals = synthetic.generate(cfg, StorageConfig(root=root))
+        totals = synthetic_job.run(cfg, StorageConfig(root=root))
         wall = time.perf_counter() - start
         ray.shutdown()
     rows = totals["candidates"]

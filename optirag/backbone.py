@@ -140,6 +140,12 @@ def _cache_smollm2(target: Path) -> None:
     tmp.rename(target)
 
 
+def config_digest(cfg: BackboneConfig) -> tuple[str, str]:
+    """(model folder name, sha256 of its config.json): what names a backbone's version."""
+    path = model_dir(cfg)
+    return path.name, hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+
+
 def load_backbone(cfg: BackboneConfig) -> Backbone:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,8 +158,8 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     )
     model.to(device).eval().requires_grad_(False)
     yes_id, no_id = (_single_token_id(tokenizer, t) for t in ANSWER_TOKENS)
-    weights_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:8]
-    return Backbone(model, tokenizer, yes_id, no_id, version=f"{path.name}-{weights_hash}")
+    name, digest = config_digest(cfg)
+    return Backbone(model, tokenizer, yes_id, no_id, version=f"{name}-{digest[:8]}")
 
 
 def _single_token_id(tokenizer: Any, word: str) -> int:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load, save
 
 from optirag import schema as S
-from optirag import storage
-from optirag.config import StorageConfig
+from optirag.ids import lookup
 
 # What a hybrid head can read, each a fixed transform so no scaler has to be fitted:
 #   mf          MF logit of the pair
@@ -25,14 +23,6 @@ from optirag.config import StorageConfig
 #   item_rate   logit of the item's smoothed like rate;  item_count  log1p(item's ratings)
 SIDE_FEATURES = ("mf", "user_rate", "user_count", "item_rate", "item_count")
 PRIOR_WEIGHT = 10.0  # pseudo-ratings at the global like rate in the smoothed rates
-
-
-def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Position of each id in `sorted_ids`, -1 where it is absent."""
-    pos = np.searchsorted(sorted_ids, ids)
-    pos = np.clip(pos, 0, max(len(sorted_ids) - 1, 0))
-    found = len(sorted_ids) > 0 and sorted_ids[pos] == ids
-    return np.where(found, pos, -1)
 
 
 def _lookup(ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,24 +159,21 @@ class SideFeatures:
             out[:, j] = columns[name]()
         return out
 
-    def save(self, uri: str, store: StorageConfig) -> None:
+    def arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything the features are computed from: named arrays + small metadata."""
         mf, us, it = self.mf, self.users, self.items
-        tensors = {
+        arrays = {
             "mf.user_ids": mf.user_ids, "mf.item_ids": mf.item_ids, "mf.user_emb": mf.user_emb,
             "mf.item_emb": mf.item_emb, "mf.user_bias": mf.user_bias, "mf.item_bias": mf.item_bias,
             "users.ids": us.ids, "users.rate": us.rate, "users.count": us.count,
             "items.ids": it.ids, "items.rate": it.rate, "items.count": it.count,
         }  # fmt: skip
-        blob = save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
-        storage.write_bytes(blob, uri, store)
         meta = {"names": self.names, "bias": mf.bias, "user_prior": us.prior,
                 "item_prior": it.prior}  # fmt: skip
-        storage.write_json(meta, uri + ".json", store)
+        return arrays, meta
 
     @classmethod
-    def load(cls, uri: str, store: StorageConfig) -> SideFeatures:
-        t = {k: v.numpy() for k, v in load(storage.read_bytes(uri, store)).items()}
-        meta = storage.read_json(uri + ".json", store)
+    def from_arrays(cls, t: dict[str, np.ndarray], meta: dict) -> SideFeatures:
         mf = MatrixFactorisation(
             t["mf.user_ids"], t["mf.item_ids"], t["mf.user_emb"], t["mf.item_emb"],
             t["mf.user_bias"], t["mf.item_bias"], meta["bias"],

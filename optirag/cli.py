@@ -1,7 +1,7 @@
 """Command-line entry points: `python jobs/<job>.py --config conf/x.yaml [a.b=c ...]`.
 
 This is the only module that sets up logging, reads the environment for Ray, and calls
-ray.init; the stage modules take plain config objects.
+ray.init; each job is a module of optirag.pipelines and takes plain config objects.
 """
 
 from __future__ import annotations
@@ -79,30 +79,30 @@ def _run(
 
 
 def prepare_data(argv: list[str]) -> int:
-    from optirag import data
+    from optirag.pipelines import prepare
 
     return _run(
         "prepare_data",
         "Build the canonical interactions/items/candidates tables under storage.root.",
         argv,
-        lambda cfg: data.prepare(cfg.data, cfg.storage),
+        lambda cfg: prepare.run(cfg.data, cfg.storage),
     )
 
 
 def generate_synthetic(argv: list[str]) -> int:
-    from optirag import synthetic
+    from optirag.pipelines import synthetic
 
     return _run(
         "generate_synthetic",
         "Write a deterministic synthetic candidates data set as parquet shards (Ray Data).",
         argv,
-        lambda cfg: synthetic.generate(cfg.synthetic, cfg.storage),
+        lambda cfg: synthetic.run(cfg.synthetic, cfg.storage),
         needs_ray=True,
     )
 
 
 def score(argv: list[str]) -> int:
-    from optirag import scoring
+    from optirag.pipelines import scoring
 
     return _run(
         "score",
@@ -114,46 +114,46 @@ def score(argv: list[str]) -> int:
 
 
 def train_retriever(argv: list[str]) -> int:
-    from optirag import retriever
+    from optirag.pipelines import retrieval
 
     return _run(
         "train_retriever",
-        "Train LightGCN with Ray Train and write the similar-user table (neighbors/gcn.parquet).",
+        "Train LightGCN with Ray Train and write the retriever and its similar-user table.",
         argv,
-        retriever.run,
+        retrieval.run,
         needs_ray=True,
     )
 
 
 def build_text_neighbors(argv: list[str]) -> int:
-    from optirag import retriever
+    from optirag.pipelines import text_neighbors
 
     return _run(
         "build_text_neighbors",
-        "The text-embedding retrieval baseline: neighbors/text-embed.parquet.",
+        "The text-embedding retrieval baseline: a similar-user table from item texts.",
         argv,
-        retriever.run_text_baseline,
+        text_neighbors.run,
     )
 
 
 def train_exits(argv: list[str]) -> int:
-    from optirag import stages
+    from optirag.pipelines import train_exits as job
 
     return _run(
         "train_exits",
         "Train the exit heads (frozen backbone, depth-decayed LR) and calibrate tau.",
         argv,
-        stages.train_exits,
+        job.run,
         needs_ray=True,
     )
 
 
 def evaluate(argv: list[str]) -> int:
-    from optirag import stages
+    from optirag.pipelines import evaluation
 
     return _run(
         "evaluate",
         "Evaluate the trained heads and early exit against baselines on the test candidates.",
         argv,
-        stages.run_evaluation,
+        evaluation.run,
     )

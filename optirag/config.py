@@ -2,7 +2,7 @@
 
 Every model forbids unknown keys, so a typo is an error that names the key and the file.
 `load_config(path, ["a.b=c", ...])` applies command-line overrides, each value parsed with
-yaml.safe_load (so `compute.num_actors=2` is an int and `data.source=parquet` a string).
+yaml.safe_load (so `compute.max_actors=2` is an int and `data.source=parquet` a string).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class DataConfig(StrictModel):
     columns: ColumnMapping = ColumnMapping()
     like_threshold: float = Field(4.0, description="label = rating >= this, when no label column")
     sample_users: int | None = Field(
-        None, gt=0, description="also write candidates/test_sample.parquet for this many users"
+        None, gt=0, description="also write test candidates of this many users (test_sample)"
     )
     valid_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
@@ -194,7 +194,7 @@ class ScoringConfig(StrictModel):
     neighbors_uri: Location | None = None  # default: <root>/neighbors/gcn.parquet when present
     output_uri: Location | None = None  # default: <root>/scores
     run_id: str | None = None  # default: <date>-<model>-<config hash>
-    replace: bool = Field(False, description="overwrite a run that already has _SUCCESS")
+    replace: bool = Field(False, description="overwrite a run that was already committed")
     rows_per_shard: int = Field(20_000, gt=0)
     max_actor_restarts: int = Field(2, ge=0)
     max_task_retries: int = Field(2, ge=0)
@@ -217,7 +217,7 @@ class LoraConfig(StrictModel):
 
 
 class HeadTrainingConfig(StrictModel):
-    """Exit-head training on a frozen backbone (see optirag.features, optirag.training).
+    """Exit-head training on a frozen backbone (see optirag.pairs, optirag.pipelines.train_exits).
 
     Training pairs: per sampled user, the train history is cut at `history_fraction`; the
     prompt shows only interactions before the cut and the targets are up to
@@ -260,7 +260,7 @@ class EvalConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    address: str | None = Field(None, description="None: start a local Ray (dashboard off)")
+    address: str | None = Field(None, description="None: a local Ray (dashboard on 127.0.0.1)")
     num_cpus: int | None = None
 
 

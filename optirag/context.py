@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from optirag import schema as S
-from optirag.cf import lookup
 from optirag.config import PromptConfig
+from optirag.ids import lookup
 from optirag.prompts import UserContext, item_text, rating_note
 
 
@@ -168,16 +168,10 @@ class ContextStore:
             ):
                 self._neighbors[int(u)] = (ids, sims)
 
-    def has_item(self, item: int) -> bool:
-        return item in self.item_texts
-
     @property
     def users(self) -> set[int]:
         """The users whose history is loaded."""
         return set(self._span)
-
-    def knows_user(self, user: int) -> bool:
-        return user in self._span
 
     def _slice(self, user: int, before_ts: int | None) -> slice:
         start, end = self._span.get(user, (0, 0))

@@ -1,6 +1,6 @@
-"""Data preparation: raw interactions -> the canonical tables of DESIGN.md.
+"""Data preparation: raw interactions -> the canonical tables (optirag.schema).
 
-Layout under `storage.root` (see `table_uri`):
+Tables written (paths in optirag.artifacts):
     interactions/{train,valid,test}.parquet   per-user time split
     items.parquet                             item_id, title, text
     candidates/{valid,test}.parquet           user_id, item_id, label (label passed through)
@@ -14,7 +14,6 @@ ones, as in a nightly job that scores tomorrow from yesterday.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from optirag import schema as S
-from optirag import storage
-from optirag.config import DataConfig, StorageConfig
+from optirag.config import DataConfig
 from optirag.schema import SchemaError
 
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "valid", "test", "test_sample")
 MOVIELENS_FILES = {
     "data": "MovieLens100k_data.parquet.brotli",
     "items": "MovieLens100k_items.parquet.brotli",
@@ -38,17 +33,6 @@ MOVIELENS_GENRES = (
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )  # fmt: skip
-
-
-def table_uri(root: str, table: str, split: str | None = None) -> str:
-    """Where a canonical table lives under the storage root."""
-    if table == "items":
-        return storage.join(root, "items.parquet")
-    if table in ("interactions", "candidates"):
-        if split not in SPLITS:
-            raise ValueError(f"{table} needs a split in {SPLITS}, got {split!r}")
-        return storage.join(root, table, f"{split}.parquet")
-    raise ValueError(f"unknown table {table!r}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -61,7 +45,7 @@ def load_movielens(directory: str) -> tuple[pa.Table, pa.Table]:
     paths = {k: Path(directory, v) for k, v in MOVIELENS_FILES.items()}
     for path in paths.values():
         if not path.exists():
-            raise storage.StorageError(f"{path}: MovieLens file missing; run `make data` first")
+            raise FileNotFoundError(f"{path}: MovieLens file missing; run `make data` first")
     raw = pq.read_table(paths["data"])
     interactions = pa.table(
         {
@@ -86,26 +70,25 @@ def load_movielens(directory: str) -> tuple[pa.Table, pa.Table]:
     return interactions, items
 
 
-def load_user_data(cfg: DataConfig, store: StorageConfig) -> tuple[pa.Table, pa.Table]:
-    """A user's interactions and items parquet, columns renamed per `cfg.columns`."""
+def rename_user_data(
+    cfg: DataConfig, source: pa.Table, item_source: pa.Table
+) -> tuple[pa.Table, pa.Table]:
+    """A user's own interactions and items tables, columns renamed per `cfg.columns`."""
     cols = cfg.columns
-    assert cfg.interactions_uri and cfg.items_uri  # checked by DataConfig
     wanted = {S.USER_ID: cols.user, S.ITEM_ID: cols.item, S.TS: cols.timestamp}
     if cols.rating:
         wanted[S.RATING] = cols.rating
     if cols.label:
         wanted[S.LABEL] = cols.label
-    source = storage.read_table(cfg.interactions_uri, store)
     _require(source, cfg.interactions_uri, wanted.values(), numeric=True)
     interactions = pa.table({ours: source[theirs] for ours, theirs in wanted.items()})
 
     item_cols = {S.ITEM_ID: cols.item, S.TITLE: cols.title}
     if cols.text:
         item_cols[S.TEXT] = cols.text
-    source = storage.read_table(cfg.items_uri, store)
-    _require(source, cfg.items_uri, [cols.item], numeric=True)
-    _require(source, cfg.items_uri, [c for k, c in item_cols.items() if k != S.ITEM_ID])
-    items = pa.table({ours: source[theirs] for ours, theirs in item_cols.items()})
+    _require(item_source, cfg.items_uri, [cols.item], numeric=True)
+    _require(item_source, cfg.items_uri, [c for k, c in item_cols.items() if k != S.ITEM_ID])
+    items = pa.table({ours: item_source[theirs] for ours, theirs in item_cols.items()})
     return interactions, items
 
 
@@ -209,35 +192,3 @@ def sample_users(table: pa.Table, n: int, seed: int) -> pa.Table:
     if n < len(users):
         users = np.random.default_rng(seed).choice(users, n, replace=False)
     return table.filter(pc.is_in(table[S.USER_ID], pa.array(users)))
-
-
-def prepare(cfg: DataConfig, store: StorageConfig) -> dict[str, int]:
-    """Build and write every canonical table; returns row counts per table.
-
-    Everything is validated and computed before the first write, so a bad input leaves
-    nothing behind.
-    """
-    if cfg.source == "movielens":
-        raw_interactions, raw_items = load_movielens(cfg.movielens_dir)
-        source = cfg.movielens_dir
-    else:
-        raw_interactions, raw_items = load_user_data(cfg, store)
-        source = cfg.interactions_uri or ""
-    interactions = canonical_interactions(raw_interactions, cfg.like_threshold, source)
-    items = canonical_items(raw_items, cfg.items_uri or cfg.movielens_dir)
-    splits = split_by_time(interactions, cfg.valid_fraction, cfg.test_fraction)
-
-    outputs = {table_uri(store.root, "items"): items}
-    for name, table in splits.items():
-        outputs[table_uri(store.root, "interactions", name)] = table
-        if name != "train":
-            outputs[table_uri(store.root, "candidates", name)] = candidates_from(table)
-    if cfg.sample_users:
-        sample = sample_users(splits["test"], cfg.sample_users, seed=0)
-        outputs[table_uri(store.root, "candidates", "test_sample")] = candidates_from(sample)
-    counts = {}
-    for uri, table in outputs.items():
-        storage.write_table(table, uri, store)
-        counts[uri] = table.num_rows
-        log.info("wrote %s (%d rows)", uri, table.num_rows)
-    return counts

@@ -9,21 +9,15 @@ stops running as soon as none of its candidates is still active.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from optirag.backbone import Backbone
 
 RuleKind = Literal["agreement", "confidence", "none"]
-HEADS_FILE = "heads.safetensors"
-EXIT_CONFIG_FILE = "exit_config.json"
-ADAPTER_FILE = "adapter.safetensors"  # LoRA weights the heads were trained with, if any
 
 
 def default_exit_layers(num_layers: int, num_heads: int) -> list[int]:
@@ -74,6 +68,33 @@ def prob_yes(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)[..., 0]
 
 
+@dataclass(frozen=True)
+class HeadsSpec:
+    """What shapes a set of exit heads: the one description training, evaluation and scoring
+    build heads from, stored in the exit config beside the weights."""
+
+    layers: tuple[int, ...]
+    hidden_size: int
+    eps: float
+    side_features: tuple[str, ...] = ()  # CF features hybrid heads read (optirag.cf), in order
+    mlp_size: int = 0  # hidden units of MLP heads; 0: linear heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HeadsSpec:
+        """From an exit config (older ones lack the hybrid/MLP keys)."""
+        return cls(tuple(d["layers"]), d["hidden_size"], d["eps"],
+                   tuple(d.get("side_features", ())), d.get("mlp_size", 0))  # fmt: skip
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, layers, side_features=(), mlp_size: int = 0):
+        eps = backbone.final_norm.variance_epsilon
+        return cls(tuple(layers), backbone.hidden_size, eps, tuple(side_features), mlp_size)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        return {**d, "layers": list(self.layers), "side_features": list(self.side_features)}
+
+
 class ExitHeads(nn.Module):
     """One ExitHead per exit layer. `from_backbone` starts each linear head as the model's own
     final norm and LM-head rows for Yes/No (side-feature weights zero), so the untrained last
@@ -100,6 +121,16 @@ class ExitHeads(nn.Module):
         )
 
     @classmethod
+    def from_spec(cls, spec: HeadsSpec) -> ExitHeads:
+        return cls(list(spec.layers), spec.hidden_size, spec.eps, spec.side_features,
+                   spec.mlp_size)  # fmt: skip
+
+    @property
+    def spec(self) -> HeadsSpec:
+        return HeadsSpec(tuple(self.layers), self.hidden_size, self.eps,
+                         tuple(self.side_names), self.mlp_size)  # fmt: skip
+
+    @classmethod
     def from_backbone(
         cls,
         backbone: Backbone,
@@ -110,7 +141,7 @@ class ExitHeads(nn.Module):
         if layers[-1] != backbone.num_layers:
             raise ValueError(f"last exit layer must be {backbone.num_layers}, got {layers[-1]}")
         norm = backbone.final_norm
-        heads = cls(layers, backbone.hidden_size, norm.variance_epsilon, side_names, mlp_size)
+        heads = cls.from_spec(HeadsSpec.for_backbone(backbone, layers, side_names, mlp_size))
         rows = backbone.model.lm_head.weight[[backbone.yes_id, backbone.no_id]]  # (2, H)
         with torch.no_grad():
             for head in heads.heads:
@@ -134,32 +165,11 @@ class ExitHeads(nn.Module):
         if got != expected:
             raise ValueError(f"heads read side features {self.side_names}, got {got} columns")
 
-    def meta(self) -> dict:
-        return {"layers": self.layers, "hidden_size": self.hidden_size, "eps": self.eps,
-                "side_features": self.side_names, "mlp_size": self.mlp_size}  # fmt: skip
-
-    def save(self, directory: str | Path, meta: dict) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, directory / HEADS_FILE)
-        (directory / EXIT_CONFIG_FILE).write_text(
-            json.dumps({**meta, **self.meta()}, indent=2, sort_keys=True)
-        )
-
-    @classmethod
-    def load(cls, directory: str | Path, backbone: Backbone | None = None):
-        """Heads and their exit config; on the backbone's device and dtype when given."""
-        directory = Path(directory)
-        meta = json.loads((directory / EXIT_CONFIG_FILE).read_text())
-        heads = cls(meta["layers"], meta["hidden_size"], meta["eps"],
-                    meta.get("side_features", ()), meta.get("mlp_size", 0))  # fmt: skip
-        heads.load_state_dict(load_file(directory / HEADS_FILE))
-        if backbone is not None:
-            if meta["layers"][-1] != backbone.num_layers:
-                raise ValueError(f"{directory}: heads were trained for another backbone depth")
-            heads.to(device=backbone.device, dtype=backbone.dtype)
-        return heads, meta
+    def for_backbone(self, backbone: Backbone) -> ExitHeads:
+        """These heads on the backbone's device and dtype; they must end at its last layer."""
+        if self.layers[-1] != backbone.num_layers:
+            raise ValueError("the heads were trained for another backbone depth")
+        return self.to(device=backbone.device, dtype=backbone.dtype)
 
 
 @dataclass(frozen=True)
@@ -186,7 +196,6 @@ class ScoreResult:
     exit_layers: torch.Tensor  # (N,) int16, layers run before the row exited
     head_probs: torch.Tensor  # (N, num_heads) float32, NaN for heads a row never reached
     layer_tokens: int = 0  # sum over layers of the tokens that went through it (compute)
-    exit_counts: dict[int, int] = field(default_factory=dict)
     hidden: torch.Tensor | None = None  # (N, num_heads, H) float32 when asked for
 
 
@@ -273,13 +282,11 @@ class EarlyExitScorer:
                 break
             p_prev = p
 
-        counts = torch.bincount(exit_layers.long(), minlength=bb.num_layers + 1)
         return ScoreResult(
             scores=scores.float().cpu(),
             exit_layers=exit_layers.cpu(),
             head_probs=head_probs.float().cpu(),
             layer_tokens=layer_tokens,
-            exit_counts={layer: int(counts[layer]) for layer in self.heads.layers},
             hidden=torch.stack(states, dim=1) if states is not None else None,
         )
 

@@ -17,7 +17,7 @@ import torch
 from torch_geometric.nn.models import LightGCN
 
 from optirag import schema as S
-from optirag.cf import lookup
+from optirag.ids import lookup
 
 SOURCE_GCN = "gcn"
 SOURCE_POPULAR = "popular"
@@ -186,25 +186,6 @@ def neighbor_table(
     )
 
 
-# ----------------------------------------------------------------------------- stage
-
-
-def user_universe(root: str, store) -> np.ndarray:
-    """Every user id the scorer may meet: interactions of all splits and candidates."""
-    from optirag import storage
-    from optirag.data import table_uri
-
-    ids = []
-    for table, split in [("interactions", s) for s in ("train", "valid", "test")] + [
-        ("candidates", "valid"),
-        ("candidates", "test"),
-    ]:
-        uri = table_uri(root, table, split)
-        if storage.exists(uri, store):
-            ids.append(storage.read_table(uri, store, columns=[S.USER_ID])[S.USER_ID].to_numpy())
-    return np.unique(np.concatenate(ids))
-
-
 def popular_users(graph: Graph) -> np.ndarray:
     """Users by number of training likes, most first (ties by id): the cold-start fallback."""
     likes = np.bincount(graph.edges[0], minlength=graph.num_users)
@@ -228,81 +209,3 @@ def publish_neighbors(
         warm_ids, user_embeddings[warm], cold, popular_users(graph), cfg.num_neighbors,
         cfg.block_size, source,
     )  # fmt: skip
-
-
-def run(cfg) -> dict:
-    """Train LightGCN with Ray Train, then write retriever/ and neighbors/gcn.parquet."""
-    from safetensors.torch import save
-
-    from optirag import storage
-    from optirag.data import table_uri
-    from optirag.training import train_retriever
-
-    store, root, rcfg = cfg.storage, cfg.storage.root, cfg.retriever
-    train = storage.read_table(table_uri(root, "interactions", "train"), store, S.INTERACTIONS)
-    valid = storage.read_table(table_uri(root, "interactions", "valid"), store, S.INTERACTIONS)
-    items = storage.read_table(table_uri(root, "items"), store, S.ITEMS)
-    graph = build_graph(train, items)
-    state, meta = train_retriever(graph, valid, rcfg, cfg.compute, store)
-
-    model = new_model(graph, rcfg.embedding_dim, rcfg.num_layers)
-    model.load_state_dict(state)
-    emb = final_embeddings(model, graph.edge_index())
-    report = {
-        "best_epoch": meta.get("best_epoch"),
-        "epochs_run": meta["epoch"],
-        "resumes": meta["resumes"],
-        "valid": meta["history"][meta.get("best_epoch", -1)],
-    }
-    test_uri = table_uri(root, "interactions", "test")
-    if storage.exists(test_uri, store):
-        test = storage.read_table(test_uri, store, S.INTERACTIONS)
-        report["test"] = ranking_metrics(emb, graph, test, rcfg.eval_k, rcfg.block_size)
-        report["test_most_popular"] = popularity_metrics(graph, test, rcfg.eval_k)
-
-    storage.write_bytes(
-        save({"embeddings": emb.contiguous()}),
-        storage.join(root, "retriever", "embeddings.safetensors"),
-        store,
-    )
-    ids = {"user_ids": graph.user_ids.tolist(), "item_ids": graph.item_ids.tolist()}
-    storage.write_json(
-        {**report, **ids, "config": rcfg.model_dump()},
-        storage.join(root, "retriever", "meta.json"),
-        store,
-    )
-    table = publish_neighbors(
-        graph, emb[: graph.num_users], user_universe(root, store), rcfg, SOURCE_GCN
-    )
-    storage.write_table(table, storage.join(root, "neighbors", "gcn.parquet"), store)
-    return {**report, "neighbors": table.num_rows}
-
-
-def run_text_baseline(cfg) -> dict:
-    """The text-embedding neighbour table (neighbors/text-embed.parquet)."""
-    import time
-
-    from optirag import storage, text_embed
-    from optirag.backbone import model_dir
-    from optirag.data import table_uri
-
-    store, root, rcfg = cfg.storage, cfg.storage.root, cfg.retriever
-    train = storage.read_table(table_uri(root, "interactions", "train"), store, S.INTERACTIONS)
-    items = storage.read_table(table_uri(root, "items"), store, S.ITEMS)
-    graph = build_graph(train, items)
-    start = time.perf_counter()
-    directory = (
-        text_embed.minilm_dir() if rcfg.text_embedder == "minilm" else str(model_dir(cfg.backbone))
-    )
-    user_ids, emb = text_embed.user_text_embeddings(train, items, directory)
-    cold = np.setdiff1d(user_universe(root, store), user_ids)
-    table = neighbor_table(
-        user_ids, emb, cold, popular_users(graph), rcfg.num_neighbors, rcfg.block_size,
-        SOURCE_TEXT,
-    )  # fmt: skip
-    storage.write_table(table, storage.join(root, "neighbors", "text-embed.parquet"), store)
-    return {
-        "neighbors": table.num_rows,
-        "seconds": round(time.perf_counter() - start, 2),
-        "embedder": rcfg.text_embedder,
-    }

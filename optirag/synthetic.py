@@ -1,28 +1,21 @@
-"""Synthetic data for scale tests, written as parquet shards through Ray Data.
+"""Synthetic data for scale tests, generated shard by shard.
 
-Users are split into shards of `users_per_shard`; each shard is generated and written by one
-Ray task from its own random stream (seed, shard id), so the output is the same for a seed
-whatever the parallelism, and memory per task is O(users_per_shard), independent of num_users.
-
-Labels come from a hidden low-rank model (sigmoid of a user-item dot product), so a scorer can
-learn something from the data. Layout under `<root>/<output>/`:
-    items.parquet, candidates/part-<shard>.parquet, interactions/train/part-<shard>.parquet
+Users are split into shards of `users_per_shard`; each shard is generated from its own random
+stream (seed, shard id), so the output is the same for a seed whatever the parallelism, and
+memory per shard is O(users_per_shard), independent of num_users. Labels come from a hidden
+low-rank model (sigmoid of a user-item dot product), so a scorer can learn something from the
+data. optirag.pipelines.synthetic writes the shards with Ray Data.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from optirag import schema as S
-from optirag import storage
-from optirag.config import StorageConfig, SyntheticConfig
-
-log = logging.getLogger(__name__)
+from optirag.config import SyntheticConfig
 
 LATENT_DIM = 8
 _ITEM_STREAM = 2**31 - 1  # keeps the item stream apart from every shard's stream
@@ -70,7 +63,7 @@ def generate_shard(cfg: SyntheticConfig, shard: int, factors: np.ndarray) -> dic
         u, i, y = pairs(cfg.history_per_user)
         ts = np.tile(np.arange(cfg.history_per_user, dtype=np.int64), len(users))
         rating = np.where(y == 1, 5.0, 2.0).astype(np.float32)
-        out["interactions/train"] = pa.table(
+        out["history"] = pa.table(
             {S.USER_ID: u, S.ITEM_ID: i.astype(np.int64), S.LABEL: y, S.TS: ts, S.RATING: rating},
             schema=S.INTERACTIONS,
         )
@@ -79,33 +72,3 @@ def generate_shard(cfg: SyntheticConfig, shard: int, factors: np.ndarray) -> dic
 
 def num_shards(cfg: SyntheticConfig) -> int:
     return math.ceil(cfg.num_users / cfg.users_per_shard)
-
-
-def generate(cfg: SyntheticConfig, store: StorageConfig) -> dict[str, int]:
-    """Write the synthetic data set; returns total rows per table. Needs ray.init() first."""
-    if cfg.candidates_per_user > cfg.num_items or cfg.history_per_user > cfg.num_items:
-        raise ValueError("synthetic: candidates_per_user and history_per_user must be <= num_items")
-    root = storage.join(store.root, cfg.output)
-    storage.write_table(items_table(cfg), storage.join(root, "items.parquet"), store)
-    factors_ref = ray.put(item_factors(cfg))
-
-    def write_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        factors = ray.get(factors_ref)
-        counts: dict[str, list[int]] = {"candidates": [], "interactions/train": []}
-        for shard in batch["id"]:
-            for table, data in generate_shard(cfg, int(shard), factors).items():
-                uri = storage.join(root, table, f"part-{int(shard):05d}.parquet")
-                storage.write_table(data, uri, store)
-                counts[table].append(data.num_rows)
-        return {k: np.asarray(v or [0] * len(batch["id"])) for k, v in counts.items()}
-
-    n = num_shards(cfg)
-    written = (
-        ray.data.range(n, override_num_blocks=n)
-        .map_batches(write_shards, batch_size=1)
-        .sum(["candidates", "interactions/train"])
-    )
-    totals = {"items": cfg.num_items}
-    totals.update({k.removeprefix("sum(").removesuffix(")"): int(v) for k, v in written.items()})
-    log.info("synthetic data in %s: %s", root, totals)
-    return totals

@@ -6,16 +6,18 @@ import pyarrow as pa
 import pytest
 import torch
 
-from optirag import cf, stages, storage
-from optirag import evaluate as E
-from optirag import features as F
+from optirag import artifacts as A
+from optirag import cf, storage
+from optirag import metrics as M
+from optirag import pairs as F
 from optirag import schema as S
+from optirag.backbone import load_backbone
 from optirag.config import Config, PromptConfig
 from optirag.context import ContextStore
-from optirag.data import table_uri
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
+from optirag.pair_scorer import PairScorer, make_pair_scorer
+from optirag.pipelines import evaluation, train_exits
 from optirag.prompts import PromptBuilder
-from optirag.scorer import PairScorer, build_pair_scorer
 
 
 def test_side_features_are_exactly_the_configured_columns(movie_tables):
@@ -35,8 +37,8 @@ def test_side_features_are_exactly_the_configured_columns(movie_tables):
 def test_side_features_round_trip(movie_tables, local_storage):
     fitted = cf.SideFeatures.fit(list(cf.SIDE_FEATURES), movie_tables[0])
     uri = storage.join(local_storage.root, "side.safetensors")
-    fitted.save(uri, local_storage)
-    again = cf.SideFeatures.load(uri, local_storage)
+    A.save_side_features(*fitted.arrays(), uri, local_storage)
+    again = cf.SideFeatures.from_arrays(*A.load_side_features(uri, local_storage))
     users, items = np.array([1, 4, 50]), np.array([3, 9, 2])
     np.testing.assert_array_equal(fitted(users, items), again(users, items))
 
@@ -82,7 +84,7 @@ def test_engine_feeds_each_row_its_own_side_features_through_compaction(tiny_bac
         rows, side=side
     )
     assert len(set(early.exit_layers.tolist())) > 1  # some rows left early
-    scores, _ = E.simulate_exits(full.head_probs.numpy(), heads.layers, ExitRule("confidence", 0.7))
+    scores, _ = M.simulate_exits(full.head_probs.numpy(), heads.layers, ExitRule("confidence", 0.7))
     np.testing.assert_allclose(early.scores.numpy(), scores, atol=1e-6)
 
 
@@ -99,13 +101,13 @@ def test_shared_prefix_extraction_equals_plain_extraction(
         scorer = PairScorer(tiny_backbone, heads, ExitRule("none"), contexts,
                             PromptBuilder(tiny_backbone.tokenizer, cfg), share_prefixes=shared,
                             batch_rows=7)  # fmt: skip
-        feats[shared] = F.extract(scorer, pairs, None)
+        feats[shared] = F.extract_states(scorer, pairs, None)
     torch.testing.assert_close(feats[True]["states"], feats[False]["states"], atol=1e-5, rtol=1e-4)
     assert torch.equal(feats[True]["cutoff"], torch.from_numpy(pairs.cutoff))
 
 
 def test_prefix_batches_keep_a_prefix_together():
-    from optirag.scorer import prefix_batches
+    from optirag.pair_scorer import prefix_batches
 
     users = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4])
     cuts = np.zeros_like(users)
@@ -131,18 +133,18 @@ def test_slices_and_bootstrap_intervals():
     labels = rng.integers(0, 2, 2000)
     good = labels + rng.normal(0, 0.8, 2000)
     bad = labels + rng.normal(0, 3.0, 2000)
-    d, lo, hi = E.auc_difference(labels, good, bad, n_resamples=300)
+    d, lo, hi = M.auc_difference(labels, good, bad, n_resamples=300)
     assert lo < d < hi and lo > 0  # clearly better: the interval excludes 0
-    d, lo, hi = E.auc_difference(labels, good, good + rng.normal(0, 1e-3, 2000), n_resamples=300)
+    d, lo, hi = M.auc_difference(labels, good, good + rng.normal(0, 1e-3, 2000), n_resamples=300)
     assert lo < 0 < hi
     train = pa.table({S.USER_ID: [1] * 25 + [2] * 3, S.ITEM_ID: list(range(28))})
-    masks = E.slice_masks(train, np.array([1, 2, 3]), np.array([0, 0, 100]))
+    masks = M.slice_masks(train, np.array([1, 2, 3]), np.array([0, 0, 100]))
     cold, light = list(masks)[1:]
     assert masks[cold].tolist() == [True, True, True]  # item 0 has 1 rating, 100 none
     assert masks[light].tolist() == [False, True, True]
     scores = {"a": np.array([0.1, 0.9, 0.5]), "b": np.array([0.2, 0.8, 0.4])}
     empty = {"all": np.ones(3, bool), "none": np.zeros(3, bool)}
-    table = E.model_table(scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50)
+    table = M.model_table(scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50)
     assert table[1]["slices"]["none"]["pairs"] == 0
     assert "logloss" in table[1]["slices"]["all"]
 
@@ -150,15 +152,15 @@ def test_slices_and_bootstrap_intervals():
 def _write_tables(store, movie_tables):
     interactions, items, neighbors = movie_tables
     root = store.root
-    storage.write_table(interactions, table_uri(root, "interactions", "train"), store)
-    storage.write_table(items, table_uri(root, "items"), store)
+    storage.write_table(interactions, A.interactions_uri(root, "train"), store)
+    storage.write_table(items, A.items_uri(root), store)
     storage.write_table(neighbors, storage.join(root, "neighbors", "gcn.parquet"), store)
     rng = np.random.default_rng(1)
     for split in ("valid", "test"):
         users = np.repeat(np.arange(1, 7), 5)
         cands = pa.table({S.USER_ID: users, S.ITEM_ID: rng.integers(1, 21, len(users)),
                           S.LABEL: (np.arange(len(users)) % 2).astype(np.int8)})  # fmt: skip
-        storage.write_table(cands, table_uri(root, "candidates", split), store)
+        storage.write_table(cands, A.candidates_uri(root, split), store)
 
 
 def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
@@ -175,19 +177,31 @@ def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
         "compute": {"batch_rows": 8, "train_workers": 1},
         "prompts": {"target_ratings": True},
     })  # fmt: skip
-    trained = stages.train_exits(cfg)
+    trained = train_exits.run(cfg)
     assert trained["train_pairs"] == 10
-    summary = stages.run_evaluation(cfg)
+    summary = evaluation.run(cfg)
     assert summary["test_pairs"] == 30
     metrics = storage.read_json(storage.join(local_storage.root, "evaluation", "metrics.json"),
                                 local_storage)  # fmt: skip
     assert metrics["side_features"] == ["mf", "item_rate"] and metrics["mlp_size"] == 8
     full = next(m for m in metrics["models"] if m["model"] == "trained heads, full depth")
-    assert set(full["slices"]) == set(E.slice_masks(movie_tables[0], [], []))
+    assert set(full["slices"]) == set(M.slice_masks(movie_tables[0], [], []))
     assert "diff_ci" in full["slices"]["all"]
     # the scoring path loads the same heads and side features
-    scorer = build_pair_scorer(cfg, ContextStore(*movie_tables, cfg.prompts),
-                               stages.load_backbone(cfg.backbone))  # fmt: skip
+    backbone = load_backbone(cfg.backbone)
+    model = A.load_scoring_model(cfg, backbone)
+    scorer = make_pair_scorer(cfg, backbone, model, ContextStore(*movie_tables, cfg.prompts))
     assert scorer.side_features.names == ["mf", "item_rate"]
     out = scorer.score(np.array([1, 2, 77]), np.array([3, 4, 5]))
     assert np.isfinite(out.scores).all()
+    # evaluation honours the configured rule and compaction, as scoring does
+    exits = cfg.exits.model_copy(update={"rule": "confidence", "threshold": 0.6,
+                                         "compaction": False})  # fmt: skip
+    evaluation.run(cfg.model_copy(update={"exits": exits}))
+    metrics = A.load_evaluation(cfg)
+    assert (metrics["rule"], metrics["calibrated_tau"]) == ("confidence", 0.6)
+    assert [(s["rule"], s["compaction"]) for s in metrics["speed"]] == [
+        ("none", False),
+        ("confidence", False),
+    ]
+    assert any(m["model"] == "early exit (calibrated confidence 0.6)" for m in metrics["models"])

@@ -5,9 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from optirag import artifacts as A
 from optirag import cli, data, storage
 from optirag import schema as S
 from optirag.config import DataConfig
+from optirag.pipelines import prepare
 from optirag.schema import SchemaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,13 +71,11 @@ def test_label_from_rating_threshold():
 
 
 def test_prepare_user_data(tmp_path, local_storage):
-    counts = data.prepare(_user_config(tmp_path, _interactions()), local_storage)
-    assert counts[data.table_uri(local_storage.root, "interactions", "test")] == 10
-    cands = storage.read_table(
-        data.table_uri(local_storage.root, "candidates", "test"), local_storage
-    )
+    counts = prepare.run(_user_config(tmp_path, _interactions()), local_storage)
+    assert counts[A.interactions_uri(local_storage.root, "test")] == 10
+    cands = storage.read_table(A.candidates_uri(local_storage.root, "test"), local_storage)
     assert cands.column_names == [S.USER_ID, S.ITEM_ID, S.LABEL]
-    items = storage.read_table(data.table_uri(local_storage.root, "items"), local_storage)
+    items = storage.read_table(A.items_uri(local_storage.root), local_storage)
     assert items.schema == S.ITEMS and items.num_rows == 49
 
 
@@ -100,7 +100,7 @@ def test_prepare_user_data(tmp_path, local_storage):
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, local_storage, mutate, message):
     cfg = _user_config(tmp_path, mutate(_interactions()))
     with pytest.raises((SchemaError, storage.StorageError), match=message):
-        data.prepare(cfg, local_storage)
+        prepare.run(cfg, local_storage)
     assert not Path(local_storage.root).exists()
 
 
@@ -108,14 +108,14 @@ def test_missing_path_fails_clearly(tmp_path, local_storage):
     cfg = _user_config(tmp_path, _interactions())
     cfg = cfg.model_copy(update={"interactions_uri": str(tmp_path / "nope.parquet")})
     with pytest.raises(storage.StorageError, match=r"nope\.parquet: no such file"):
-        data.prepare(cfg, local_storage)
+        prepare.run(cfg, local_storage)
     assert not Path(local_storage.root).exists()
 
 
 def test_items_missing_title_column(tmp_path, local_storage):
     cfg = _user_config(tmp_path, _interactions(), items=_items().drop_columns(["name"]))
     with pytest.raises(SchemaError, match=r"items\.parquet: missing column 'name'"):
-        data.prepare(cfg, local_storage)
+        prepare.run(cfg, local_storage)
 
 
 def _fake_movielens(directory: Path) -> None:
@@ -151,9 +151,9 @@ def test_prepare_job_writes_to_s3(tmp_path, s3_storage, capsys):
         ]
     )
     assert rc == 0
-    test = storage.read_table(data.table_uri(s3_storage.root, "candidates", "test"), s3_storage)
+    test = storage.read_table(A.candidates_uri(s3_storage.root, "test"), s3_storage)
     assert test.num_rows == 8
-    items = storage.read_table(data.table_uri(s3_storage.root, "items"), s3_storage)
+    items = storage.read_table(A.items_uri(s3_storage.root), s3_storage)
     assert items[S.TEXT][0].as_py().startswith("Genres: ")
 
 

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from optirag import artifacts
+from optirag.config import Config
 from optirag.early_exit import (
     EarlyExitScorer,
     ExitHeads,
@@ -110,9 +112,12 @@ def test_exit_rules_on_constructed_probabilities():
 def test_heads_roundtrip_and_validation(tiny_backbone, heads, tmp_path):
     with torch.no_grad():
         heads.heads[0].proj.bias.fill_(0.25)
-    heads.save(tmp_path, {"rule": "agreement", "threshold": 0.1})
-    loaded, meta = ExitHeads.load(tmp_path, tiny_backbone)
-    assert meta["threshold"] == 0.1 and loaded.layers == heads.layers
+    cfg = Config.model_validate({"storage": {"root": str(tmp_path)}})
+    exit_config = {**heads.spec.as_dict(), "rule": "agreement", "threshold": 0.1}
+    artifacts.save_heads(artifacts.StoredHeads(heads.state_dict(), exit_config), cfg)
+    loaded = artifacts.load_scoring_model(cfg, tiny_backbone)
+    assert loaded.exit_config["threshold"] == 0.1 and loaded.heads.spec == heads.spec
+    loaded = loaded.heads
     for a, b in zip(heads.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with torch.no_grad():

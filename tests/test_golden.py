@@ -13,18 +13,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from optirag import artifacts as A
 from optirag import schema as S
-from optirag import scoring, storage
+from optirag import storage
 from optirag.config import Config
-from optirag.data import table_uri
+from optirag.pipelines import scoring
 
 GOLDEN = Path(__file__).parent / "golden" / "scores_tiny.json"
 
 
 def _inputs(store, movie_tables) -> str:
     interactions, items, neighbors = movie_tables
-    storage.write_table(interactions, table_uri(store.root, "interactions", "train"), store)
-    storage.write_table(items, table_uri(store.root, "items"), store)
+    storage.write_table(interactions, A.interactions_uri(store.root, "train"), store)
+    storage.write_table(items, A.items_uri(store.root), store)
     storage.write_table(neighbors, storage.join(store.root, "neighbors", "gcn.parquet"), store)
     rng = np.random.default_rng(7)
     users = np.repeat(np.arange(1, 9), 6)  # users 7 and 8 have no history: cold start
@@ -41,8 +42,8 @@ def _scores(cfg: Config) -> list[list]:
     table = pa.concat_tables(
         [pq.read_table(p, filesystem=fs) for p in storage.list_files(out, cfg.storage)]
     )
-    rows = zip(table[S.USER_ID].to_pylist(), table[S.ITEM_ID].to_pylist(),
-               table[S.SCORE].to_pylist(), table[S.EXIT_LAYER].to_pylist(), strict=True)  # fmt: skip
+    columns = (S.USER_ID, S.ITEM_ID, S.SCORE, S.EXIT_LAYER)
+    rows = zip(*(table[c].to_pylist() for c in columns), strict=True)
     return sorted([int(u), int(i), float(s), int(e)] for u, i, s, e in rows)
 
 

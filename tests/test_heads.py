@@ -8,15 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optirag import evaluate as E
-from optirag import features as F
+from optirag import artifacts
+from optirag import metrics as M
+from optirag import pairs as F
 from optirag import schema as S
-from optirag.config import ComputeConfig, HeadTrainingConfig, PromptConfig, StorageConfig
+from optirag.config import ComputeConfig, Config, HeadTrainingConfig, PromptConfig, StorageConfig
 from optirag.context import ContextStore
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
+from optirag.head_training import depth_decayed_lrs, head_optimizer
+from optirag.pair_scorer import PairScorer
+from optirag.pipelines.ray_train import fit
+from optirag.pipelines.train_exits import heads_loop
 from optirag.prompts import PromptBuilder
-from optirag.scorer import PairScorer
-from optirag.training import depth_decayed_lrs, fit, head_optimizer, heads_loop
 
 
 def test_depth_decayed_learning_rates_on_optimizer():
@@ -66,15 +69,15 @@ def _constructed_probs():
 
 def test_calibration_picks_most_aggressive_tau_within_budget():
     probs, labels = _constructed_probs()
-    rows = E.sweep(probs, labels, [2, 4, 6], 6, [0.001, 0.01, 0.1, 0.5], [])
+    rows = M.sweep(probs, labels, [2, 4, 6], 6, [0.001, 0.01, 0.1, 0.5], [])
     full = rows[0].auc
-    chosen = E.calibrate(rows, budget=0.005)
+    chosen = M.calibrate(rows, budget=0.005)
     by_tau = {r.threshold: r for r in rows if r.rule == "agreement"}
     ok = [t for t, r in by_tau.items() if full - r.auc <= 0.005]
     assert chosen.threshold == max(ok)
     assert by_tau[0.5].auc < full - 0.005  # the aggressive one is really too lossy
     assert chosen.compute < 1.0
-    assert E.calibrate(rows, budget=-1.0).threshold == 0.0  # nothing fits: full depth
+    assert M.calibrate(rows, budget=-1.0).threshold == 0.0  # nothing fits: full depth
 
 
 def test_simulated_exits_equal_the_engine(tiny_backbone):
@@ -85,7 +88,7 @@ def test_simulated_exits_equal_the_engine(tiny_backbone):
     tau = float(np.median(np.abs(np.diff(full.head_probs.numpy(), axis=1)[:, 0])))
     for rule in (ExitRule("agreement", tau), ExitRule("confidence", 0.505)):
         engine = EarlyExitScorer(tiny_backbone, heads, rule).score(rows)
-        scores, exits = E.simulate_exits(full.head_probs.numpy(), heads.layers, rule)
+        scores, exits = M.simulate_exits(full.head_probs.numpy(), heads.layers, rule)
         np.testing.assert_allclose(engine.scores.numpy(), scores, atol=1e-6)
         assert np.array_equal(engine.exit_layers.numpy(), exits)
 
@@ -102,7 +105,7 @@ def test_heads_read_the_extracted_states(tiny_backbone, movie_tables):
         batch_rows=4,
     )
     pairs = F.training_pairs(movie_tables[0], None, 0.5, 2, seed=0)
-    feats = F.extract(scorer, pairs, "test")
+    feats = F.extract_states(scorer, pairs, "test")
     assert feats["states"].shape == (len(pairs), 3, tiny_backbone.hidden_size)
     direct = scorer.score(pairs.users, pairs.items, pairs.cutoff)
     with torch.no_grad():
@@ -110,11 +113,11 @@ def test_heads_read_the_extracted_states(tiny_backbone, movie_tables):
     np.testing.assert_allclose(from_states, direct.head_probs, atol=1e-5)
 
 
+def cfg_for(root):
+    return Config.model_validate({"storage": {"root": str(root)}})
+
+
 def test_ray_train_lowers_head_loss_and_checkpoints(ray_session, tmp_path):
-    from safetensors.torch import save
-
-    from optirag import storage
-
     store = StorageConfig(root=str(tmp_path))
     torch.manual_seed(0)
     n, hidden, layers = 256, 16, [1, 2]
@@ -122,28 +125,27 @@ def test_ray_train_lowers_head_loss_and_checkpoints(ray_session, tmp_path):
     direction = torch.randn(hidden)
     states = torch.randn(n, 2, hidden) + labels[:, None, None] * direction  # learnable
     for split in ("train", "valid"):
-        F.save_features({"states": states, "labels": labels}, f"{tmp_path}/{split}.st", store)
+        uri = f"{tmp_path}/{split}.st"
+        artifacts.save_cached_states({"states": states, "labels": labels}, uri, {}, store)
     init = ExitHeads(layers, hidden, 1e-6)
-    storage.write_bytes(save(dict(init.state_dict())), f"{tmp_path}/init.st", store)
+    init_uri = artifacts.save_init_heads(init.state_dict(), cfg_for(tmp_path))
     cfg = HeadTrainingConfig(epochs=8, lr=0.05, batch_size=64, patience=20, run_name="t")
     state, meta = fit(
         heads_loop,
         {
             "heads": cfg,
             "storage": store,
-            "layers": layers,
-            "hidden_size": hidden,
-            "eps": 1e-6,
+            "spec": init.spec,
             "num_layers": 2,
             "train_uri": f"{tmp_path}/train.st",
             "valid_uri": f"{tmp_path}/valid.st",
-            "init_uri": f"{tmp_path}/init.st",
+            "init_uri": init_uri,
             "train_rows": None,
             "train_side": None,
             "valid_side": None,
         },
         "t",
-        "exits/ray",
+        "exits",
         ComputeConfig(train_workers=2),
         store,
         1,
@@ -156,8 +158,11 @@ def test_ray_train_lowers_head_loss_and_checkpoints(ray_session, tmp_path):
     trained = ExitHeads(layers, hidden, 1e-6)
     trained.load_state_dict(state)
     assert set(load_file(saved[-1] / "best.safetensors")) == set(state)
-    trained.save(tmp_path / "heads", {"rule": "agreement", "threshold": 0.02})
-    again, meta = ExitHeads.load(tmp_path / "heads")
-    assert meta["threshold"] == 0.02
+    exit_config = {**trained.spec.as_dict(), "rule": "agreement", "threshold": 0.02}
+    artifacts.save_heads(
+        artifacts.StoredHeads(trained.state_dict(), exit_config), cfg_for(tmp_path)
+    )
+    again = artifacts.load_heads(cfg_for(tmp_path))
+    assert again.exit_config["threshold"] == 0.02
     for k, v in trained.state_dict().items():
-        assert torch.equal(v, again.state_dict()[k])
+        assert torch.equal(v, again.tensors[k])

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from optirag import lora, stages, storage
+from optirag import artifacts, lora, storage
 from optirag.backbone import load_backbone
 from optirag.config import BackboneConfig, ComputeConfig, Config, HeadTrainingConfig, LoraConfig
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, pad_tokens
-from optirag.training import fit, lora_loop, lora_optimizer
+from optirag.head_training import lora_optimizer
+from optirag.pipelines import evaluation, train_exits
+from optirag.pipelines.ray_train import fit
+from optirag.pipelines.train_exits import lora_loop
 from tests.test_accuracy import _write_tables
 
 
@@ -70,10 +73,10 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
     hc = HeadTrainingConfig(lr=0.05, patience=10, run_name="lora-t", lora=lcfg)
     bcfg = BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu")
     store = StorageConfig(root=str(tmp_path))
-    config = {"heads": hc, "backbone": bcfg, "layers": layers, "eps": init.eps,
+    config = {"heads": hc, "backbone": bcfg, "spec": init.spec,
               "init_heads": dict(init.state_dict()), "train": split(np.arange(64)),
               "valid": split(np.arange(64, 96))}  # fmt: skip
-    state, meta = fit(lora_loop, config, "lora-t", "exits/ray", ComputeConfig(train_workers=1),
+    state, meta = fit(lora_loop, config, "lora-t", "exits", ComputeConfig(train_workers=1),
                       store, 0)  # fmt: skip
     losses = [h["loss"] for h in meta["history"]]
     assert losses[-1] < losses[0] * 0.7
@@ -113,13 +116,13 @@ def test_lora_stage_publishes_an_adapter_that_scoring_merges(
         "compute": {"batch_rows": 8, "train_workers": 1},
         "prompts": {"target_ratings": True},  # every lever of the accuracy study at once
     })  # fmt: skip
-    stages.train_exits(cfg)
+    train_exits.run(cfg)
     exits = storage.join(local_storage.root, "exits")
     meta = storage.read_json(storage.join(exits, "exit_config.json"), local_storage)
     assert meta["lora"]["rank"] == 8 and meta["side_features"] == ["mf"]
     assert storage.exists(storage.join(exits, "adapter.safetensors"), local_storage)
-    summary = stages.run_evaluation(cfg)
+    summary = evaluation.run(cfg)
     assert summary["test_pairs"] == 30
     backbone = _backbone(tiny_llama_dir)
-    stages.load_heads(backbone, cfg)
+    artifacts.load_scoring_model(cfg, backbone)
     assert "+lora-r8-" in backbone.version

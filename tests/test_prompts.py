@@ -4,8 +4,8 @@ import pytest
 from optirag.config import PromptConfig
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule
+from optirag.pair_scorer import PairScorer
 from optirag.prompts import PromptBuilder, UserContext, clean_text, item_text
-from optirag.scorer import PairScorer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -76,7 +76,7 @@ def test_context_has_no_future_interactions(movie_tables):
 def test_unknown_user_gets_empty_context(movie_tables):
     store = ContextStore(*movie_tables, PromptConfig())
     assert store.context(999) == UserContext([], [])
-    assert not store.knows_user(999) and store.has_item(3) and not store.has_item(99)
+    assert 999 not in store.users and 3 in store.item_texts and 99 not in store.item_texts
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -157,10 +157,11 @@ def test_target_ratings_in_prompt_respect_the_cut(movie_tables):
 
 
 def test_feature_cache_key_follows_the_prompt_wording(tiny_backbone, monkeypatch):
-    from optirag import prompts, stages
+    from optirag import prompts
     from optirag.config import Config
+    from optirag.pipelines.states import feature_key
 
     cfg = Config()
-    before = stages.feature_key(cfg, tiny_backbone, [2, 4])
+    before = feature_key(cfg, tiny_backbone, [2, 4])
     monkeypatch.setattr(prompts, "rating_note", lambda mean, count, ratings: "(reworded)")
-    assert stages.feature_key(cfg, tiny_backbone, [2, 4]) != before
+    assert feature_key(cfg, tiny_backbone, [2, 4]) != before

@@ -11,7 +11,7 @@ from optirag import retriever as R
 from optirag import schema as S
 from optirag import storage
 from optirag.config import ComputeConfig, RetrieverConfig, StorageConfig
-from optirag.training import train_retriever
+from optirag.pipelines.retrieval import train_retriever
 
 
 def _train_table(n_users=30, n_items=40, per_user=8, seed=0):

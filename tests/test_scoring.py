@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from optirag import artifacts as A
+from optirag import runs, storage
 from optirag import schema as S
-from optirag import scoring, storage
 from optirag.backbone import load_backbone
 from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings
-from optirag.data import table_uri
-from optirag.scorer import build_pair_scorer
+from optirag.pair_scorer import make_pair_scorer
+from optirag.pipelines import scoring
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ def _candidates(n_users=6, per_user=10, seed=0):
 
 def _write_inputs(store, movie_tables, candidates):
     interactions, items, neighbors = movie_tables
-    storage.write_table(interactions, table_uri(store.root, "interactions", "train"), store)
-    storage.write_table(items, table_uri(store.root, "items"), store)
+    storage.write_table(interactions, A.interactions_uri(store.root, "train"), store)
+    storage.write_table(items, A.items_uri(store.root), store)
     storage.write_table(neighbors, storage.join(store.root, "neighbors", "gcn.parquet"), store)
     half = candidates.num_rows // 2
     folder = storage.join(store.root, "candidates", "test")
@@ -71,6 +72,12 @@ def _config(store, tiny_llama_dir, **scoring) -> Config:
             },
         }
     )
+
+
+def _stored_scorer(cfg, contexts, backbone=None):
+    """The in-process scorer of what the job would load (heads, rule, side features)."""
+    backbone = backbone or load_backbone(cfg.backbone)
+    return make_pair_scorer(cfg, backbone, A.load_scoring_model(cfg, backbone), contexts)
 
 
 def _s3_dump(store):
@@ -136,16 +143,14 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
 
     # The same rows through the in-process scorer give the same scores.
     interactions, items, neighbors = movie_tables
-    scorer = build_pair_scorer(
-        cfg, ContextStore(interactions, items, neighbors, cfg.prompts), load_backbone(cfg.backbone)
-    )
+    scorer = _stored_scorer(cfg, ContextStore(interactions, items, neighbors, cfg.prompts))
     local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
     np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
     assert np.array_equal(scores[S.EXIT_LAYER].to_numpy(), local.exit_layers)
     assert (local.exit_layers < 6).any()  # early exit really happened (tiny model: 6 layers)
 
     # A published run is refused unless replacing is asked for.
-    with pytest.raises(scoring.RunRefused, match="_SUCCESS"):
+    with pytest.raises(runs.RunRefused, match="_SUCCESS"):
         scoring.run(cfg)
     again = scoring.run(_config(s3_storage, tiny_llama_dir, replace=True))
     assert again["shards_run"] == again["shards"]
@@ -162,19 +167,19 @@ def test_actor_loads_only_its_shards_users(
     cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=5)
     prompts = cfg.prompts.model_copy(update={"target_ratings": target_ratings})
     cfg = cfg.model_copy(update={"prompts": prompts})
-    inputs = scoring.Inputs.from_config(cfg)
+    inputs = runs.Inputs.from_config(cfg)
     ratings = None
     if target_ratings:  # what the driver computes, streamed from the history file
         ratings = ItemRatings.totals(storage.open_dataset(inputs.history, cfg.storage))
     actor = scoring.ScoreShard(cfg, inputs, "v1", item_ratings=ratings)
     backbone = actor.scorer.engine.backbone
-    whole = build_pair_scorer(cfg, ContextStore(*movie_tables, prompts), backbone)
+    whole = _stored_scorer(cfg, ContextStore(*movie_tables, prompts), backbone)
     fs, _ = storage.resolve(inputs.candidates, cfg.storage)
     known_items = movie_tables[1][S.ITEM_ID].to_numpy()
     lists = movie_tables[2].to_pydict()
     neighbors = dict(zip(lists[S.USER_ID], lists[S.NEIGHBOR_IDS], strict=True))
-    for shard in scoring.plan_shards(inputs.candidates, cfg):
-        batch = actor(scoring.read_shard(shard, fs, known_items))
+    for shard in runs.plan_shards(inputs.candidates, cfg):
+        batch = actor(runs.read_shard(shard, fs, known_items))
         (user,) = set(batch[S.USER_ID].to_pylist())
         assert actor.contexts.users == {user, *neighbors.get(user, [])}
         expected = whole.score(batch[S.USER_ID].to_numpy(), batch[S.ITEM_ID].to_numpy())
@@ -193,9 +198,7 @@ def test_job_with_target_ratings_matches_the_in_process_scorer(
     scoring.run(cfg)
     _, scores, rejects = _read_run(cfg)
     _assert_exactly_once(scores, rejects, cands)
-    scorer = build_pair_scorer(
-        cfg, ContextStore(*movie_tables, prompts), load_backbone(cfg.backbone)
-    )
+    scorer = _stored_scorer(cfg, ContextStore(*movie_tables, prompts))
     local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
     np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
 
@@ -313,7 +316,7 @@ def test_unreadable_candidates_named(ray_session, local_storage, tiny_llama_dir,
 def test_output_inside_input_prefix_refused(local_storage, tiny_llama_dir, movie_tables):
     folder = _write_inputs(local_storage, movie_tables, _candidates())
     for output in (storage.join(folder, "out"), "s3://bucket/x/../scores"):
-        with pytest.raises(scoring.RunRefused):
+        with pytest.raises(runs.RunRefused):
             scoring.run(_config(local_storage, tiny_llama_dir, output_uri=output))
 
 

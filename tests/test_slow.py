@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from optirag import data, storage
+from optirag import artifacts as A
+from optirag import storage
 from optirag.backbone import load_backbone
 from optirag.config import load_config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_yes
+from optirag.pair_scorer import PairScorer
+from optirag.pipelines import prepare
 from optirag.prompts import PromptBuilder
-from optirag.scorer import PairScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.slow
 def movielens(tmp_path_factory):
     root = tmp_path_factory.mktemp("ml")
     cfg = load_config(ROOT / "conf" / "demo.yaml", [f"storage.root={root}"])
-    data.prepare(cfg.data, cfg.storage)
+    prepare.run(cfg.data, cfg.storage)
     return cfg
 
 
@@ -38,9 +40,9 @@ def test_smollm2_scores_movielens_prompts(movielens):
     backbone = load_backbone(cfg.backbone)
     assert backbone.num_layers == 30 and backbone.hidden_size == 576
     root = cfg.storage.root
-    train = storage.read_table(data.table_uri(root, "interactions", "train"), cfg.storage)
-    items = storage.read_table(data.table_uri(root, "items"), cfg.storage)
-    test = storage.read_table(data.table_uri(root, "candidates", "test"), cfg.storage).slice(0, 6)
+    train = storage.read_table(A.interactions_uri(root, "train"), cfg.storage)
+    items = storage.read_table(A.items_uri(root), cfg.storage)
+    test = storage.read_table(A.candidates_uri(root, "test"), cfg.storage).slice(0, 6)
     heads = ExitHeads.from_backbone(backbone, default_exit_layers(30, 6))
     assert heads.layers == [5, 10, 15, 20, 25, 30]
     builder = PromptBuilder(backbone.tokenizer, cfg.prompts)

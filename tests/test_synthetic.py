@@ -3,6 +3,7 @@ import pyarrow.compute as pc
 from optirag import schema as S
 from optirag import storage, synthetic
 from optirag.config import SyntheticConfig
+from optirag.pipelines import synthetic as synthetic_job
 
 
 def _read(store, cfg, table):
@@ -18,8 +19,8 @@ def test_generator_is_deterministic_and_complete(ray_session, local_storage):
         users_per_shard=10,
         seed=3,
     )
-    totals = synthetic.generate(cfg, local_storage)
-    assert totals == {"items": 40, "candidates": 150, "interactions/train": 75}
+    totals = synthetic_job.run(cfg, local_storage)
+    assert totals == {"items": 40, "candidates": 150, "history": 75}
     cands = _read(local_storage, cfg, "candidates")
     assert (
         len(
@@ -42,5 +43,5 @@ def test_generator_writes_to_s3(ray_session, s3_storage):
     cfg = SyntheticConfig(
         num_users=12, num_items=30, candidates_per_user=5, history_per_user=0, users_per_shard=5
     )
-    assert synthetic.generate(cfg, s3_storage)["candidates"] == 60
+    assert synthetic_job.run(cfg, s3_storage)["candidates"] == 60
     assert _read(s3_storage, cfg, "candidates").num_rows == 60

@@ -1,28 +1,24 @@
-"""Head-training data: leak-free training pairs and the frozen backbone's features.
+"""The (user, item) pairs heads are trained and evaluated on, and their frozen-backbone states.
 
-The backbone is frozen, so the last-token state at every exit layer is computed once per
-pair and reused for every epoch, for calibration and for evaluation (the heads only read
-these states). Extraction runs the same batched engine as scoring, with shared prefixes.
+Training pairs are leak-free: each user's history is cut in time and the targets come after
+the cut. The backbone is frozen, so the last-token state at every exit layer is computed
+once per pair and reused for every epoch, for calibration and for evaluation (the heads only
+read these states). Extraction runs the same batched engine as scoring, with shared prefixes.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from safetensors.torch import load, save
 
 from optirag import schema as S
-from optirag import storage
-from optirag.cf import lookup
-from optirag.config import StorageConfig
-from optirag.scorer import PairScorer, cutoff_array
-
-log = logging.getLogger(__name__)
+from optirag.cf import SideFeatures
+from optirag.ids import lookup
+from optirag.pair_scorer import PairScorer, cutoff_array
 
 
 @dataclass
@@ -84,6 +80,13 @@ def before_cutoffs(train: pa.Table, users: np.ndarray, cutoffs: np.ndarray) -> p
     return train.filter(pa.array(train[S.TS].to_numpy() < limit))
 
 
+def training_side_features(names: list[str], seed: int, train: pa.Table, pairs: Pairs):
+    """Training pairs' CF side features, fitted on what their prompts may know (before each
+    user's cut), so a head never reads a CF score that has seen its target. (N, K) float32."""
+    known = before_cutoffs(train, pairs.users, pairs.cutoff)
+    return SideFeatures.fit(names, known, seed)(pairs.users, pairs.items)
+
+
 def candidate_pairs(candidates: pa.Table, n_users: int | None, seed: int) -> Pairs:
     """Evaluation pairs: all candidates of a user sample (history = the whole train split)."""
     keep = sample_users(candidates[S.USER_ID].to_numpy(), n_users, seed)
@@ -95,8 +98,8 @@ def candidate_pairs(candidates: pa.Table, n_users: int | None, seed: int) -> Pai
     )
 
 
-def extract(scorer: PairScorer, pairs: Pairs, desc: str) -> dict[str, torch.Tensor]:
-    """The heads' inputs for every pair: states (N, heads, H), plus ids and labels."""
+def extract_states(scorer: PairScorer, pairs: Pairs, desc: str) -> dict[str, torch.Tensor]:
+    """The heads' inputs for every pair: last-token states (N, heads, H), ids and labels."""
     n = len(pairs)
     result = scorer.score(pairs.users, pairs.items, pairs.cutoff, keep_hidden=True, desc=desc)
     return {
@@ -106,28 +109,3 @@ def extract(scorer: PairScorer, pairs: Pairs, desc: str) -> dict[str, torch.Tens
         "items": torch.from_numpy(pairs.items.astype(np.int64)),
         "cutoff": torch.from_numpy(cutoff_array(pairs.cutoff, n)),
     }
-
-
-def cached_extract(
-    scorer: PairScorer, pairs: Pairs, uri: str, key: dict, store: StorageConfig, desc: str
-) -> dict[str, torch.Tensor]:
-    """`extract`, reusing the features at `uri` when they were made with the same `key`
-    (backbone, prompt settings, neighbour table, pair sampling): the backbone is frozen, so
-    retraining heads or re-evaluating needs no model time."""
-    key_uri = uri + ".key.json"
-    fresh = storage.exists(uri, store) and storage.exists(key_uri, store)
-    if fresh and storage.read_json(key_uri, store) == key:
-        log.info("reusing cached features %s", uri)
-        return load_features(uri, store)
-    features = extract(scorer, pairs, desc)
-    save_features(features, uri, store)
-    storage.write_json(key, key_uri, store)
-    return features
-
-
-def save_features(features: dict[str, torch.Tensor], uri: str, store: StorageConfig) -> None:
-    storage.write_bytes(save({k: v.contiguous() for k, v in features.items()}), uri, store)
-
-
-def load_features(uri: str, store: StorageConfig) -> dict[str, torch.Tensor]:
-    return load(storage.read_bytes(uri, store))

@@ -7,35 +7,19 @@ a prompt prefix; with `share_prefixes` each prefix runs once per model batch.
 from __future__ import annotations
 
 import functools
-import logging
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load
 from tqdm.auto import tqdm
 
-from optirag import storage
 from optirag.backbone import Backbone
 from optirag.cf import SideFeatures
-from optirag.config import Config, ExitConfig, LoraConfig
+from optirag.config import Config, ExitConfig
 from optirag.context import ContextStore
-from optirag.early_exit import (
-    ADAPTER_FILE,
-    EXIT_CONFIG_FILE,
-    HEADS_FILE,
-    EarlyExitScorer,
-    ExitHeads,
-    ExitRule,
-    ScoreResult,
-    default_exit_layers,
-)
+from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, ScoreResult
 from optirag.prompts import PromptBuilder
 
-log = logging.getLogger(__name__)
-SIDE_FEATURES_FILE = "side_features.safetensors"
 NO_CUTOFF = -1  # a row whose prompt may see the whole history (scoring, evaluation)
 
 
@@ -56,7 +40,6 @@ class PairScores:
     exit_layers: np.ndarray  # (N,) int16
     head_probs: np.ndarray  # (N, num_heads) float32, NaN where a row never got
     layer_tokens: int
-    prompt_tokens: int
     hidden: np.ndarray | None = None  # (N, num_heads, H) float32 when asked for
 
 
@@ -114,7 +97,6 @@ class PairScorer:
         # Rows of one prefix next to each other; a stable sort keeps the order deterministic.
         order = np.lexsort((cutoffs, users))
         result_parts: list[ScoreResult] = []
-        prompt_tokens = 0
         chunks = prefix_batches(users[order], cutoffs[order], self.batch_rows)
         for chunk in tqdm(
             [order[c] for c in chunks], desc=desc, disable=desc is None, unit="batch"
@@ -124,9 +106,6 @@ class PairScorer:
             prefix_ids = {k: self._encode_prefix(*k) for k in unique}
             suffixes = [self._suffix(*k, int(items[i])) for k, i in zip(keys, chunk, strict=True)]
             prefixes = [prefix_ids[k] for k in unique]
-            prompt_tokens += sum(
-                len(prefix_ids[k]) + len(s) for k, s in zip(keys, suffixes, strict=True)
-            )
             side = (
                 torch.from_numpy(self.side_features(users[chunk], items[chunk]))
                 if self.side_features is not None
@@ -156,7 +135,6 @@ class PairScorer:
             head_probs=in_input_order("head_probs"),
             hidden=in_input_order("hidden") if keep_hidden else None,
             layer_tokens=sum(r.layer_tokens for r in result_parts),
-            prompt_tokens=prompt_tokens,
         )
 
 
@@ -187,59 +165,35 @@ def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
     return ExitRule(kind, float(threshold))
 
 
-def heads_location(cfg: Config) -> str:
-    """Where trained heads live: exits.heads_uri, or <storage.root>/exits."""
-    return cfg.exits.heads_uri or storage.join(cfg.storage.root, "exits")
+@dataclass
+class ScoringModel:
+    """What decides a score besides the backbone and the prompt: the heads, their exit config
+    (the trained rule and tau; empty for untrained zero-shot heads) and the CF side features
+    hybrid heads read."""
+
+    heads: ExitHeads
+    exit_config: dict = field(default_factory=dict)
+    side_features: SideFeatures | None = None
 
 
-def side_features_uri(cfg: Config) -> str:
-    return storage.join(heads_location(cfg), SIDE_FEATURES_FILE)
-
-
-def load_side_features(heads: ExitHeads, cfg: Config) -> SideFeatures | None:
-    """The CF features hybrid heads were trained with, stored beside them."""
-    if not heads.side_names:
-        return None
-    return SideFeatures.load(side_features_uri(cfg), cfg.storage)
-
-
-def has_trained_heads(cfg: Config) -> bool:
-    return storage.exists(storage.join(heads_location(cfg), HEADS_FILE), cfg.storage)
-
-
-def load_heads(backbone: Backbone, cfg: Config) -> tuple[ExitHeads, dict]:
-    """Trained heads and their exit config, or untrained (zero-shot) heads at the configured
-    layers when no training has run yet; a configured heads_uri must hold heads."""
-    location = heads_location(cfg)
-    if has_trained_heads(cfg):
-        with tempfile.TemporaryDirectory() as local:
-            for name in (HEADS_FILE, EXIT_CONFIG_FILE):
-                data = storage.read_bytes(storage.join(location, name), cfg.storage)
-                Path(local, name).write_bytes(data)
-            heads, meta = ExitHeads.load(local, backbone)
-        if "lora" in meta:  # heads trained jointly with an adapter: merge it into the backbone
-            from optirag.lora import load_lora
-
-            adapter = load(storage.read_bytes(storage.join(location, ADAPTER_FILE), cfg.storage))
-            load_lora(backbone, LoraConfig(**meta["lora"]), adapter)
-        return heads, meta
-    if cfg.exits.heads_uri:
-        raise FileNotFoundError(f"exits.heads_uri {location}: no {HEADS_FILE}")
-    log.warning("no trained heads under %s: scoring with untrained (zero-shot) heads", location)
-    layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
-    return ExitHeads.from_backbone(backbone, layers), {}
-
-
-def build_pair_scorer(cfg: Config, contexts: ContextStore, backbone: Backbone) -> PairScorer:
-    heads, trained = load_heads(backbone, cfg)
+def make_pair_scorer(
+    cfg: Config,
+    backbone: Backbone,
+    model: ScoringModel,
+    contexts: ContextStore,
+    rule: ExitRule | None = None,
+) -> PairScorer:
+    """The one place a PairScorer is configured, for training, evaluation, the benches and
+    scoring alike: the exit rule is `rule` when given, else the config's over the trained
+    one; compaction, batching and prefix sharing come from the config."""
     return PairScorer(
         backbone,
-        heads,
-        resolve_rule(cfg.exits, trained),
+        model.heads,
+        rule or resolve_rule(cfg.exits, model.exit_config),
         contexts,
         PromptBuilder(backbone.tokenizer, cfg.prompts),
         share_prefixes=cfg.compute.share_prefixes,
         compaction=cfg.exits.compaction,
         batch_rows=cfg.compute.batch_rows,
-        side_features=load_side_features(heads, cfg),
+        side_features=model.side_features,
     )

@@ -1,4 +1,4 @@
-"""Metrics, baselines, exit simulation, threshold sweep and calibration, plots.
+"""Metrics, exit simulation, threshold sweep and calibration, slices and intervals, plots.
 
 Heads read cached last-token states, so every exit rule can be evaluated exactly from the
 per-head probabilities: `simulate_exits` reproduces what the batched engine does (a test
@@ -95,33 +95,13 @@ def calibrate(rows: list[SweepRow], budget: float) -> SweepRow:
     return max(ok, key=lambda r: r.threshold)
 
 
-# ----------------------------------------------------------------------------- baselines
-
-
-def id_logistic_regression(train: pa.Table, users: np.ndarray, items: np.ndarray):
-    """Logistic regression on one-hot user and item ids (scikit-learn)."""
-    from scipy import sparse
-    from sklearn.linear_model import LogisticRegression
-
-    u_all = np.unique(np.concatenate([train[S.USER_ID].to_numpy(), users]))
-    i_all = np.unique(np.concatenate([train[S.ITEM_ID].to_numpy(), items]))
-
-    def design(u: np.ndarray, i: np.ndarray):
-        n = len(u)
-        cols = np.concatenate([np.searchsorted(u_all, u), len(u_all) + np.searchsorted(i_all, i)])
-        rows = np.concatenate([np.arange(n), np.arange(n)])
-        return sparse.csr_matrix((np.ones(2 * n), (rows, cols)), shape=(n, len(u_all) + len(i_all)))
-
-    model = LogisticRegression(C=0.5, max_iter=1000)
-    model.fit(design(train[S.USER_ID].to_numpy(), train[S.ITEM_ID].to_numpy()),
-              train[S.LABEL].to_numpy())  # fmt: skip
-    return model.predict_proba(design(users, items))[:, 1]
-
-
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_sweep(rows: list[SweepRow], calibrated: SweepRow, path: str, title: str) -> None:
+def plot_sweep(rows: list[SweepRow], calibrated: SweepRow, title: str) -> bytes:
+    """AUC against layer compute for every rule, the calibrated one starred: a PNG."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,8 +121,10 @@ def plot_sweep(rows: list[SweepRow], calibrated: SweepRow, path: str, title: str
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    return png.getvalue()
 
 
 # ----------------------------------------------------------------------------- slices, CIs
@@ -167,7 +149,7 @@ def slice_masks(
 
 def _train_counts(column: np.ndarray, ids) -> np.ndarray:
     """How often each of `ids` occurs in `column` (0 for ids it lacks)."""
-    from optirag.cf import lookup
+    from optirag.ids import lookup
 
     uniq, counts = np.unique(column, return_counts=True)
     pos = lookup(uniq, np.asarray(ids))

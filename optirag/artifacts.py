@@ -1,0 +1,370 @@
+"""Every stored layout, and how each artifact is saved and loaded. No other module spells a
+stored path or file name.
+
+Under `storage.root` (a local directory or s3://bucket/prefix):
+
+    interactions/{train,valid,test}.parquet    canonical tables (optirag.data)
+    items.parquet
+    candidates/{valid,test,test_sample}.parquet
+    neighbors/<source>.parquet                 similar users: gcn, text-embed
+    retriever/embeddings.safetensors, meta.json
+    retriever/ray/, exits/ray/                 Ray Train checkpoints (model, best, optimizer, meta)
+    exits/heads.safetensors, exit_config.json  trained heads and their exit config (heads spec,
+          adapter.safetensors                  rule, calibrated tau); the LoRA adapter, the CF
+          side_features.safetensors(.json)     side features hybrid heads read
+    features/<split>-<key hash>.safetensors    cached frozen-backbone states (+ .key.json)
+    evaluation/metrics.json, report.md, sweep.png
+    scores/<run_id>/                           a scoring run (see RunPaths)
+    <synthetic.output>/items.parquet, candidates/part-NNNNN.parquet,
+          interactions/train/part-NNNNN.parquet
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load, save
+
+from optirag import schema as S
+from optirag import storage
+from optirag.backbone import Backbone
+from optirag.cf import SideFeatures
+from optirag.config import Config, LoraConfig, StorageConfig
+from optirag.early_exit import ExitHeads, HeadsSpec, default_exit_layers
+from optirag.lora import load_lora
+from optirag.pair_scorer import ScoringModel
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test", "test_sample")
+
+HEADS_FILE = "heads.safetensors"
+EXIT_CONFIG_FILE = "exit_config.json"
+ADAPTER_FILE = "adapter.safetensors"  # LoRA weights the heads were trained with, if any
+SIDE_FEATURES_FILE = "side_features.safetensors"
+INIT_HEADS_FILE = "init.safetensors"  # the heads' starting point, read by training workers
+
+# Inside every Ray Train checkpoint directory.
+CHECKPOINT_MODEL = "model.safetensors"
+CHECKPOINT_BEST = "best.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
+CHECKPOINT_META = "meta.json"
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _split_uri(root: str, table: str, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"{table} needs a split in {SPLITS}, got {split!r}")
+    return storage.join(root, table, f"{split}.parquet")
+
+
+def interactions_uri(root: str, split: str) -> str:
+    return _split_uri(root, "interactions", split)
+
+
+def candidates_uri(root: str, split: str) -> str:
+    return _split_uri(root, "candidates", split)
+
+
+def items_uri(root: str) -> str:
+    return storage.join(root, "items.parquet")
+
+
+def neighbors_uri(root: str, source: str = "gcn") -> str:
+    """The neighbour table a retriever writes: neighbors/gcn.parquet, neighbors/text-embed..."""
+    return storage.join(root, "neighbors", f"{source}.parquet")
+
+
+def prompt_neighbors_uri(cfg: Config) -> str | None:
+    """The neighbour table prompts read: scoring.neighbors_uri, else the GCN table when it
+    exists, else none (prompts without similar users)."""
+    if cfg.scoring.neighbors_uri:
+        return cfg.scoring.neighbors_uri
+    default = neighbors_uri(cfg.storage.root)
+    return default if storage.exists(default, cfg.storage) else None
+
+
+def read_prompt_tables(cfg: Config):
+    """(train interactions, items, neighbours or None): what prompts are built from."""
+    store, root = cfg.storage, cfg.storage.root
+    train = storage.read_table(interactions_uri(root, "train"), store, S.INTERACTIONS)
+    items = storage.read_table(items_uri(root), store, S.ITEMS)
+    uri = prompt_neighbors_uri(cfg)
+    neighbors = storage.read_table(uri, store, S.NEIGHBORS) if uri else None
+    return train, items, neighbors
+
+
+def file_stamp(uri: str | None, store: StorageConfig) -> list | None:
+    """Size and modification time of a stored file (None when absent): part of cache keys."""
+    if uri is None or not storage.exists(uri, store):
+        return None
+    fs, path = storage.resolve(uri, store)
+    info = fs.get_file_info(path)
+    return [info.size, str(info.mtime)]
+
+
+# ----------------------------------------------------------------------------- retriever
+
+
+def retriever_uri(root: str, name: str = "") -> str:
+    return storage.join(root, "retriever", name) if name else storage.join(root, "retriever")
+
+
+def save_retriever(embeddings: torch.Tensor, meta: dict, root: str, store: StorageConfig) -> None:
+    """LightGCN's final node embeddings (users then items) and meta (ids, metrics, config)."""
+    blob = save({"embeddings": embeddings.contiguous()})
+    storage.write_bytes(blob, retriever_uri(root, "embeddings.safetensors"), store)
+    storage.write_json(meta, retriever_uri(root, "meta.json"), store)
+
+
+def load_retriever(root: str, store: StorageConfig) -> tuple[np.ndarray, dict] | None:
+    """(embeddings (U + I, D), meta) of the trained retriever, or None when there is none."""
+    meta_uri = retriever_uri(root, "meta.json")
+    if not storage.exists(meta_uri, store):
+        return None
+    blob = storage.read_bytes(retriever_uri(root, "embeddings.safetensors"), store)
+    return load(blob)["embeddings"].numpy(), storage.read_json(meta_uri, store)
+
+
+def checkpoints_uri(root: str, job: str) -> str:
+    """Where Ray Train keeps a job's checkpoints: retriever/ray, exits/ray."""
+    return storage.join(root, job, "ray")
+
+
+# ----------------------------------------------------------------------------- exit heads
+
+
+def heads_location(cfg: Config) -> str:
+    """Where trained heads live: exits.heads_uri, or <storage.root>/exits."""
+    return cfg.exits.heads_uri or storage.join(cfg.storage.root, "exits")
+
+
+def heads_file(cfg: Config, name: str) -> str:
+    return storage.join(heads_location(cfg), name)
+
+
+def has_trained_heads(cfg: Config) -> bool:
+    return storage.exists(heads_file(cfg, HEADS_FILE), cfg.storage)
+
+
+@dataclass
+class StoredHeads:
+    """Trained heads as stored: tensors, the exit config (which holds the heads spec), the
+    LoRA adapter and the side features' arrays when there are any."""
+
+    tensors: dict[str, torch.Tensor]
+    exit_config: dict[str, Any]
+    adapter: dict[str, torch.Tensor] | None = None
+    side_features: tuple[dict[str, np.ndarray], dict] | None = None
+
+
+def _tensors_blob(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+
+
+def save_heads(stored: StoredHeads, cfg: Config) -> None:
+    """Publish trained heads; the exit config goes last, so readers that find it find the rest."""
+    store = cfg.storage
+    storage.write_bytes(_tensors_blob(stored.tensors), heads_file(cfg, HEADS_FILE), store)
+    if stored.adapter is not None:
+        storage.write_bytes(_tensors_blob(stored.adapter), heads_file(cfg, ADAPTER_FILE), store)
+    if stored.side_features is not None:
+        save_side_features(*stored.side_features, heads_file(cfg, SIDE_FEATURES_FILE), store)
+    exit_config = json.dumps(stored.exit_config, indent=2, sort_keys=True).encode()
+    storage.write_bytes(exit_config, heads_file(cfg, EXIT_CONFIG_FILE), store)
+
+
+def load_heads(cfg: Config) -> StoredHeads:
+    store = cfg.storage
+    exit_config = storage.read_json(heads_file(cfg, EXIT_CONFIG_FILE), store)
+    tensors = load(storage.read_bytes(heads_file(cfg, HEADS_FILE), store))
+    adapter = None
+    if "lora" in exit_config:
+        adapter = load(storage.read_bytes(heads_file(cfg, ADAPTER_FILE), store))
+    side = None
+    if exit_config.get("side_features"):
+        side = load_side_features(heads_file(cfg, SIDE_FEATURES_FILE), store)
+    return StoredHeads(tensors, exit_config, adapter, side)
+
+
+def heads_digest(cfg: Config) -> str | None:
+    """sha256 of the stored heads' tensors, or None when there are none."""
+    if not has_trained_heads(cfg):
+        return None
+    return hashlib.sha256(storage.read_bytes(heads_file(cfg, HEADS_FILE), cfg.storage)).hexdigest()
+
+
+def load_scoring_model(cfg: Config, backbone: Backbone) -> ScoringModel:
+    """Trained heads on the backbone's device (a LoRA adapter they were trained with is
+    merged into the backbone), or untrained (zero-shot) heads at the configured layers when
+    no training has run yet; a configured exits.heads_uri must hold heads."""
+    if has_trained_heads(cfg):
+        stored = load_heads(cfg)
+        heads = ExitHeads.from_spec(HeadsSpec.from_dict(stored.exit_config))
+        heads.load_state_dict(stored.tensors)
+        heads = heads.for_backbone(backbone)
+        if stored.adapter is not None:
+            load_lora(backbone, LoraConfig(**stored.exit_config["lora"]), stored.adapter)
+        side = SideFeatures.from_arrays(*stored.side_features) if stored.side_features else None
+        return ScoringModel(heads, stored.exit_config, side)
+    if cfg.exits.heads_uri:
+        raise FileNotFoundError(f"exits.heads_uri {heads_location(cfg)}: no {HEADS_FILE}")
+    log.warning("no trained heads under %s: scoring with untrained (zero-shot) heads",
+                heads_location(cfg))  # fmt: skip
+    layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
+    return ScoringModel(ExitHeads.from_backbone(backbone, layers), {})
+
+
+def save_init_heads(tensors: dict[str, torch.Tensor], cfg: Config) -> str:
+    uri = heads_file(cfg, INIT_HEADS_FILE)
+    storage.write_bytes(_tensors_blob(tensors), uri, cfg.storage)
+    return uri
+
+
+def load_tensors(uri: str, store: StorageConfig) -> dict[str, torch.Tensor]:
+    return load(storage.read_bytes(uri, store))
+
+
+def save_side_features(
+    arrays: dict[str, np.ndarray], meta: dict, uri: str, store: StorageConfig
+) -> None:
+    blob = save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    storage.write_bytes(blob, uri, store)
+    storage.write_json(meta, uri + ".json", store)
+
+
+def load_side_features(uri: str, store: StorageConfig) -> tuple[dict[str, np.ndarray], dict]:
+    arrays = {k: v.numpy() for k, v in load(storage.read_bytes(uri, store)).items()}
+    return arrays, storage.read_json(uri + ".json", store)
+
+
+# ----------------------------------------------------------------------------- feature caches
+
+
+def features_uri(cfg: Config, split: str, key: dict) -> str:
+    """Cached states are addressed by what they depend on, so every head variant trained on
+    the same backbone, prompts and pairs reuses them."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return storage.join(cfg.storage.root, "features", f"{split}-{digest}.safetensors")
+
+
+def load_cached_states(uri: str, key: dict, store: StorageConfig) -> dict | None:
+    """The cached states at `uri` when they were made with the same `key`, else None."""
+    key_uri = uri + ".key.json"
+    if not (storage.exists(uri, store) and storage.exists(key_uri, store)):
+        return None
+    if storage.read_json(key_uri, store) != key:
+        return None
+    log.info("reusing cached features %s", uri)
+    return load_tensors(uri, store)
+
+
+def save_cached_states(states: dict, uri: str, key: dict, store: StorageConfig) -> None:
+    storage.write_bytes(save({k: v.contiguous() for k, v in states.items()}), uri, store)
+    storage.write_json(key, uri + ".key.json", store)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluation_location(cfg: Config) -> str:
+    return cfg.evaluation.output_uri or storage.join(cfg.storage.root, "evaluation")
+
+
+def save_evaluation(metrics: dict, report: str, plot_png: bytes, cfg: Config) -> None:
+    out = evaluation_location(cfg)
+    storage.write_bytes(plot_png, storage.join(out, "sweep.png"), cfg.storage)
+    storage.write_json(metrics, storage.join(out, "metrics.json"), cfg.storage)
+    storage.write_bytes(report.encode(), storage.join(out, "report.md"), cfg.storage)
+
+
+def load_evaluation(cfg: Config) -> dict:
+    return storage.read_json(storage.join(evaluation_location(cfg), "metrics.json"), cfg.storage)
+
+
+# ----------------------------------------------------------------------------- scoring runs
+
+
+def scores_location(cfg: Config) -> str:
+    return cfg.scoring.output_uri or storage.join(cfg.storage.root, "scores")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one scoring run under `<output>/<run_id>/`. Object storage has no rename,
+    so every file name is fixed by its shard id and a retry rewrites the same object:
+
+        _plan.json                   the input split into shards, written once at the start
+        scores/shard-NNNNNN.parquet  user_id, item_id, score, exit_layer, model_version, ...
+        rejects/shard-NNNNNN.parquet the input row's columns + reason
+        _markers/shard-NNNNNN.json   written after both files: the shard is done
+        _manifest.json, _SUCCESS     written last, after validation
+    """
+
+    root: str
+
+    def _shard(self, folder: str, shard_id: int, ext: str) -> str:
+        return storage.join(self.root, folder, f"shard-{shard_id:06d}.{ext}")
+
+    def scores(self, shard_id: int) -> str:
+        return self._shard("scores", shard_id, "parquet")
+
+    def rejects(self, shard_id: int) -> str:
+        return self._shard("rejects", shard_id, "parquet")
+
+    def marker(self, shard_id: int) -> str:
+        return self._shard("_markers", shard_id, "json")
+
+    @property
+    def scores_folder(self) -> str:
+        return storage.join(self.root, "scores")
+
+    @property
+    def rejects_folder(self) -> str:
+        return storage.join(self.root, "rejects")
+
+    @property
+    def plan(self) -> str:
+        return storage.join(self.root, "_plan.json")
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.root, "_manifest.json")
+
+    @property
+    def success(self) -> str:
+        return storage.join(self.root, "_SUCCESS")
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+@dataclass(frozen=True)
+class SyntheticPaths:
+    """A synthetic data set under `<root>/<output>/`: one part file per generator shard."""
+
+    root: str
+
+    @property
+    def items(self) -> str:
+        return storage.join(self.root, "items.parquet")
+
+    @property
+    def candidates(self) -> str:
+        return storage.join(self.root, "candidates")
+
+    @property
+    def history(self) -> str:
+        return storage.join(self.root, "interactions", "train")
+
+    def part(self, table: str, shard: int) -> str:
+        folder = {"candidates": self.candidates, "history": self.history}[table]
+        return storage.join(folder, f"part-{shard:05d}.parquet")

@@ -1,0 +1,153 @@
+"""The evaluation job: test metrics of the trained heads and of the baselines on the same
+pairs (all pairs, cold-start items, light users), the exit-rule sweep, measured speed, and
+the report (metrics.json, report.md, sweep.png)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from optirag import artifacts as A
+from optirag import baselines as B
+from optirag import metrics as M
+from optirag import pairs as P
+from optirag import storage
+from optirag.backbone import load_backbone
+from optirag.config import Config
+from optirag.context import ContextStore
+from optirag.early_exit import ExitRule
+from optirag.pair_scorer import make_pair_scorer, resolve_rule
+from optirag.pipelines.states import cached_states, feature_key, head_probs, state_scorer
+
+
+def run(cfg: Config) -> dict:
+    """Evaluate; writes the evaluation outputs and returns a summary."""
+    store, ec = cfg.storage, cfg.evaluation
+    train, items, neighbors = A.read_prompt_tables(cfg)
+    backbone = load_backbone(cfg.backbone)
+    if not A.has_trained_heads(cfg):
+        raise FileNotFoundError(f"no trained heads under {A.heads_location(cfg)}: run train_exits")
+    model = A.load_scoring_model(cfg, backbone)
+    heads, side_features = model.heads, model.side_features
+    contexts = ContextStore(train, items, neighbors, cfg.prompts)
+    test_cands = storage.read_table(A.candidates_uri(store.root, "test"), store)
+    pairs = P.candidate_pairs(test_cands, ec.test_users, seed=cfg.heads.seed)
+    states_scorer = state_scorer(cfg, backbone, heads.layers, contexts)
+    test_key = {**feature_key(cfg, backbone, heads.layers), "pairs": [ec.test_users]}
+    feats = cached_states(states_scorer, pairs, "test", test_key, cfg, "test features")
+    labels = feats["labels"].numpy()
+    side = side_features(pairs.users, pairs.items) if side_features is not None else None
+    probs = head_probs(heads, feats["states"], None if side is None else torch.from_numpy(side))
+    n_layers = backbone.num_layers
+    rule = resolve_rule(cfg.exits, model.exit_config)
+    ee_scores, ee_exits = M.simulate_exits(probs, heads.layers, rule)
+
+    retriever = A.load_retriever(store.root, store)
+    models = B.baseline_scores(train, pairs.users, pairs.items, retriever)
+    if heads.side_names:
+        x_train, y_train = _control_training_set(cfg, train, heads.side_names)
+        models[B.SIDE_ONLY] = B.side_features_only(x_train, y_train, side)
+    models["LLM zero-shot P(Yes)"] = head_probs(states_scorer.engine.heads, feats["states"])[:, -1]
+    for h, layer in enumerate(heads.layers):
+        models[f"exit head @ layer {layer}"] = probs[:, h]
+    models["trained heads, full depth"] = probs[:, -1]
+    models[f"early exit (calibrated {_rule_name(rule)})"] = ee_scores
+    table = M.model_table(models, labels, M.slice_masks(train, pairs.users, pairs.items),
+                          B.MF_BASELINE, set(models) - {B.LIGHTGCN_BASELINE},
+                          ec.bootstrap_resamples)  # fmt: skip
+    rows = M.sweep(probs, labels, heads.layers, n_layers, cfg.heads.tau_grid,
+                   cfg.heads.confidence_grid)  # fmt: skip
+    speed_rules = [ExitRule("agreement", t) if t > 0 else ExitRule("none") for t in ec.speed_taus]
+    speed = _measure_speed(cfg, backbone, model, contexts, pairs, [*speed_rules, rule])
+    calibrated = M.evaluate_rule(probs, labels, heads.layers, n_layers, rule)
+    png = M.plot_sweep(rows, calibrated, f"test AUC vs compute ({backbone.version})")
+    counts = {int(k): int(v) for k, v in zip(*np.unique(ee_exits, return_counts=True),
+                                              strict=True)}  # fmt: skip
+    metrics = {
+        "test_pairs": len(pairs), "test_users": int(len(np.unique(pairs.users))),
+        "backbone": backbone.version, "layers": heads.layers, "calibrated_tau": rule.threshold,
+        "rule": rule.kind, "side_features": heads.side_names, "mlp_size": heads.mlp_size,
+        "models": table, "sweep": [r.as_dict() for r in rows], "speed": speed,
+        "exit_histogram": counts, "mean_exit_layer": float(ee_exits.mean()),
+        "compute_vs_full_depth": float(ee_exits.mean()) / n_layers,
+        "train_pairs": model.exit_config.get("train_pairs"),
+    }  # fmt: skip
+    report = render_report(metrics)
+    A.save_evaluation(metrics, report, png, cfg)
+    print(report)
+    return {k: metrics[k] for k in ("test_pairs", "calibrated_tau", "mean_exit_layer",
+                                    "compute_vs_full_depth")}  # fmt: skip
+
+
+def _rule_name(rule: ExitRule) -> str:
+    return (
+        f"tau={rule.threshold:g}" if rule.kind == "agreement" else f"{rule.kind} {rule.threshold:g}"
+    )
+
+
+def _control_training_set(cfg: Config, train, names: list[str]):
+    """The CF-only control's training set: the heads' own training pairs and their leak-free
+    side features."""
+    hc = cfg.heads
+    train_pairs = P.training_pairs(train, hc.train_users, hc.history_fraction,
+                                   hc.targets_per_user, hc.seed)  # fmt: skip
+    x = P.training_side_features(names, hc.seed, train, train_pairs)
+    return x, train_pairs.labels
+
+
+def _measure_speed(cfg, backbone, model, contexts, pairs: P.Pairs, rules: list[ExitRule]) -> list:
+    """Measured pairs/s of the real engine (the scoring configuration: compaction, batching,
+    prefix sharing) on the first `speed_pairs` pairs, per rule."""
+    n = min(cfg.evaluation.speed_pairs, len(pairs))
+    results = []
+    for rule in rules if n else []:
+        scorer = make_pair_scorer(cfg, backbone, model, contexts, rule)
+        start = time.perf_counter()
+        out = scorer.score(pairs.users[:n], pairs.items[:n])
+        seconds = time.perf_counter() - start
+        results.append({"rule": rule.kind, "tau": rule.threshold, "pairs": n,
+                        "compaction": scorer.engine.compaction,
+                        "pairs_per_s": round(n / seconds, 2),
+                        "mean_exit_layer": float(out.exit_layers.mean()),
+                        "layer_tokens_per_pair": out.layer_tokens / n})  # fmt: skip
+    return results
+
+
+def render_report(metrics: dict) -> str:
+    lines = [f"Test pairs: {metrics['test_pairs']} ({metrics['test_users']} users); "
+             f"backbone {metrics['backbone']}; exit layers {metrics['layers']}; "
+             f"side features {metrics.get('side_features') or 'none'}; "
+             f"MLP size {metrics.get('mlp_size', 0)}; train pairs {metrics.get('train_pairs')}",
+             ""]  # fmt: skip
+    slices = list(metrics["models"][0]["slices"])
+    lines.append("| model | " + " | ".join(f"AUC {s} (vs MF, 95% CI)" for s in slices)
+                 + " | LogLoss |")  # fmt: skip
+    lines.append("|---" * (len(slices) + 2) + "|")
+    for row in metrics["models"]:
+        cells = []
+        for name in slices:
+            e = row["slices"][name]
+            cell = f"{e['auc']:.4f}"
+            if "diff_vs_reference" in e:
+                lo, hi = e["diff_ci"]
+                cell += f" ({e['diff_vs_reference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+            cells.append(cell)
+        ll = row["slices"]["all"].get("logloss")
+        ll_cell = f"{ll:.4f}" if ll is not None else "-"
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {ll_cell} |")
+    lines += ["", "Pairs per slice: " + ", ".join(
+        f"{k} {v['pairs']}" for k, v in metrics["models"][0]["slices"].items())]  # fmt: skip
+    lines += ["", "| rule | threshold | AUC | mean exit layer | compute |", "|---|---|---|---|---|"]
+    for r in metrics["sweep"]:
+        lines.append(f"| {r['rule']} | {r['threshold']:g} | {r['auc']:.4f} | "
+                     f"{r['mean_exit_layer']:.2f} | {r['compute']:.2f} |")  # fmt: skip
+    lines += ["", "| tau | pairs | pairs/s | mean exit layer | layer-tokens/pair |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for s in metrics["speed"]:
+        lines.append(
+            f"| {s['tau']:g} | {s['pairs']} | {s['pairs_per_s']} | "
+            f"{s['mean_exit_layer']:.2f} | {s['layer_tokens_per_pair']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
