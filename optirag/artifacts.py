@@ -13,7 +13,7 @@ Under `storage.root` (a local directory or s3://bucket/prefix):
           adapter.safetensors                  rule, calibrated tau); the LoRA adapter, the CF
           side_features.safetensors(.json)     side features hybrid heads read
     features/<split>-<key hash>.safetensors    cached frozen-backbone states (+ .key.json)
-    evaluation/metrics.json, report.md, sweep.png
+    evaluation/metrics.json, report.md, sweep.png, primary.json
     scores/<run_id>/                           a scoring run (see RunPaths)
     <synthetic.output>/items.parquet, candidates/part-NNNNN.parquet,
           interactions/train/part-NNNNN.parquet
@@ -284,6 +284,15 @@ def save_evaluation(metrics: dict, report: str, plot_png: bytes, cfg: Config) ->
     storage.write_bytes(plot_png, storage.join(out, "sweep.png"), cfg.storage)
     storage.write_json(metrics, storage.join(out, "metrics.json"), cfg.storage)
     storage.write_bytes(report.encode(), storage.join(out, "report.md"), cfg.storage)
+
+
+def primary_uri(cfg: Config) -> str:
+    return storage.join(evaluation_location(cfg), "primary.json")
+
+
+def save_primary(result: dict, cfg: Config) -> None:
+    """The primary comparison, written before any other test metric is computed."""
+    storage.write_json(result, primary_uri(cfg), cfg.storage)
 
 
 def load_evaluation(cfg: Config) -> dict:

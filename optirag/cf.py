@@ -8,7 +8,7 @@ cold-start values: zero MF embedding and bias, prior rates, zero counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,8 @@ class MatrixFactorisation:
     user_bias: np.ndarray  # (U,)
     item_bias: np.ndarray  # (I,)
     bias: float
+    epochs: int = 0  # epochs the returned parameters were trained for
+    valid_auc: list[float] = field(default_factory=list)  # per epoch, when fitted with `valid`
 
     @classmethod
     def fit(
@@ -52,8 +54,17 @@ class MatrixFactorisation:
         epochs: int = 20,
         l2: float = 0.03,  # chosen on the valid split (0.789 valid AUC on MovieLens-100k)
         seed: int = 0,
+        valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        patience: int = 3,
     ) -> MatrixFactorisation:
-        """Binary cross-entropy on the labels, Adam, L2 on the batch's embeddings."""
+        """Binary cross-entropy on the labels, Adam, L2 on the batch's embeddings.
+
+        With `valid` = (users, items, labels), early stopping: after every epoch the valid
+        AUC is measured, training stops after `patience` epochs without a gain, and the
+        parameters of the best epoch are returned (`epochs` says which, `valid_auc` holds
+        the curve). `epochs` is then the maximum."""
+        from sklearn.metrics import roc_auc_score
+
         torch.manual_seed(seed)
         users, items = train[S.USER_ID].to_numpy(), train[S.ITEM_ID].to_numpy()
         user_ids, tu = np.unique(users, return_inverse=True)
@@ -65,9 +76,16 @@ class MatrixFactorisation:
         ub = torch.nn.Parameter(torch.zeros(len(user_ids)))
         ib = torch.nn.Parameter(torch.zeros(len(item_ids)))
         bias = torch.nn.Parameter(torch.zeros(()))
-        opt = torch.optim.Adam([ue, ie, ub, ib, bias], lr=0.01)
+        params = [ue, ie, ub, ib, bias]
+        opt = torch.optim.Adam(params, lr=0.01)
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
+
+        def snapshot(n_epochs: int, curve: list[float]) -> MatrixFactorisation:
+            arrays = (p.detach().numpy().copy() for p in (ue, ie, ub, ib))
+            return cls(user_ids, item_ids, *arrays, float(bias.detach()), n_epochs, curve)
+
+        best, curve = None, []
+        for epoch in range(epochs):
             for batch in torch.randperm(len(ty), generator=gen).split(1024):
                 u, i = tu[batch], ti[batch]
                 logit = (ue[u] * ie[i]).sum(-1) + ub[u] + ib[i] + bias
@@ -76,8 +94,18 @@ class MatrixFactorisation:
                 opt.zero_grad()
                 (loss + reg / len(batch)).backward()
                 opt.step()
-        return cls(user_ids, item_ids, *(p.detach().numpy() for p in (ue, ie, ub, ib)),
-                   float(bias.detach()))  # fmt: skip
+            if valid is None:
+                continue
+            v_users, v_items, v_labels = valid
+            curve.append(float(roc_auc_score(v_labels, snapshot(0, []).logits(v_users, v_items))))
+            if best is None or curve[-1] > max(curve[:-1]):
+                best = snapshot(epoch + 1, [])
+            elif len(curve) - best.epochs >= patience:
+                break
+        if best is None:
+            return snapshot(epochs, curve)
+        best.valid_auc = curve
+        return best
 
     def logits(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         u, u_ok = _lookup(self.user_ids, users)

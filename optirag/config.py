@@ -80,6 +80,14 @@ class DataConfig(StrictModel):
     )
     valid_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    split: Literal["user_time", "global_time"] = Field(
+        "user_time",
+        description="user_time: each user's last interactions (the fractions above); "
+        "global_time: before the time quantile T1 train, [T1, T2) valid, from T2 test",
+    )
+    time_quantiles: tuple[float, float] = Field(
+        (0.8, 0.9), description="T1, T2 of global_time as quantiles of the interaction times"
+    )
 
     @model_validator(mode="after")
     def _parquet_needs_uris(self) -> DataConfig:
@@ -87,6 +95,9 @@ class DataConfig(StrictModel):
             raise ValueError("data.source=parquet needs data.interactions_uri and data.items_uri")
         if self.columns.rating is None and self.columns.label is None:
             raise ValueError("data.columns needs a rating or a label column")
+        t1, t2 = self.time_quantiles
+        if not 0 < t1 < t2 < 1:
+            raise ValueError("data.time_quantiles must be 0 < T1 < T2 < 1")
         return self
 
 
@@ -251,12 +262,31 @@ class HeadTrainingConfig(StrictModel):
     seed: int = 0
 
 
+class PrimaryComparison(StrictModel):
+    """The one comparison named before running; every other row is exploratory."""
+
+    variant: str | None = Field(None, description="head variant it is about (bench/accuracy.py)")
+    model: str = Field("early exit", description="a model row, or the start of its name")
+    baseline: str = "matrix factorisation (tuned on valid)"
+    slice: str = "all"
+
+
 class EvalConfig(StrictModel):
     output_uri: Location | None = None  # default: <root>/evaluation
     test_users: int | None = Field(200, gt=0, description="test users sampled; None = all")
     speed_pairs: int = Field(200, ge=0, description="pairs timed per tau for pairs/s; 0: skip")
     speed_taus: list[float] = [0.0, 0.01, 0.05]
-    bootstrap_resamples: int = Field(1000, gt=0, description="for the AUC-difference CIs")
+    bootstrap_resamples: int = Field(
+        1000, ge=1000, description="paired user-level bootstrap of the AUC-difference CIs"
+    )
+    baseline_seeds: list[int] = Field([0, 1, 2], min_length=1, description="tuned baselines")
+    mf_l2_grid: list[float] = Field([0.01, 0.03, 0.1, 0.3], min_length=1, description="on valid")
+    mf_max_epochs: int = Field(40, gt=0, description="MF early-stopped on valid AUC")
+    mf_patience: int = Field(3, gt=0)
+    lr_c_grid: list[float] = Field(
+        [0.05, 0.1, 0.2, 0.5, 1.0, 2.0], min_length=1, description="id logistic regression's C"
+    )
+    primary: PrimaryComparison | None = None
 
 
 class RayConfig(StrictModel):

@@ -208,8 +208,15 @@ class ContextStore:
         text = self.item_texts[item]
         if not self.cfg.target_ratings:
             return text
+        return f"{text} {rating_note(*self.target_ratings(user, item, before_ts))}"
+
+    def target_ratings(
+        self, user: int, item: int, before_ts: int | None = None
+    ) -> tuple[float, int, list[float]]:
+        """What `target_text` shows with `target_ratings`: the item's mean rating (nan when
+        unrated) and count, and the neighbours' ratings of it, all before `before_ts`."""
         mean, count = self.item_ratings.lookup(item, before_ts)
-        return f"{text} {rating_note(mean, count, self._neighbor_ratings(user, item, before_ts))}"
+        return mean, count, self._neighbor_ratings(user, item, before_ts)
 
     def _neighbor_ratings(self, user: int, item: int, before_ts: int | None) -> list[float]:
         """Ratings of `item` by the user's neighbours, most similar first."""

@@ -6,10 +6,14 @@ Tables written (paths in optirag.artifacts):
     candidates/{valid,test}.parquet           user_id, item_id, label (label passed through)
     candidates/test_sample.parquet            the test candidates of `sample_users` users
 
-Split: each user's interactions are ordered by (ts, item_id); the last
-round(test_fraction * n) go to test, the round(valid_fraction * n) before them to valid,
-the rest to train. So every test interaction is later than the same user's valid and train
-ones, as in a nightly job that scores tomorrow from yesterday.
+Split (data.split):
+    user_time     each user's interactions are ordered by (ts, item_id); the last
+                  round(test_fraction * n) go to test, the round(valid_fraction * n) before
+                  them to valid, the rest to train. Every test interaction is later than the
+                  same user's valid and train ones, but other users' later ratings are in train.
+    global_time   one time cut for everybody (time quantiles T1 < T2): before T1 train,
+                  [T1, T2) valid, from T2 test -- what a nightly job that scores tomorrow from
+                  yesterday sees.
 """
 
 from __future__ import annotations
@@ -179,6 +183,30 @@ def split_by_time(
     is_valid = ~is_test & (from_end <= n_test + n_valid)
     masks = {"train": ~(is_test | is_valid), "valid": is_valid, "test": is_test}
     return {name: table.filter(pa.array(mask)) for name, mask in masks.items()}
+
+
+def split_by_global_time(interactions: pa.Table, t1: float, t2: float) -> dict[str, pa.Table]:
+    """One time cut for everybody, as a nightly job sees the data: interactions before the
+    `t1` quantile of the timestamps go to train, [T1, T2) to valid, from the `t2` quantile on
+    to test. Users and items first seen at or after T1 have no train interaction: they are
+    cold (the cold-item slice counts them, with zero train ratings)."""
+    ts = interactions[S.TS].to_numpy()
+    cut1, cut2 = np.quantile(ts, [t1, t2], method="lower")
+    order = pc.sort_indices(
+        interactions,
+        sort_keys=[(S.USER_ID, "ascending"), (S.TS, "ascending"), (S.ITEM_ID, "ascending")],
+    )
+    table = interactions.take(order)
+    ts = table[S.TS].to_numpy()
+    masks = {"train": ts < cut1, "valid": (ts >= cut1) & (ts < cut2), "test": ts >= cut2}
+    return {name: table.filter(pa.array(mask)) for name, mask in masks.items()}
+
+
+def split(interactions: pa.Table, cfg: DataConfig) -> dict[str, pa.Table]:
+    """The configured split (data.split)."""
+    if cfg.split == "global_time":
+        return split_by_global_time(interactions, *cfg.time_quantiles)
+    return split_by_time(interactions, cfg.valid_fraction, cfg.test_fraction)
 
 
 def candidates_from(split: pa.Table) -> pa.Table:

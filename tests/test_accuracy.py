@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from optirag import artifacts as A
+from optirag import baselines as B
 from optirag import cf, storage
 from optirag import metrics as M
 from optirag import pairs as F
 from optirag import schema as S
 from optirag.backbone import load_backbone
-from optirag.config import Config, PromptConfig
+from optirag.config import Config, PromptConfig, StorageConfig
 from optirag.context import ContextStore
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
 from optirag.pair_scorer import PairScorer, make_pair_scorer
@@ -128,15 +129,50 @@ def test_before_cutoffs_hides_each_users_targets(movie_tables):
     assert 0 < known.num_rows < train.num_rows
 
 
-def test_slices_and_bootstrap_intervals():
+def _unpaired_interval(labels, a, b, n, seed=0):
+    """What the bootstrap test must reject: a and b resampled independently."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        ra, rb = rng.integers(0, len(labels), (2, len(labels)))
+        diffs.append(M.auc(labels[ra], a[ra]) - M.auc(labels[rb], b[rb]))
+    return np.percentile(diffs, [2.5, 97.5])
+
+
+def test_weighted_aucs_equal_the_auc_of_the_resampled_pairs():
+    rng = np.random.default_rng(3)
+    labels, scores = rng.integers(0, 2, 60), rng.integers(0, 5, 60).astype(float)  # ties
+    draws = rng.integers(0, 60, (4, 60))
+    weights = np.stack([np.bincount(d, minlength=60) for d in draws]).astype(float)
+    expected = [M.auc(labels[d], scores[d]) for d in draws]
+    np.testing.assert_allclose(M.weighted_aucs(labels, scores, weights), expected)
+
+
+def test_bootstrap_is_paired_and_resamples_users():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 2000)
-    good = labels + rng.normal(0, 0.8, 2000)
-    bad = labels + rng.normal(0, 3.0, 2000)
-    d, lo, hi = M.auc_difference(labels, good, bad, n_resamples=300)
-    assert lo < d < hi and lo > 0  # clearly better: the interval excludes 0
-    d, lo, hi = M.auc_difference(labels, good, good + rng.normal(0, 1e-3, 2000), n_resamples=300)
+    base = labels + rng.normal(0, 1.5, 2000)
+    better = base + 0.08 * labels  # a small, consistent gain on the same pairs
+    d, lo, hi = M.auc_difference(labels, better, base, n_resamples=1000)
+    assert lo < d < hi and lo > 0  # paired: the interval excludes 0 ...
+    u_lo, u_hi = _unpaired_interval(labels, better, base, 300)
+    assert u_lo < 0 < u_hi  # ... which an unpaired bootstrap cannot resolve
+    d, lo, hi = M.auc_difference(labels, base, base + rng.normal(0, 1e-3, 2000), 1000)
     assert lo < 0 < hi
+    # Clustered pairs: 40 users x 50 pairs; whether a beats b depends on the user.
+    users = np.repeat(np.arange(40), 50)
+    labels = rng.integers(0, 2, len(users))
+    user_gain = rng.normal(0, 1.0, 40)[users]
+    b = labels + rng.normal(0, 1.0, len(users))
+    a = b + user_gain * (labels - 0.5)
+    _, p_lo, p_hi = M.auc_difference(labels, a, b, 1000, groups=None)
+    _, u_lo, u_hi = M.auc_difference(labels, a, b, 1000, groups=users)
+    assert (u_hi - u_lo) > 1.5 * (p_hi - p_lo)  # pair-level intervals are too narrow
+    same = M.auc_difference(labels, a, b, 1000, groups=np.arange(len(users)))
+    assert same == M.auc_difference(labels, a, b, 1000)  # one pair per group: pair-level
+
+
+def test_slices_and_model_table():
     train = pa.table({S.USER_ID: [1] * 25 + [2] * 3, S.ITEM_ID: list(range(28))})
     masks = M.slice_masks(train, np.array([1, 2, 3]), np.array([0, 0, 100]))
     cold, light = list(masks)[1:]
@@ -144,7 +180,8 @@ def test_slices_and_bootstrap_intervals():
     assert masks[light].tolist() == [False, True, True]
     scores = {"a": np.array([0.1, 0.9, 0.5]), "b": np.array([0.2, 0.8, 0.4])}
     empty = {"all": np.ones(3, bool), "none": np.zeros(3, bool)}
-    table = M.model_table(scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50)
+    table = M.model_table(scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50,
+                          groups=np.array([1, 1, 2]))  # fmt: skip
     assert table[1]["slices"]["none"]["pairs"] == 0
     assert "logloss" in table[1]["slices"]["all"]
 
@@ -153,6 +190,8 @@ def _write_tables(store, movie_tables):
     interactions, items, neighbors = movie_tables
     root = store.root
     storage.write_table(interactions, A.interactions_uri(root, "train"), store)
+    later = interactions.set_column(3, S.TS, pa.array(interactions[S.TS].to_numpy() + 1000))
+    storage.write_table(later, A.interactions_uri(root, "valid"), store)  # tuned baselines
     storage.write_table(items, A.items_uri(root), store)
     storage.write_table(neighbors, storage.join(root, "neighbors", "gcn.parquet"), store)
     rng = np.random.default_rng(1)
@@ -187,6 +226,9 @@ def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
     full = next(m for m in metrics["models"] if m["model"] == "trained heads, full depth")
     assert set(full["slices"]) == set(M.slice_masks(movie_tables[0], [], []))
     assert "diff_ci" in full["slices"]["all"]
+    mf = next(b for b in metrics["baselines"] if b["model"] == B.MF_BASELINE)
+    assert set(mf["chosen_on_valid"]) >= {"l2", "epochs"} and len(mf["per_seed"]) == 3
+    assert {b["model"] for b in metrics["baselines"]} <= {m["model"] for m in metrics["models"]}
     # the scoring path loads the same heads and side features
     backbone = load_backbone(cfg.backbone)
     model = A.load_scoring_model(cfg, backbone)
@@ -205,3 +247,143 @@ def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
         ("confidence", False),
     ]
     assert any(m["model"] == "early exit (calibrated confidence 0.6)" for m in metrics["models"])
+
+
+def _latent_interactions(n_users=60, n_items=40, per_user=20, seed=0):
+    """Interactions whose labels follow a low-rank taste model, split in time per user."""
+    rng = np.random.default_rng(seed)
+    u_vec, i_vec = rng.normal(size=(n_users, 4)), rng.normal(size=(n_items, 4))
+    users = np.repeat(np.arange(n_users), per_user)
+    items = np.concatenate([rng.choice(n_items, per_user, replace=False) for _ in range(n_users)])
+    logit = (u_vec[users] * i_vec[items]).sum(1) + rng.normal(0, 0.5, len(users))
+    ts = np.tile(np.arange(per_user), n_users)
+    table = pa.table({S.USER_ID: users, S.ITEM_ID: items, S.LABEL: (logit > 0).astype(np.int8),
+                      S.TS: ts, S.RATING: np.where(logit > 0, 5.0, 2.0).astype(np.float32)},
+                     schema=S.INTERACTIONS)  # fmt: skip
+    from optirag import data
+
+    return data.split_by_time(table, 0.2, 0.2)
+
+
+def test_mf_early_stopping_returns_the_best_valid_epoch():
+    splits = _latent_interactions()
+    valid = splits["valid"]
+    v = (valid[S.USER_ID].to_numpy(), valid[S.ITEM_ID].to_numpy(), valid[S.LABEL].to_numpy())
+    mf = cf.MatrixFactorisation.fit(splits["train"], epochs=12, l2=0.01, valid=v, patience=2)
+    curve = mf.valid_auc
+    assert mf.epochs == int(np.argmax(curve)) + 1
+    assert len(curve) == 12 or len(curve) - mf.epochs == 2  # stopped `patience` after the best
+    assert M.auc(v[2], mf.logits(v[0], v[1])) == pytest.approx(max(curve))
+    plain = cf.MatrixFactorisation.fit(splits["train"], epochs=3)
+    assert plain.epochs == 3 and plain.valid_auc == []
+
+
+def test_tuned_baselines_record_choices_and_per_seed_scores():
+    from optirag import baselines as B
+
+    splits = _latent_interactions()
+    test = splits["test"]
+    users, items, labels = (test[c].to_numpy() for c in (S.USER_ID, S.ITEM_ID, S.LABEL))
+    mf = B.tune_mf(splits["train"], splits["valid"], users, items, seeds=[0, 1, 2],
+                   l2_grid=[0.01, 1.0], max_epochs=6, patience=2)  # fmt: skip
+    best = max(mf.grid, key=lambda g: g["valid_auc"])
+    assert mf.settings["l2"] == best["l2"] and [g["l2"] for g in mf.grid] == [0.01, 1.0]
+    assert [s["seed"] for s in mf.seeds] == [0, 1, 2] and len(mf.seed_scores) == 3
+    assert mf.settings["epochs"] == [s["epochs"] for s in mf.seeds]
+    assert all(1 <= e <= 6 for e in mf.settings["epochs"])
+    masks = {"all": np.ones(len(labels), bool)}
+    report = mf.report(labels, masks)
+    per_seed = [s["test_auc"]["all"] for s in report["per_seed"]]
+    assert report["test_auc_over_seeds"]["all"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert report["test_auc_over_seeds"]["all"]["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert report["chosen_on_valid"]["l2"] == best["l2"]
+    lr = B.tune_id_lr(splits["train"], splits["valid"], users, items, seeds=[0, 1],
+                      c_grid=[0.01, 1.0])  # fmt: skip
+    assert lr.settings["C"] == max(lr.grid, key=lambda g: g["valid_auc"])["C"]
+    assert lr.scores.shape == (len(users),) and np.all((lr.scores > 0) & (lr.scores < 1))
+
+
+def test_same_information_features_are_what_the_cf_prompt_shows_and_leak_free(movie_tables):
+    from optirag import baselines as B
+
+    interactions, items, neighbors = movie_tables
+    cfg = PromptConfig(target_ratings=True, max_neighbor_ratings=3)
+    store = ContextStore(interactions, items, neighbors, cfg)
+    pairs = F.training_pairs(interactions, None, 0.5, 3, seed=0)
+    x = B.prompt_rating_features(store, pairs.users, pairs.items, pairs.cutoff, 3)
+    assert x.shape == (len(pairs), 8)
+    for n in range(len(pairs)):
+        u, i, cut = int(pairs.users[n]), int(pairs.items[n]), int(pairs.cutoff[n])
+        mean, count, shown = store.target_ratings(u, i, cut)
+        assert store.target_text(u, i, cut).endswith(cf_note := _rating_note(mean, count, shown))
+        assert cf_note  # the numbers below are the ones the prompt shows
+        assert x[n, 2] == pytest.approx(np.log1p(count))
+        assert x[n, 4] == len(shown)
+        assert x[n, 5 : 5 + len(shown)] == pytest.approx(np.asarray(shown) - 3.0)
+    # Ratings at or after each pair's cut (its target's among them) change nothing.
+    ts = interactions[S.TS].to_numpy()
+    cut_of = dict(zip(pairs.users.tolist(), pairs.cutoff.tolist(), strict=True))
+    late = ts >= max(cut_of.values())
+    noisy = interactions.set_column(
+        4, S.RATING, pa.array(np.where(late, 1.0, interactions[S.RATING].to_numpy()), pa.float32())
+    )
+    again = ContextStore(noisy, items, neighbors, cfg)
+    x_again = B.prompt_rating_features(again, pairs.users, pairs.items, pairs.cutoff, 3)
+    np.testing.assert_array_equal(x, x_again)
+    full = B.prompt_rating_features(again, pairs.users, pairs.items, None, 3)
+    assert not np.array_equal(full, x_again)  # without the cut the late ratings show
+
+
+def _rating_note(mean, count, shown):
+    from optirag.prompts import rating_note
+
+    return rating_note(mean, count, shown)
+
+
+def test_choices_never_read_the_test_labels(ray_session, tmp_path, tiny_llama_dir, movie_tables):
+    """Permuting the test labels changes the primary result but nothing chosen: the exit
+    config, the baselines' settings and epochs, the control's C."""
+    runs = {}
+    for name in ("original", "permuted"):
+        store = StorageConfig(root=str(tmp_path / name))
+        _write_tables(store, movie_tables)
+        if name == "permuted":
+            uri = A.candidates_uri(store.root, "test")
+            test = storage.read_table(uri, store)
+            shuffled = np.random.default_rng(5).permutation(test[S.LABEL].to_numpy())
+            storage.write_table(test.set_column(2, S.LABEL, pa.array(shuffled)), uri, store)
+        cfg = Config.model_validate({
+            "storage": {"root": store.root},
+            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+            "exits": {"layers": [3, 6]},
+            "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None,
+                      "epochs": 2, "side_features": ["mf"]},
+            "evaluation": {"test_users": None, "speed_pairs": 0, "baseline_seeds": [0, 1],
+                           "mf_max_epochs": 4, "mf_l2_grid": [0.01, 0.3],
+                           "lr_c_grid": [0.1, 1.0],
+                           "primary": {"model": "early exit", "baseline": B.MF_BASELINE}},
+            "compute": {"batch_rows": 8, "train_workers": 1},
+        })  # fmt: skip
+        train_exits.run(cfg)
+        evaluation.run(cfg)
+        exit_config = storage.read_json(A.heads_file(cfg, A.EXIT_CONFIG_FILE), store)
+        runs[name] = (exit_config, A.load_evaluation(cfg), storage.read_json(A.primary_uri(cfg),
+                                                                             store))  # fmt: skip
+    (config_a, metrics_a, primary_a), (config_b, metrics_b, primary_b) = runs.values()
+
+    def timeless(d):
+        return {k: timeless(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not k.endswith("_s")}  # fmt: skip
+
+    assert timeless(config_a) == timeless(config_b)
+    chosen = [{k: b[k] for k in ("chosen_on_valid", "grid")} for b in metrics_a["baselines"]]
+    assert chosen == [{k: b[k] for k in ("chosen_on_valid", "grid")} for b in
+                      metrics_b["baselines"]]  # fmt: skip
+    assert [s["valid_auc"] for b in metrics_a["baselines"] for s in b["per_seed"]] == [
+        s["valid_auc"] for b in metrics_b["baselines"] for s in b["per_seed"]]  # fmt: skip
+    assert metrics_a["controls"] == metrics_b["controls"]
+    assert primary_a["model"].startswith("early exit") and primary_a == metrics_a["primary"]
+    assert primary_a["diff"] != primary_b["diff"]  # the labels did change
+    roles = {m["model"]: m["role"] for m in metrics_a["models"]}
+    assert roles[primary_a["model"]] == "primary"
+    assert list(roles.values()).count("primary") == 1

@@ -64,6 +64,37 @@ def test_split_is_per_user_by_time():
         assert ts["train"].max() < ts["valid"].min() <= ts["valid"].max() < ts["test"].min()
 
 
+def test_global_time_split_cuts_every_user_at_the_same_times(tmp_path, local_storage):
+    raw = _interactions(n_users=6, per_user=20)
+    late_user = pa.table({"uid": [99, 99], "iid": [77, 5], "when": [1115, 1119], "stars": [5, 1]})
+    raw = pa.concat_tables([raw, late_user.cast(raw.schema)])
+    table = data.canonical_interactions(
+        raw.rename_columns([S.USER_ID, S.ITEM_ID, S.TS, S.RATING]), 4.0, "t"
+    )
+    splits = data.split_by_global_time(table, 0.5, 0.75)
+    ts = {k: v[S.TS].to_numpy() for k, v in splits.items()}
+    assert sum(len(t) for t in ts.values()) == table.num_rows
+    all_ts = np.sort(table[S.TS].to_numpy())
+    t1, t2 = all_ts[(len(all_ts) - 1) // 2], all_ts[int((len(all_ts) - 1) * 0.75)]
+    assert ts["train"].max() < t1 == ts["valid"].min()
+    assert ts["valid"].max() < t2 == ts["test"].min()
+    assert len(ts["train"]) == np.searchsorted(all_ts, t1)  # every interaction before T1
+    # user 99 and item 77 first appear after T1: no train rows, so they are cold
+    train = splits["train"]
+    assert 99 not in train[S.USER_ID].to_pylist() and 77 not in train[S.ITEM_ID].to_pylist()
+    assert 99 in splits["test"][S.USER_ID].to_pylist()
+    # the prepare job honours data.split
+    cfg = _user_config(tmp_path, raw).model_copy(
+        update={"split": "global_time", "time_quantiles": (0.5, 0.75)}
+    )
+    counts = prepare.run(cfg, local_storage)
+    for name, part in splits.items():
+        assert counts[A.interactions_uri(local_storage.root, name)] == part.num_rows
+    assert data.split(table, cfg)["valid"].equals(splits["valid"])
+    with pytest.raises(ValueError, match="time_quantiles"):
+        DataConfig(split="global_time", time_quantiles=(0.9, 0.8))
+
+
 def test_label_from_rating_threshold():
     table = pa.table({S.USER_ID: [1, 1], S.ITEM_ID: [1, 2], S.TS: [1, 2], S.RATING: [3.0, 4.0]})
     out = data.canonical_interactions(table, 4.0, "t")

@@ -71,6 +71,22 @@ def test_context_has_no_future_interactions(movie_tables):
     }
     assert {t for t, _ in ctx.history} == earlier
     assert not (set(ctx.neighbor_liked) & (later | earlier))
+    # The exact neighbour items: liked by user 1's neighbours (2: sim 0.9, 3: sim 0.5) before
+    # the cut, unseen by user 1 before it, ranked by summed similarity, then item id.
+    ids, ts, liked, users = (interactions[c].to_numpy() for c in ("item_id", "ts", "label",
+                                                                  "user_id"))  # fmt: skip
+    seen = set(ids[(users == 1) & (ts < 30)].tolist())
+    weight = {}
+    for neighbor, sim in ((2, 0.9), (3, 0.5)):
+        for item in ids[(users == neighbor) & (ts < 30) & (liked == 1)].tolist():
+            if item not in seen:
+                weight[item] = weight.get(item, 0.0) + sim
+    ranked = sorted(weight, key=lambda i: (-weight[i], i))[: PromptConfig().max_neighbor_items]
+    assert ranked  # the fixture gives the neighbours liked items before the cut
+    assert ctx.neighbor_liked == [store.texts.history[i] for i in ranked]
+    after = sorted(set(ids[((users == 2) | (users == 3)) & (ts >= 30) & (liked == 1)].tolist())
+                   - set(ranked) - set(ids[users == 1].tolist()))  # fmt: skip
+    assert after  # the neighbours liked other items after the cut: left out
 
 
 def test_unknown_user_gets_empty_context(movie_tables):
@@ -165,3 +181,24 @@ def test_feature_cache_key_follows_the_prompt_wording(tiny_backbone, monkeypatch
     before = feature_key(cfg, tiny_backbone, [2, 4])
     monkeypatch.setattr(prompts, "rating_note", lambda mean, count, ratings: "(reworded)")
     assert feature_key(cfg, tiny_backbone, [2, 4]) != before
+
+
+def test_feature_cache_key_follows_the_interaction_tables(tiny_backbone, movie_tables, tmp_path):
+    import os
+
+    from optirag import artifacts as A
+    from optirag import storage
+    from optirag.config import Config
+    from optirag.pipelines.states import feature_key
+
+    cfg = Config.model_validate({"storage": {"root": str(tmp_path)}})
+    uri = A.interactions_uri(cfg.storage.root, "train")
+    storage.write_table(movie_tables[0], uri, cfg.storage)
+    before = feature_key(cfg, tiny_backbone, [2, 4])
+    assert before == feature_key(cfg, tiny_backbone, [2, 4])
+    assert before["tables"]["interactions/train"] is not None
+    storage.write_table(movie_tables[0].slice(1), uri, cfg.storage)  # new data, same path
+    assert feature_key(cfg, tiny_backbone, [2, 4]) != before
+    again = feature_key(cfg, tiny_backbone, [2, 4])
+    os.utime(uri, (1, 1))  # same size, another modification time
+    assert feature_key(cfg, tiny_backbone, [2, 4]) != again

@@ -31,7 +31,7 @@ def run(cfg: DataConfig, store: StorageConfig) -> dict[str, int]:
         source = cfg.interactions_uri
     interactions = data.canonical_interactions(raw_interactions, cfg.like_threshold, source)
     items = data.canonical_items(raw_items, cfg.items_uri or cfg.movielens_dir)
-    splits = data.split_by_time(interactions, cfg.valid_fraction, cfg.test_fraction)
+    splits = data.split(interactions, cfg)
 
     outputs = {A.items_uri(store.root): items}
     for name, table in splits.items():
