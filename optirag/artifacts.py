@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,11 +196,24 @@ def load_heads(cfg: Config) -> StoredHeads:
     return StoredHeads(tensors, exit_config, adapter, side)
 
 
-def heads_digest(cfg: Config) -> str | None:
-    """sha256 of the stored heads' tensors, or None when there are none."""
+def stored_heads_digests(cfg: Config) -> dict[str, str]:
+    """sha256 of each stored file that decides a score beside the backbone (heads, exit
+    config, adapter, side features); {} when no heads are stored."""
     if not has_trained_heads(cfg):
-        return None
-    return hashlib.sha256(storage.read_bytes(heads_file(cfg, HEADS_FILE), cfg.storage)).hexdigest()
+        return {}
+    names = {"heads": HEADS_FILE, "exit_config": EXIT_CONFIG_FILE, "adapter": ADAPTER_FILE,
+             "side_features": SIDE_FEATURES_FILE,
+             "side_features_meta": SIDE_FEATURES_FILE + ".json"}  # fmt: skip
+    digests = {}
+    for key, name in names.items():
+        uri = heads_file(cfg, name)
+        if storage.exists(uri, cfg.storage):
+            digests[key] = hashlib.sha256(storage.read_bytes(uri, cfg.storage)).hexdigest()
+    return digests
+
+
+def load_exit_config(cfg: Config) -> dict:
+    return storage.read_json(heads_file(cfg, EXIT_CONFIG_FILE), cfg.storage)
 
 
 def load_scoring_model(cfg: Config, backbone: Backbone) -> ScoringModel:
@@ -308,17 +322,51 @@ def scores_location(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """The files of one scoring run under `<output>/<run_id>/`. Object storage has no rename,
-    so every file name is fixed by its shard id and a retry rewrites the same object:
+    """One scoring run, `<output>/<run_id>/`. Each try at the run writes its own attempt
+    folder; `_SUCCESS` (one small JSON object, written last) names the published attempt, so
+    a replace never unpublishes the run before its new attempt has committed:
 
-        _plan.json                   the input split into shards, written once at the start
-        scores/shard-NNNNNN.parquet  user_id, item_id, score, exit_layer, model_version, ...
-        rejects/shard-NNNNNN.parquet the input row's columns + reason
-        _markers/shard-NNNNNN.json   written after both files: the shard is done
-        _manifest.json, _SUCCESS     written last, after validation
+        _SUCCESS                      {"attempt": "attempt-0002", "manifest": ...}
+        attempt-NNNN/                 see AttemptPaths
     """
 
     root: str
+
+    @property
+    def success(self) -> str:
+        return storage.join(self.root, "_SUCCESS")
+
+    def attempt(self, number: int) -> AttemptPaths:
+        return AttemptPaths(storage.join(self.root, f"attempt-{number:04d}"), number)
+
+    @staticmethod
+    def attempt_number(folder_name: str) -> int | None:
+        """The number of an attempt folder's name, None for anything else."""
+        prefix = "attempt-"
+        tail = folder_name.removeprefix(prefix)
+        return int(tail) if folder_name.startswith(prefix) and tail.isdigit() else None
+
+
+@dataclass(frozen=True)
+class AttemptPaths:
+    """The files of one attempt. Object storage has no rename, so every file name is fixed by
+    its part or shard id and a retry rewrites the same object:
+
+        _plan.json                     input parts (file, row group, rows) + shard count
+        _staged/bucket-BBBBBB/part-PPPPPP.parquet   a part's rows of shard B (hash of user)
+        _staged/_markers/part-PPPPPP.json           written after a part's staged files
+        scores/shard-BBBBBB.parquet    user_id, item_id, score, exit_layer, model_version, ...
+        rejects/shard-BBBBBB.parquet   the input row's columns + reason
+        _markers/shard-BBBBBB.json     written after both files: the shard is done
+        _manifest.json                 written after every shard verified, before _SUCCESS
+    """
+
+    root: str
+    number: int
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.root.rstrip("/"))
 
     def _shard(self, folder: str, shard_id: int, ext: str) -> str:
         return storage.join(self.root, folder, f"shard-{shard_id:06d}.{ext}")
@@ -331,6 +379,15 @@ class RunPaths:
 
     def marker(self, shard_id: int) -> str:
         return self._shard("_markers", shard_id, "json")
+
+    def staged(self, shard_id: int, part_id: int) -> str:
+        return storage.join(self.staged_shard(shard_id), f"part-{part_id:06d}.parquet")
+
+    def staged_shard(self, shard_id: int) -> str:
+        return storage.join(self.root, "_staged", f"bucket-{shard_id:06d}")
+
+    def staged_marker(self, part_id: int) -> str:
+        return storage.join(self.root, "_staged", "_markers", f"part-{part_id:06d}.json")
 
     @property
     def scores_folder(self) -> str:
@@ -348,9 +405,17 @@ class RunPaths:
     def manifest(self) -> str:
         return storage.join(self.root, "_manifest.json")
 
-    @property
-    def success(self) -> str:
-        return storage.join(self.root, "_SUCCESS")
+
+def published_attempt(run_root: str, store: StorageConfig) -> AttemptPaths | None:
+    """The attempt a committed run's `_SUCCESS` names; None when the run is not committed."""
+    run = RunPaths(run_root)
+    if not storage.exists(run.success, store):
+        return None
+    name = storage.read_json(run.success, store)["attempt"]
+    number = RunPaths.attempt_number(name)
+    if number is None:
+        raise storage.StorageError(f"{run.success}: names no attempt folder ({name!r})")
+    return run.attempt(number)
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -9,8 +9,10 @@ Sources (all local, never a hub):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -144,6 +146,31 @@ def config_digest(cfg: BackboneConfig) -> tuple[str, str]:
     """(model folder name, sha256 of its config.json): what names a backbone's version."""
     path = model_dir(cfg)
     return path.name, hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+
+
+def weights_digest(cfg: BackboneConfig) -> tuple[str, str]:
+    """(model folder name, sha256 over every file of the model folder: weights, config,
+    tokenizer). Hashing gigabytes takes a while, so the digest is cached beside the files,
+    keyed by their names, sizes and modification times."""
+    path = model_dir(cfg)
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    stamp = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    cache = path / ".optirag-digest.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["files"] == stamp:
+            return path.name, cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with f.open("rb") as stream:
+            for block in iter(lambda s=stream: s.read(1 << 24), b""):
+                digest.update(block)
+    with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
+        cache.write_text(json.dumps({"files": stamp, "sha256": digest.hexdigest()}))
+    return path.name, digest.hexdigest()
 
 
 def load_backbone(cfg: BackboneConfig) -> Backbone:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +36,20 @@ def _absolute_if_local(value: str | None) -> str | None:
 
 # A local path or a URI such as s3://bucket/prefix.
 Location = Annotated[str, AfterValidator(_absolute_if_local)]
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_run_id(value: str | None) -> str | None:
+    """A run id names one folder under the output: no '/', no '..', not absolute."""
+    if value is not None and (not RUN_ID_PATTERN.fullmatch(value) or ".." in value):
+        raise ValueError(
+            f"run id {value!r} must match [A-Za-z0-9][A-Za-z0-9._-]* and must not contain '..'"
+        )
+    return value
+
+
+RunId = Annotated[str, AfterValidator(_check_run_id)]
 
 
 class StrictModel(BaseModel):
@@ -204,9 +221,16 @@ class ScoringConfig(StrictModel):
     items_uri: Location | None = None  # default: <root>/items.parquet
     neighbors_uri: Location | None = None  # default: <root>/neighbors/gcn.parquet when present
     output_uri: Location | None = None  # default: <root>/scores
-    run_id: str | None = None  # default: <date>-<model>-<config hash>
-    replace: bool = Field(False, description="overwrite a run that was already committed")
-    rows_per_shard: int = Field(20_000, gt=0)
+    run_id: RunId | None = None  # default: <date>-<model>-<config hash>
+    replace: bool = Field(
+        False, description="publish a new attempt in place of a committed run (after it commits)"
+    )
+    rows_per_shard: int = Field(20_000, gt=0, description="target rows per shard (by user hash)")
+    ignore_other_files: bool = Field(
+        False, description="skip (with a warning) non-parquet files in the candidates folder"
+    )
+    allow_empty: bool = Field(False, description="commit a run whose input has no rows")
+    max_write_retries: int = Field(3, ge=0, description="retries of a shard write on OSError")
     max_actor_restarts: int = Field(2, ge=0)
     max_task_retries: int = Field(2, ge=0)
     timeout_s: float = Field(6 * 3600, gt=0, description="wall-clock limit of the run")
@@ -356,15 +380,43 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(problems)) from None
 
 
+SECRET_KEYS = ("secret", "password", "token", "access_key")
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form a.b=c")
     *parents, leaf = key.split(".")
+    if any(word in leaf.lower() for word in SECRET_KEYS):
+        # A command line is stored in plain text by shells and by Ray's job table and log.
+        raise ConfigError(
+            f"override {key}=...: secrets are not accepted on the command line; set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment "
+            "(or use the instance role)"
+        )
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(value)
+    # A string field keeps the text as given (a run id 2026-11-25 is not a date).
+    as_text = _is_string_field(key.split(".")) and value not in ("null", "~")
+    node[leaf] = value if as_text else yaml.safe_load(value)
+
+
+def _is_string_field(path: list[str]) -> bool:
+    """Whether the config key at `path` holds a string (or an optional one)."""
+    model: Any = Config
+    for part in path:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return False
+        model = fields[part].annotation
+        if typing.get_origin(model) in (typing.Union, types.UnionType):  # X | None
+            args = [a for a in typing.get_args(model) if a is not type(None)]
+            model = args[0] if len(args) == 1 else None
+        if typing.get_origin(model) is typing.Annotated:  # Location, RunId
+            model = typing.get_args(model)[0]
+    return model is str

@@ -1,11 +1,22 @@
 """The scoring run protocol, free of Ray: exactly once on storage without rename or
-transactions.
+transactions, and a replace that never unpublishes the run it replaces.
 
-A run splits its input into deterministic shards (listed in `_plan.json` at the start); each
-shard's scores and rejects go to files named by the shard id, then a marker; a rerun of the
-same run_id skips every shard whose marker verifies; the run commits by validating every
-marker and writing `_manifest.json`, then `_SUCCESS`. Layout: optirag.artifacts.RunPaths.
-The Ray graph that drives it is optirag.pipelines.scoring.
+A run (`<output>/<run_id>/`) is tried in attempt folders. An attempt
+
+1. plans the input into *parts* (file, row group, row range; `_plan.json`, with the shard
+   count and the model version, so a resumed attempt can tell a changed input or model);
+2. stages each part: its rows, checked (null ids, ids outside int64, unknown items become
+   rejects) and cast to int64 ids, go to the *shard* of their user (a hash of the user id),
+   then a part marker. All rows of a user meet in one shard, so a duplicate pair is caught
+   wherever it appears in the input, and a user's candidates share one prompt prefix;
+3. scores each shard: scores and rejects to files named by the shard id, then a marker;
+4. commits: every marker verified, `_manifest.json` written, then the run's `_SUCCESS`
+   (one small JSON object) is pointed at the attempt; older attempts are deleted after.
+
+A rerun of the same run_id resumes the newest unpublished attempt (parts and shards whose
+markers verify are skipped). With `scoring.replace=true` a committed run gets a new attempt;
+until it commits, `_SUCCESS` keeps naming the old one. Layout: optirag.artifacts.RunPaths.
+The Ray graph that drives this is optirag.pipelines.scoring.
 """
 
 from __future__ import annotations
@@ -15,9 +26,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,13 +42,16 @@ import pyarrow.parquet as pq
 from optirag import artifacts as A
 from optirag import schema as S
 from optirag import storage
-from optirag.artifacts import RunPaths
-from optirag.backbone import config_digest
-from optirag.config import Config
+from optirag.artifacts import AttemptPaths, RunPaths
+from optirag.backbone import weights_digest
+from optirag.config import Config, StorageConfig
+from optirag.pair_scorer import resolve_rule
 
 log = logging.getLogger(__name__)
 
-SHARD_ID = "_shard_id"  # internal column, dropped before writing
+SHARD_ID = "_shard_id"  # internal columns, dropped before writing
+ROW = "_row"  # the row's position in the whole input: keeps the first copy of a duplicate
+INT64_MAX = 2**63 - 1
 
 
 class RunRefused(RuntimeError):
@@ -49,12 +66,13 @@ class RunFailed(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Shard:
-    shard_id: int
+class Part:
+    part_id: int
     path: str  # inside the candidates filesystem
     row_group: int
     start: int  # first row inside the row group
     length: int
+    first_row: int  # position of the part's first row in the whole input
 
 
 @dataclass(frozen=True)
@@ -77,16 +95,35 @@ class Inputs:
         )
 
 
-def plan_shards(uri: str, cfg: Config) -> list[Shard]:
-    """Split the candidates into shards of at most rows_per_shard rows, by file and row
+def candidate_files(uri: str, cfg: Config) -> list[str]:
+    """The candidates' parquet files (.parquet / .parq, any case). Any other file in the folder
+    is an error naming it, or skipped with a warning when scoring.ignore_other_files."""
+    files = storage.list_all_files(uri, cfg.storage)
+    if files == [storage.resolve(uri, cfg.storage)[1]]:
+        return files  # a single file named by the user
+    others = [f for f in files if not storage.is_parquet(f)]
+    if others and not cfg.scoring.ignore_other_files:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise storage.StorageError(
+            f"{uri}: not parquet files: {shown} (remove them, or set "
+            "scoring.ignore_other_files=true to skip them)"
+        )
+    if others:
+        log.warning("%s: skipping %d non-parquet files, e.g. %s", uri, len(others), others[0])
+    parquet = [f for f in files if storage.is_parquet(f)]
+    if not parquet:
+        raise storage.StorageError(f"{uri}: no parquet files")
+    return parquet
+
+
+def plan_parts(uri: str, cfg: Config) -> list[Part]:
+    """Split the candidates into parts of at most rows_per_shard rows, by file and row
     group; fails naming the file when one is unreadable or lacks a column."""
     fs, _ = storage.resolve(uri, cfg.storage)
-    files = storage.list_files(uri, cfg.storage)
-    if not files:
-        raise storage.StorageError(f"{uri}: no parquet files")
     step = cfg.scoring.rows_per_shard
-    shards: list[Shard] = []
-    for path in files:
+    parts: list[Part] = []
+    first_row = 0
+    for path in candidate_files(uri, cfg):
         try:
             meta = pq.ParquetFile(path, filesystem=fs).metadata
         except (pa.ArrowInvalid, OSError) as err:
@@ -95,53 +132,142 @@ def plan_shards(uri: str, cfg: Config) -> list[Shard]:
         for rg in range(meta.num_row_groups):
             rows = meta.row_group(rg).num_rows
             for start in range(0, rows, step):
-                shards.append(Shard(len(shards), path, rg, start, min(step, rows - start)))
-    return shards
+                length = min(step, rows - start)
+                parts.append(Part(len(parts), path, rg, start, length, first_row))
+                first_row += length
+    return parts
 
 
-def check_output_location(inputs: Inputs) -> None:
-    """Refuse '..' in the output and an output inside an input folder (a later read of that
-    folder would pick the scores up as input)."""
-    out = inputs.output.rstrip("/")
+def shard_of(users: np.ndarray, num_shards: int) -> np.ndarray:
+    """The shard of each user id: a fixed multiplicative hash, the same in every process."""
+    mixed = users.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(num_shards)).astype(np.int64)
+
+
+def check_output_location(inputs: Inputs, run_root: str) -> None:
+    """Refuse '..' in the output, and a run folder inside an input or an input inside it (a
+    later read of that folder would pick the scores up as input)."""
+    out = run_root.rstrip("/")
     if ".." in out.split("/"):
         raise RunRefused(f"output {out}: '..' is not allowed in an output path")
     for source in (inputs.candidates, inputs.history, inputs.items, inputs.neighbors):
         source = (source or "").rstrip("/")
-        if source and (out == source or out.startswith(source + "/")):
-            raise RunRefused(f"output {out} lies inside the input {source}")
+        if not source:
+            continue
+        if out == source or out.startswith(source + "/"):
+            raise RunRefused(f"run folder {out} lies inside the input {source}")
+        if source.startswith(out + "/"):
+            raise RunRefused(f"input {source} lies inside the run folder {out}")
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def with_retries(write: Callable[[], Any], what: str, retries: int) -> Any:
+    """Run a storage write, retrying (bounded, with backoff) on transient OSErrors. Every
+    write here targets fixed object names, so a retry rewrites the same objects."""
+    for attempt in range(retries + 1):
+        try:
+            return write()
+        except OSError as err:
+            if attempt == retries:
+                raise
+            log.warning("%s failed (%s); retry %d of %d", what, err, attempt + 1, retries)
+            time.sleep(min(0.5 * 2**attempt, 10.0))
+    return None
+
+
+def _checked_ids(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(ids as int64 with out-of-range ones nulled, whether each was out of int64's range)."""
+    if pa.types.is_uint64(column.type):
+        too_big = pc.fill_null(pc.greater(column, pa.scalar(INT64_MAX, pa.uint64())), False)
+        column = pc.if_else(too_big, pa.scalar(None, column.type), column)
+    else:
+        too_big = pa.chunked_array([pa.array(np.zeros(len(column), dtype=bool))])
+    return column.cast(pa.int64()), too_big
+
+
+def read_part(part: Part, fs: pafs.FileSystem, known_items: np.ndarray) -> pa.Table:
+    """A part's rows with int64 ids, the reject reason (null = to be scored) and ROW."""
+    table = pq.ParquetFile(part.path, filesystem=fs).read_row_group(part.row_group)
+    table = table.slice(part.start, part.length)
+    users, user_too_big = _checked_ids(table[S.USER_ID])
+    items, item_too_big = _checked_ids(table[S.ITEM_ID])
+    too_big = pc.or_(user_too_big, item_too_big)
+    null_id = pc.and_(pc.invert(too_big), pc.or_(pc.is_null(users), pc.is_null(items)))
+    unknown = pc.fill_null(pc.invert(pc.is_in(items, value_set=pa.array(known_items))), False)
+    no_reason = pa.scalar(None, pa.string())
+    reason = pc.if_else(
+        too_big,
+        S.REJECT_ID_OUT_OF_RANGE,
+        pc.if_else(
+            null_id, S.REJECT_NULL_ID, pc.if_else(unknown, S.REJECT_UNKNOWN_ITEM, no_reason)
+        ),
+    )
+    table = table.set_column(table.column_names.index(S.USER_ID), S.USER_ID, users)
+    table = table.set_column(table.column_names.index(S.ITEM_ID), S.ITEM_ID, items)
+    table = table.append_column(S.REASON, reason)
+    rows = np.arange(part.first_row, part.first_row + len(table), dtype=np.int64)
+    return table.append_column(ROW, pa.array(rows))
+
+
+def stage_part(
+    part: Part, table: pa.Table, num_shards: int, paths: AttemptPaths, cfg: Config
+) -> dict:
+    """Write a part's rows to the staging folder of their users' shards, then its marker."""
+    users = table[S.USER_ID].fill_null(0).to_numpy()
+    shards = shard_of(users, num_shards)
+    counts = {}
+    for shard in np.unique(shards).tolist():
+        rows = table.filter(pa.array(shards == shard))
+        uri = paths.staged(shard, part.part_id)
+        with_retries(lambda r=rows, u=uri: storage.write_table(r, u, cfg.storage),
+                     f"staging {uri}", cfg.scoring.max_write_retries)  # fmt: skip
+        counts[str(shard)] = rows.num_rows
+    marker = {"part_id": part.part_id, "input_rows": len(table), "shards": counts}
+    uri = paths.staged_marker(part.part_id)
+    with_retries(lambda: storage.write_json(marker, uri, cfg.storage), f"marker {uri}",
+                 cfg.scoring.max_write_retries)  # fmt: skip
+    return marker
+
+
+def staged_marker_ok(paths: AttemptPaths, part: Part, store: StorageConfig) -> dict | None:
+    try:
+        marker = storage.read_json(paths.staged_marker(part.part_id), store)
+    except (OSError, ValueError):
+        return None
+    ok = marker.get("input_rows") == part.length == sum(marker.get("shards", {}).values())
+    return marker if ok else None
+
+
+def read_staged_shard(paths: AttemptPaths, shard_id: int, store: StorageConfig) -> pa.Table:
+    """Every staged row of a shard, in input order, with the shard id."""
+    fs, _ = storage.resolve(paths.root, store)
+    files = storage.list_files(paths.staged_shard(shard_id), store)
+    table = pa.concat_tables(
+        [pq.read_table(f, filesystem=fs) for f in files], promote_options="permissive"
+    )
+    table = table.sort_by(ROW)
+    return table.append_column(SHARD_ID, pa.array(np.full(len(table), shard_id)))
 
 
 # ----------------------------------------------------------------------------- shards
 
 
-def read_shard(shard: Shard, fs: pafs.FileSystem, known_items: np.ndarray) -> pa.Table:
-    """One shard's rows, with the reject reason (null = to be scored) and the shard id."""
-    table = pq.ParquetFile(shard.path, filesystem=fs).read_row_group(shard.row_group)
-    table = table.slice(shard.start, shard.length)
-    users, items = table[S.USER_ID], table[S.ITEM_ID]
-    null_id = pc.or_(pc.is_null(users), pc.is_null(items))
-    unknown = pc.invert(pc.is_in(items, value_set=pa.array(known_items)))
-    reason = pc.if_else(
-        null_id,
-        S.REJECT_NULL_ID,
-        pc.if_else(
-            pc.fill_null(unknown, False), S.REJECT_UNKNOWN_ITEM, pa.scalar(None, pa.string())
-        ),
-    )
-    table = table.append_column(S.REASON, reason)
-    return table.append_column(SHARD_ID, pa.array(np.full(len(table), shard.shard_id)))
-
-
-def write_shard(batch: pa.Table, cfg: Config, paths: RunPaths, plan: dict[int, Shard]) -> pa.Table:
+def write_shard(
+    batch: pa.Table, cfg: Config, paths: AttemptPaths, lengths: dict[int, int]
+) -> pa.Table:
     """Split a scored shard into scores and rejects, validate, write both, then the marker."""
     shard_ids = np.unique(batch[SHARD_ID].to_numpy())
-    if len(shard_ids) != 1 or len(batch) != plan[int(shard_ids[0])].length:
+    if len(shard_ids) != 1 or len(batch) != lengths[int(shard_ids[0])]:
         raise RunFailed(f"a batch must hold one whole shard, got shards {shard_ids.tolist()}")
     shard_id = int(shard_ids[0])
-    batch = batch.drop_columns([SHARD_ID])
+    batch = batch.sort_by(ROW).drop_columns([SHARD_ID, ROW])
     # An all-null column may arrive typed `null` after Ray Data's block handling.
     reason_at = batch.column_names.index(S.REASON)
     batch = batch.set_column(reason_at, S.REASON, batch[S.REASON].cast(pa.string()))
+    for name in (S.USER_ID, S.ITEM_ID):
+        batch = batch.set_column(batch.column_names.index(name), name, batch[name].cast(pa.int64()))
     passthrough = [c for c in batch.column_names if c not in (*S.SCORE_COLUMNS.names, S.REASON)]
 
     rejected = pc.is_valid(batch[S.REASON])
@@ -154,8 +280,6 @@ def write_shard(batch: pa.Table, cfg: Config, paths: RunPaths, plan: dict[int, S
     if not np.all(np.isfinite(score_values) & (score_values >= 0) & (score_values <= 1)):
         raise RunFailed(f"shard {shard_id}: scores not finite in [0, 1]")
 
-    storage.write_table(scores, paths.scores(shard_id), cfg.storage)
-    storage.write_table(rejects, paths.rejects(shard_id), cfg.storage)
     exit_hist = Counter(scores[S.EXIT_LAYER].to_numpy().tolist())
     marker = {
         "shard_id": shard_id,
@@ -164,7 +288,13 @@ def write_shard(batch: pa.Table, cfg: Config, paths: RunPaths, plan: dict[int, S
         "rejected": dict(Counter(rejects[S.REASON].to_pylist())),
         "exit_histogram": {str(k): v for k, v in sorted(exit_hist.items())},
     }
-    storage.write_json(marker, paths.marker(shard_id), cfg.storage)
+
+    def write() -> None:  # the marker last: a retried write never leaves a marked mixed shard
+        storage.write_table(scores, paths.scores(shard_id), cfg.storage)
+        storage.write_table(rejects, paths.rejects(shard_id), cfg.storage)
+        storage.write_json(marker, paths.marker(shard_id), cfg.storage)
+
+    with_retries(write, f"writing shard {shard_id}", cfg.scoring.max_write_retries)
     return pa.table({"marker": [json.dumps(marker)]})
 
 
@@ -179,55 +309,116 @@ def _split_duplicates(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
     dup = dup.set_column(
         dup.column_names.index(S.REASON),
         S.REASON,
-        pa.array(["duplicate_pair"] * len(dup), pa.string()),
+        pa.array([S.REJECT_DUPLICATE_PAIR] * len(dup), pa.string()),
     )
     return scored.filter(pa.array(is_first)), dup
 
 
-# ----------------------------------------------------------------------------- driver
+def marker_ok(paths: AttemptPaths, shard_id: int, length: int, store: StorageConfig) -> dict | None:
+    """The shard's marker when it verifies (counts match the staging, both files present)."""
+    try:
+        marker = storage.read_json(paths.marker(shard_id), store)
+    except (OSError, ValueError):
+        return None
+    complete = marker.get("scored", -1) + sum(marker.get("rejected", {}).values())
+    files = (paths.scores(shard_id), paths.rejects(shard_id))
+    if complete != length or not all(storage.exists(f, store) for f in files):
+        return None
+    return marker
 
 
-def model_version(cfg: Config) -> str:
-    """Backbone identity plus the trained heads' hash: the scores' model_version column."""
-    name, digest = config_digest(cfg.backbone)
-    if cfg.exits.heads_uri:
-        digest = hashlib.sha256((digest + (A.heads_digest(cfg) or "")).encode()).hexdigest()
-    return f"{name}-{digest[:10]}"
+# ----------------------------------------------------------------------------- model version
+
+
+def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """What decides a score, hashed: the backbone's weights, the heads, the exit rule as it
+    will run (config over trained), the adapter, the side features and the prompt settings.
+    Returns (`<backbone>-<hash>` for the scores' model_version column, the parts)."""
+    from optirag.prompts import PromptBuilder
+
+    name, weights = weights_digest(cfg.backbone)
+    stored = A.stored_heads_digests(cfg)
+    trained = A.load_exit_config(cfg) if stored else {}
+    rule = resolve_rule(cfg.exits, trained)
+    layers = trained.get("layers") or cfg.exits.layers or f"{cfg.exits.num_heads} evenly"
+    parts = {
+        "backbone": weights,
+        "heads": stored.get("heads", "untrained (zero-shot)"),
+        "exits": {"rule": rule.kind, "threshold": rule.threshold, "layers": layers},
+        "adapter": stored.get("adapter"),
+        "side_features": stored.get("side_features"),
+        "prompts": cfg.prompts.model_dump(),
+        "prompt_template": hashlib.sha256(
+            PromptBuilder(None, cfg.prompts).template_sample().encode()
+        ).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:12]}", parts
 
 
 def default_run_id(cfg: Config, version: str) -> str:
-    return f"{dt.date.today():%Y%m%d}-{version[-10:]}-{cfg.fingerprint()}"
+    return f"{dt.date.today():%Y%m%d}-{version[-12:]}-{cfg.fingerprint()}"
+
+
+# ----------------------------------------------------------------------------- a run
 
 
 @dataclass
 class Run:
-    """A scoring run once planned: where it writes, its shards and those still to do."""
+    """A scoring run once planned: where it writes and what its input is."""
 
     run_id: str
     inputs: Inputs
-    paths: RunPaths
-    shards: list[Shard]
-    pending: list[Shard]
+    run: RunPaths
+    paths: AttemptPaths  # the attempt this invocation works on
+    parts: list[Part]
+    num_shards: int
 
     @property
-    def plan(self) -> dict[int, Shard]:
-        return {s.shard_id: s for s in self.shards}
+    def total_rows(self) -> int:
+        return sum(p.length for p in self.parts)
+
+    def pending_parts(self, store: StorageConfig) -> list[Part]:
+        return [p for p in self.parts if staged_marker_ok(self.paths, p, store) is None]
+
+    def shard_lengths(self, store: StorageConfig) -> dict[int, int]:
+        """Rows per non-empty shard, summed from the part markers (all parts staged)."""
+        lengths: Counter = Counter()
+        for part in self.parts:
+            marker = staged_marker_ok(self.paths, part, store)
+            if marker is None:
+                raise RunFailed(f"part {part.part_id} is not staged; rerun to resume")
+            lengths.update({int(k): v for k, v in marker["shards"].items()})
+        return dict(sorted(lengths.items()))
+
+    def pending_shards(self, lengths: dict[int, int], store: StorageConfig) -> list[int]:
+        return [s for s, n in lengths.items() if marker_ok(self.paths, s, n, store) is None]
+
+
+def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
+    numbers = (RunPaths.attempt_number(n) for n in storage.list_folders(run.root, store))
+    return sorted(n for n in numbers if n is not None)
 
 
 def start(cfg: Config, version: str) -> Run:
-    """Check the locations, plan the shards (or check them against the plan of the run being
-    resumed) and find the shards whose marker does not verify yet."""
+    """Check the locations and the inputs, choose the attempt (resume the newest unpublished
+    one whose plan matches; a new one otherwise) and plan it."""
+    store = cfg.storage
     inputs = Inputs.from_config(cfg)
-    check_output_location(inputs)
     run_id = cfg.scoring.run_id or default_run_id(cfg, version)
-    paths = RunPaths(storage.join(inputs.output, run_id))
-    if storage.exists(paths.success, cfg.storage):
-        if not cfg.scoring.replace:
-            raise RunRefused(f"{paths.root} already holds _SUCCESS; set scoring.replace=true")
-        fs, path = storage.resolve(paths.root, cfg.storage)
-        fs.delete_dir(path)
+    run = RunPaths(storage.join(inputs.output, run_id))
+    check_output_location(inputs, run.root)
+    published = A.published_attempt(run.root, store)
+    if published is not None and not cfg.scoring.replace:
+        raise RunRefused(f"{run.root} is already committed; set scoring.replace=true")
 
-    shards = plan_shards(inputs.candidates, cfg)
+    parts = plan_parts(inputs.candidates, cfg)
+    total = sum(p.length for p in parts)
+    if total == 0 and not cfg.scoring.allow_empty:
+        raise storage.StorageError(
+            f"{inputs.candidates}: the input has no rows (set scoring.allow_empty=true to "
+            "commit an empty run)"
+        )
     # Fail here, naming the file, rather than in every actor.
     for uri, required in (
         (inputs.history, S.INTERACTIONS),
@@ -235,48 +426,45 @@ def start(cfg: Config, version: str) -> Run:
         (inputs.neighbors, S.NEIGHBORS),
     ):
         if uri:
-            storage.checked_files(uri, cfg.storage, required)
-    load_or_write_plan(paths, shards, cfg, inputs)
-    pending = [s for s in shards if marker_ok(paths, s, cfg) is None]
-    total_rows = sum(s.length for s in shards)
-    log.info("run %s: %d shards (%d pending), %d candidate rows",
-             run_id, len(shards), len(pending), total_rows)  # fmt: skip
-    return Run(run_id, inputs, paths, shards, pending)
+            storage.checked_files(uri, store, required)
+    num_shards = max(1, math.ceil(total / cfg.scoring.rows_per_shard))
+    plan = {"candidates": inputs.candidates, "model_version": version, "num_shards": num_shards,
+            "parts": [dataclasses.asdict(p) for p in parts]}  # fmt: skip
 
-
-def load_or_write_plan(paths: RunPaths, shards: list[Shard], cfg: Config, inputs: Inputs):
-    plan = {"candidates": inputs.candidates, "shards": [dataclasses.asdict(s) for s in shards]}
-    if storage.exists(paths.plan, cfg.storage):
-        previous = storage.read_json(paths.plan, cfg.storage)
-        if previous != plan:
+    numbers = _attempt_numbers(run, store)
+    newest = numbers[-1] if numbers else 0
+    paths = run.attempt(newest + 1)
+    if newest and (published is None or newest > published.number):
+        unpublished = run.attempt(newest)
+        previous = (
+            storage.read_json(unpublished.plan, store)
+            if storage.exists(unpublished.plan, store)
+            else plan
+        )
+        if previous == plan:
+            paths = unpublished  # resume it
+        elif not cfg.scoring.replace:
             raise RunRefused(
-                f"{paths.root}: the input changed since this run started; use a new run_id"
+                f"{unpublished.root}: the input or the model changed since this run started; "
+                "use a new run_id (or scoring.replace=true to start a new attempt)"
             )
-        return
-    storage.write_json(plan, paths.plan, cfg.storage)
+    if not storage.exists(paths.plan, store):
+        storage.write_json(plan, paths.plan, store)
+    log.info("run %s, %s: %d parts, %d shards, %d candidate rows",
+             run_id, paths.name, len(parts), num_shards, total)  # fmt: skip
+    return Run(run_id, inputs, run, paths, parts, num_shards)
 
 
-def marker_ok(paths: RunPaths, shard: Shard, cfg: Config) -> dict | None:
-    """The shard's marker when it verifies (counts match the plan, both files present)."""
-    try:
-        marker = storage.read_json(paths.marker(shard.shard_id), cfg.storage)
-    except (OSError, ValueError):
-        return None
-    complete = marker.get("scored", -1) + sum(marker.get("rejected", {}).values())
-    files = (paths.scores(shard.shard_id), paths.rejects(shard.shard_id))
-    if complete != shard.length or not all(storage.exists(f, cfg.storage) for f in files):
-        return None
-    return marker
-
-
-def commit(run: Run, cfg: Config, version: str, started: float) -> dict:
-    """Validate every shard's marker, then write _manifest.json and _SUCCESS."""
-    paths, shards, inputs, run_id = run.paths, run.shards, run.inputs, run.run_id
+def commit(run: Run, cfg: Config, version: tuple[str, dict], started: float) -> dict:
+    """Validate every shard's marker, write the attempt's _manifest.json, point the run's
+    _SUCCESS at the attempt, then delete the other attempts."""
+    store, paths = cfg.storage, run.paths
+    lengths = run.shard_lengths(store)
     markers = []
-    for shard in shards:
-        marker = marker_ok(paths, shard, cfg)
+    for shard_id, length in lengths.items():
+        marker = marker_ok(paths, shard_id, length, store)
         if marker is None:
-            raise RunFailed(f"shard {shard.shard_id} has no valid marker; rerun to resume")
+            raise RunFailed(f"shard {shard_id} has no valid marker; rerun to resume")
         markers.append(marker)
     scored = sum(m["scored"] for m in markers)
     rejected: Counter = Counter()
@@ -284,34 +472,44 @@ def commit(run: Run, cfg: Config, version: str, started: float) -> dict:
     for m in markers:
         rejected.update(m["rejected"])
         exit_hist.update({int(k): v for k, v in m["exit_histogram"].items()})
-    total = sum(s.length for s in shards)
+    total = run.total_rows
     if scored + sum(rejected.values()) != total:
         raise RunFailed(f"row count mismatch: {scored} + {sum(rejected.values())} != {total}")
     wall = time.time() - started
     mean_exit = sum(k * v for k, v in exit_hist.items()) / scored if scored else None
     summary = {
-        "run_id": run_id,
-        "output": paths.root,
+        "run_id": run.run_id,
+        "output": run.run.root,
+        "attempt": paths.name,
         "candidates": total,
         "scored": scored,
         "rejected": dict(rejected),
         "exit_histogram": {str(k): v for k, v in sorted(exit_hist.items())},
         "mean_exit_layer": mean_exit,
-        "model_version": version,
+        "model_version": version[0],
         "wall_s": round(wall, 2),
         "pairs_per_s": round(total / wall, 2) if wall else None,
     }
     manifest = {
         **summary,
-        "inputs": dataclasses.asdict(inputs),
+        "model_version_parts": version[1],
+        "inputs": dataclasses.asdict(run.inputs),
         "files": {
-            "scores": [paths.scores(s.shard_id) for s in shards],
-            "rejects": [paths.rejects(s.shard_id) for s in shards],
+            "scores": [paths.scores(s) for s in lengths],
+            "rejects": [paths.rejects(s) for s in lengths],
         },
         "config": cfg.redacted(),
         "config_fingerprint": cfg.fingerprint(),
     }
-    storage.write_json(manifest, paths.manifest, cfg.storage)
-    storage.write_bytes(b"", paths.success, cfg.storage)
-    log.info("run %s committed: %s", run_id, json.dumps(summary))
+    storage.write_json(manifest, paths.manifest, store)
+    pointer = {"attempt": paths.name, "manifest": paths.manifest, "run_id": run.run_id,
+               "model_version": version[0]}  # fmt: skip
+    storage.write_json(pointer, run.run.success, store)  # one PUT: the run switches here
+    for number in _attempt_numbers(run.run, store):
+        if number != paths.number:
+            try:
+                storage.delete_folder(run.run.attempt(number).root, store)
+            except OSError as err:  # the run is committed; a leftover folder is harmless
+                log.warning("could not delete %s: %s", run.run.attempt(number).root, err)
+    log.info("run %s committed: %s", run.run_id, json.dumps(summary))
     return summary

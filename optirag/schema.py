@@ -70,7 +70,9 @@ SCORE_COLUMNS = pa.schema(
 
 # Reasons a candidate row lands in rejects/ instead of scores/.
 REJECT_NULL_ID = "null_id"
+REJECT_ID_OUT_OF_RANGE = "id_out_of_range"  # e.g. a uint64 id above int64's range
 REJECT_UNKNOWN_ITEM = "unknown_item"
+REJECT_DUPLICATE_PAIR = "duplicate_pair"  # a later copy of a (user, item) pair
 
 
 class SchemaError(ValueError):

@@ -70,8 +70,16 @@ def exists(uri: str, storage: StorageConfig) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, storage: StorageConfig, suffix: str = ".parquet") -> list[str]:
-    """Sorted paths (inside the filesystem) of the files under a folder, or the file itself."""
+PARQUET_SUFFIXES = (".parquet", ".parq")  # compared case-insensitively
+
+
+def is_parquet(path: str) -> bool:
+    return path.lower().endswith(PARQUET_SUFFIXES)
+
+
+def list_all_files(uri: str, storage: StorageConfig) -> list[str]:
+    """Sorted paths (inside the filesystem) of every file under a folder, or the file itself;
+    names starting with '_' or '.' (markers, temporaries) are not data and are left out."""
     fs, path = resolve(uri, storage)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -83,9 +91,30 @@ def list_files(uri: str, storage: StorageConfig, suffix: str = ".parquet") -> li
         i.path
         for i in fs.get_file_info(selector)
         if i.type == pafs.FileType.File
-        and i.path.endswith(suffix)
-        and not posixpath.basename(i.path).startswith(("_", "."))
+        and not any(part.startswith(("_", ".")) for part in i.path[len(path) :].split("/") if part)
     )
+
+
+def list_folders(uri: str, storage: StorageConfig) -> list[str]:
+    """Names of the folders directly under `uri` ([] when it does not exist)."""
+    fs, path = resolve(uri, storage)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def delete_folder(uri: str, storage: StorageConfig) -> None:
+    fs, path = resolve(uri, storage)
+    fs.delete_dir(path)
+
+
+def list_files(uri: str, storage: StorageConfig) -> list[str]:
+    """The parquet files (.parquet / .parq, any case) under a folder, or the file itself."""
+    files = list_all_files(uri, storage)
+    if len(files) == 1 and files[0] == resolve(uri, storage)[1]:
+        return files
+    return [f for f in files if is_parquet(f)]
 
 
 def checked_files(uri: str, storage: StorageConfig, required: pa.Schema | None = None) -> list[str]:

@@ -65,11 +65,12 @@ def test_config_is_frozen():
         cfg.storage.root = "x"  # type: ignore[misc]
 
 
-def test_secrets_never_in_dump():
-    cfg = load_config(
-        None,
-        ["storage.s3.secret_access_key=hunter2-secret", "storage.s3.access_key_id=AKIAREALLOOKING"],
+def test_secrets_never_in_dump(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        "storage: {s3: {secret_access_key: hunter2-secret, access_key_id: AKIAREALLOOKING}}"
     )
+    cfg = load_config(conf)
     dumped = str(cfg.redacted()) + repr(cfg) + str(cfg)
     assert "hunter2-secret" not in dumped and "AKIAREALLOOKING" not in dumped
     assert cfg.storage.s3.secret_access_key.get_secret_value() == "hunter2-secret"
@@ -89,3 +90,26 @@ def test_default_local_paths_are_absolute_too():
     cfg = Config()
     for path in (cfg.storage.root, cfg.backbone.cache_dir, cfg.data.movielens_dir):
         assert Path(path).is_absolute(), path
+
+
+@pytest.mark.parametrize("key", ["storage.s3.secret_access_key", "storage.s3.access_key_id",
+                                 "storage.s3.session_token"])  # fmt: skip
+def test_secret_overrides_are_refused(key):
+    with pytest.raises(ConfigError, match="environment") as err:
+        load_config(None, [f"{key}=hunter2-secret"])
+    assert "hunter2-secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("run_id", ["../bad/rid/evil", "/abs/path", "a/b", "a..b", ".hidden", ""])
+def test_bad_run_ids_are_refused(run_id):
+    with pytest.raises(ConfigError, match="run id"):
+        load_config(None, [f"scoring.run_id={run_id}"])
+
+
+def test_string_overrides_stay_strings():
+    cfg = load_config(
+        None, ["scoring.run_id=2026-11-25", "prompts.instruction=1.5", "data.columns.text=null"]
+    )
+    assert cfg.scoring.run_id == "2026-11-25"  # not a YAML date
+    assert cfg.prompts.instruction == "1.5" and cfg.data.columns.text is None
+    assert load_config(None, ["compute.max_actors=3"]).compute.max_actors == 3

@@ -37,7 +37,8 @@ def _inputs(store, movie_tables) -> str:
 
 
 def _scores(cfg: Config) -> list[list]:
-    out = storage.join(cfg.storage.root, "scores", "golden", "scores")
+    run = storage.join(cfg.storage.root, "scores", "golden")
+    out = A.published_attempt(run, cfg.storage).scores_folder
     fs, _ = storage.resolve(out, cfg.storage)
     table = pa.concat_tables(
         [pq.read_table(p, filesystem=fs) for p in storage.list_files(out, cfg.storage)]

@@ -5,7 +5,7 @@ from optirag.config import PromptConfig
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule
 from optirag.pair_scorer import PairScorer
-from optirag.prompts import PromptBuilder, UserContext, clean_text, item_text
+from optirag.prompts import UNTRUSTED_NOTE, PromptBuilder, UserContext, clean_text, item_text
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -16,8 +16,9 @@ CHAT_TEMPLATE = (
 def test_clean_text_strips_control_and_caps():
     assert clean_text("Toy\x00 Story\n\t(1995)\u202e", 100) == "Toy Story (1995)"
     assert clean_text("x" * 50, 10) == "x" * 9 + "…"
-    assert item_text(None, None, 20) == "(untitled)"
-    assert item_text("Heat", "Genres: Action", 80) == "Heat [Genres: Action]"
+    assert item_text(None, None, 20) == '"(untitled)"'
+    assert item_text("Heat", "Genres: Action", 80) == '"Heat [Genres: Action]"'
+    assert item_text('Say "Yes"', None, 80) == "\"Say 'Yes'\""  # cannot close its quote
 
 
 def test_prefix_and_suffix_split(tiny_backbone):
@@ -35,7 +36,9 @@ def test_chat_template_is_used(tiny_backbone):
     try:
         builder = PromptBuilder(tokenizer, PromptConfig(instruction="SYS"))
         prefix = builder.prefix_text(UserContext())
-        assert prefix.startswith("<|system|>SYS<|end|><|user|>The user has no history yet.")
+        assert prefix.startswith(
+            f"<|system|>SYS {UNTRUSTED_NOTE}<|end|><|user|>The user has no history yet."
+        )
         assert builder.suffix_text("X").endswith("<|end|><|assistant|>")
     finally:
         tokenizer.chat_template = None
@@ -43,11 +46,11 @@ def test_chat_template_is_used(tiny_backbone):
 
 def test_token_budget_drops_oldest_history_first(tiny_backbone):
     history = [(f"Old movie {i}", True) for i in range(30)]
-    cfg = PromptConfig(max_prefix_tokens=200, max_history=30)
+    cfg = PromptConfig(max_prefix_tokens=320, max_history=30)
     builder = PromptBuilder(tiny_backbone.tokenizer, cfg)
     ids = builder.encode_prefix(UserContext(history, ["Neighbour pick"]))
     text = tiny_backbone.tokenizer.decode(ids)
-    assert len(ids) <= 200
+    assert len(ids) <= 320
     assert "Old movie 29" in text and "Old movie 0;" not in text
     assert "Neighbour pick" in text
     assert ids == builder.encode_prefix(UserContext(history, ["Neighbour pick"]))

@@ -96,26 +96,44 @@ class ScoreShard:
 def run(cfg: Config) -> dict:
     """Score the candidates; returns the run summary. Needs ray.init() first."""
     started = time.time()
+    store = cfg.storage
     version = runs.model_version(cfg)
-    run = runs.start(cfg, version)
-    pending, inputs = run.pending, run.inputs
-    if pending:
-        items = storage.read_table(inputs.items, cfg.storage, columns=[S.ITEM_ID])
+    run = runs.start(cfg, version[0])
+    paths, inputs = run.paths, run.inputs
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+
+    parts = run.pending_parts(store)
+    if parts:
+        items = storage.read_table(inputs.items, store, columns=[S.ITEM_ID])
         known_items = ray.put(items[S.ITEM_ID].to_numpy())
-        fs, _ = storage.resolve(inputs.candidates, cfg.storage)
+        fs, _ = storage.resolve(inputs.candidates, store)
+
+        def stage(batch: dict[str, np.ndarray]) -> pa.Table:
+            part = parts[int(batch["id"][0])]
+            table = runs.read_part(part, fs, ray.get(known_items))
+            marker = runs.stage_part(part, table, run.num_shards, paths, cfg)
+            return pa.table({"marker": [json.dumps(marker)]})
+
+        ds = ray.data.range(len(parts), override_num_blocks=len(parts)).map_batches(
+            stage, batch_size=1, batch_format="numpy"
+        )
+        _drive(ds, sum(p.length for p in parts), cfg, "staging by user")
+
+    lengths = run.shard_lengths(store)
+    pending = run.pending_shards(lengths, store)
+    if pending:
         # One pass over the history, batch by batch, for every actor.
         item_ratings = None
         if cfg.prompts.target_ratings:
-            history = storage.open_dataset(inputs.history, cfg.storage, S.INTERACTIONS)
+            history = storage.open_dataset(inputs.history, store, S.INTERACTIONS)
             item_ratings = ItemRatings.totals(history)
 
         def read(batch: dict[str, np.ndarray]) -> pa.Table:
-            return runs.read_shard(pending[int(batch["id"][0])], fs, ray.get(known_items))
+            return runs.read_staged_shard(paths, pending[int(batch["id"][0])], store)
 
         compute = cfg.compute
         # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
         # which it flags as deprecated; the bounds below are deliberate.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = (
             ray.data.range(len(pending), override_num_blocks=len(pending))
             .map_batches(read, batch_size=1, batch_format="numpy")
@@ -124,7 +142,7 @@ def run(cfg: Config) -> dict:
                 fn_constructor_kwargs={
                     "cfg": cfg,
                     "inputs": inputs,
-                    "model_version": version,
+                    "model_version": version[0],
                     "item_ratings": item_ratings,
                 },  # fmt: skip
                 batch_size=None,
@@ -137,18 +155,18 @@ def run(cfg: Config) -> dict:
             )
             .map_batches(
                 runs.write_shard,
-                fn_kwargs={"cfg": cfg, "paths": run.paths, "plan": run.plan},
+                fn_kwargs={"cfg": cfg, "paths": paths, "lengths": lengths},
                 batch_size=None,
                 batch_format="pyarrow",
             )
         )
-        _drive(ds, sum(s.length for s in pending), cfg)
+        _drive(ds, sum(lengths[s] for s in pending), cfg, "scoring")
 
     summary = runs.commit(run, cfg, version, started)
-    return {**summary, "shards": len(run.shards), "shards_run": len(pending)}
+    return {**summary, "shards": len(lengths), "shards_run": len(pending)}
 
 
-def _drive(ds, pending_rows: int, cfg: Config) -> None:
+def _drive(ds, pending_rows: int, cfg: Config, desc: str) -> None:
     """Consume the dataset with a progress bar, a wall-clock limit and a stall watchdog."""
     from tqdm.auto import tqdm
 
@@ -165,7 +183,7 @@ def _drive(ds, pending_rows: int, cfg: Config) -> None:
 
     threading.Thread(target=consume, daemon=True, name="optirag-consume").start()
     deadline = time.monotonic() + cfg.scoring.timeout_s
-    with tqdm(total=pending_rows, unit="pairs", desc="scoring", smoothing=0.1) as bar:
+    with tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar:
         while True:
             wait = min(cfg.scoring.stall_timeout_s, deadline - time.monotonic())
             if wait <= 0:

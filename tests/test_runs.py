@@ -1,0 +1,169 @@
+"""The scoring run protocol without Ray: input listing, staging by user, write retries, the
+model version, and where a run may write."""
+
+import json
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from optirag import artifacts as A
+from optirag import runs, storage
+from optirag import schema as S
+from optirag.config import Config
+
+
+def _cfg(store, tiny_llama_dir=None, **scoring) -> Config:
+    raw = {"storage": store.model_dump(mode="json"), "scoring": {"run_id": "r1", **scoring}}
+    if tiny_llama_dir is not None:
+        raw["backbone"] = {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"}
+    return Config.model_validate(raw)
+
+
+def _cands(users, items, **columns) -> pa.Table:
+    return pa.table({S.USER_ID: users, S.ITEM_ID: items, **columns})
+
+
+def test_parquet_found_whatever_the_extension_case_and_other_files_refused(local_storage, caplog):
+    folder = storage.join(local_storage.root, "cands")
+    for name in ("a.parquet", "b.PARQUET", "c.parq"):
+        storage.write_table(_cands([1], [2]), storage.join(folder, name), local_storage)
+    cfg = _cfg(local_storage)
+    assert [p.rsplit("/", 1)[1] for p in runs.candidate_files(folder, cfg)] == [
+        "a.parquet", "b.PARQUET", "c.parq"]  # fmt: skip
+    storage.write_bytes(b"x,y\n", storage.join(folder, "d.csv"), local_storage)
+    with pytest.raises(storage.StorageError, match=r"d\.csv"):
+        runs.candidate_files(folder, cfg)
+    with caplog.at_level(logging.WARNING):
+        files = runs.candidate_files(folder, _cfg(local_storage, ignore_other_files=True))
+    assert len(files) == 3 and "d.csv" in caplog.text
+
+
+def test_empty_input_refused_unless_allowed(local_storage, tiny_llama_dir):
+    folder = storage.join(local_storage.root, "candidates", "test")
+    empty = _cands(pa.array([], pa.int64()), pa.array([], pa.int64()))
+    storage.write_table(empty, storage.join(folder, "a.parquet"), local_storage)
+    storage.write_table(
+        pa.table({S.ITEM_ID: [1], S.TITLE: ["t"], S.TEXT: [None]}, schema=S.ITEMS),
+        A.items_uri(local_storage.root), local_storage)  # fmt: skip
+    history = A.interactions_uri(local_storage.root, "train")
+    storage.write_table(S.INTERACTIONS.empty_table(), history, local_storage)
+    with pytest.raises(storage.StorageError, match="no rows"):
+        runs.start(_cfg(local_storage, candidates_uri=folder), "v1")
+    run = runs.start(_cfg(local_storage, candidates_uri=folder, allow_empty=True), "v1")
+    assert run.total_rows == 0
+
+
+def test_ids_outside_int64_are_rejects_and_ids_become_int64(local_storage):
+    users = pa.array([1, 2**63 + 5, 3], pa.uint64())
+    items = pa.array([7, 7, 2**64 - 1], pa.uint64())
+    path = storage.join(local_storage.root, "c.parquet")
+    storage.write_table(_cands(users, items), path, local_storage)
+    fs, inner = storage.resolve(path, local_storage)
+    part = runs.Part(0, inner, 0, 0, 3, 100)
+    table = runs.read_part(part, fs, known_items=np.array([7]))
+    assert table.schema.field(S.USER_ID).type == pa.int64()
+    assert table[S.REASON].to_pylist() == [None, "id_out_of_range", "id_out_of_range"]
+    assert table[S.USER_ID].to_pylist()[0] == 1 and table[runs.ROW].to_pylist() == [100, 101, 102]
+
+
+def test_every_row_of_a_user_is_staged_in_one_shard(local_storage):
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 50, 400), rng.integers(0, 20, 400)
+    users[-1], items[-1] = users[0], items[0]  # the same pair again, far away in the input
+    path = storage.join(local_storage.root, "c.parquet")
+    storage.write_table(_cands(users, items), path, local_storage)
+    fs, inner = storage.resolve(path, local_storage)
+    cfg = _cfg(local_storage)
+    attempt = A.RunPaths(storage.join(local_storage.root, "out", "r1")).attempt(1)
+    parts = [runs.Part(i, inner, 0, i * 100, 100, i * 100) for i in range(4)]
+    for part in parts:
+        runs.stage_part(part, runs.read_part(part, fs, np.arange(20)), 7, attempt, cfg)
+    assert all(runs.staged_marker_ok(attempt, p, local_storage) for p in parts)
+    seen = {}
+    for shard in range(7):
+        if not storage.exists(attempt.staged_shard(shard), local_storage):
+            continue
+        table = runs.read_staged_shard(attempt, shard, local_storage)
+        assert table[runs.ROW].to_pylist() == sorted(table[runs.ROW].to_pylist())
+        for user in table[S.USER_ID].to_pylist():
+            assert seen.setdefault(user, shard) == shard
+    assert len(seen) == len(np.unique(users))
+    # the shard of a user does not depend on the process or the batch it is computed in
+    assert np.array_equal(runs.shard_of(users, 7), runs.shard_of(users.copy()[::-1], 7)[::-1])
+
+
+def test_a_write_that_fails_once_is_retried(local_storage, monkeypatch):
+    cfg = _cfg(local_storage, max_write_retries=2)
+    attempt = A.RunPaths(storage.join(local_storage.root, "out", "r1")).attempt(1)
+    batch = _cands([1, 1, 2], [5, 5, 6])
+    batch = batch.append_column(S.REASON, pa.array([None] * 3, pa.string()))
+    batch = batch.append_column(runs.ROW, pa.array([0, 1, 2]))
+    batch = batch.append_column(runs.SHARD_ID, pa.array([3, 3, 3]))
+    batch = batch.append_column(S.SCORE, pa.array([0.1, 0.2, 0.3], pa.float32()))
+    batch = batch.append_column(S.EXIT_LAYER, pa.array([6, 6, 6], pa.int16()))
+    batch = batch.append_column(S.MODEL_VERSION, pa.array(["v"] * 3))
+    real, calls = storage.write_table, []
+
+    def flaky(table, uri, store):
+        calls.append(uri)
+        if len(calls) == 1:
+            raise OSError("connection reset by peer")
+        real(table, uri, store)
+
+    monkeypatch.setattr(storage, "write_table", flaky)
+    monkeypatch.setattr(runs.time, "sleep", lambda s: None)
+    out = runs.write_shard(batch, cfg, attempt, {3: 3})
+    marker = json.loads(out["marker"][0].as_py())
+    assert marker["scored"] == 2 and marker["rejected"] == {"duplicate_pair": 1}
+    assert runs.marker_ok(attempt, 3, 3, local_storage) is not None
+    fs, path = storage.resolve(attempt.scores(3), local_storage)
+    assert pq.read_table(path, filesystem=fs)[S.SCORE].to_pylist() == pytest.approx([0.1, 0.3])
+
+
+def test_run_folder_is_checked_against_every_input():
+    inputs = runs.Inputs("/d/cands", "/d/hist", "/d/items.parquet", None, "/d/out")
+    runs.check_output_location(inputs, "/d/out/r1")
+    for bad_root in ("/d/cands/r1", "/d/hist/x", "/d/out/../cands"):
+        with pytest.raises(runs.RunRefused):
+            runs.check_output_location(inputs, bad_root)
+    with pytest.raises(runs.RunRefused, match="inside the run folder"):
+        runs.check_output_location(replace(inputs, candidates="/d/out/r1/c"), "/d/out/r1")
+
+
+def _publish_heads(cfg, tensors_scale=1.0, threshold=0.1, adapter=False, side=False):
+    import torch
+
+    exit_config = {"layers": [3, 6], "hidden_size": 8, "eps": 1e-6, "rule": "agreement",
+                   "threshold": threshold, "side_features": ["mf"] if side else []}  # fmt: skip
+    if adapter:
+        exit_config["lora"] = {"rank": 8}
+    arrays = ({"x": np.ones(2) * tensors_scale}, {"bias": 0.0}) if side else None
+    A.save_heads(A.StoredHeads({"w": torch.ones(2) * tensors_scale}, exit_config,
+                               {"a": torch.ones(1)} if adapter else None, arrays), cfg)  # fmt: skip
+
+
+def test_model_version_changes_with_everything_that_decides_a_score(local_storage, tiny_llama_dir):
+    cfg = _cfg(local_storage, tiny_llama_dir)
+    versions = {"zero-shot": runs.model_version(cfg)[0]}
+    _publish_heads(cfg)
+    versions["trained heads"] = runs.model_version(cfg)[0]
+    _publish_heads(cfg, tensors_scale=2.0)
+    versions["other weights"] = runs.model_version(cfg)[0]
+    _publish_heads(cfg, tensors_scale=2.0, threshold=0.2)
+    versions["trained tau"] = runs.model_version(cfg)[0]
+    tau = cfg.model_copy(update={"exits": cfg.exits.model_copy(update={"threshold": 0.3})})
+    versions["configured tau"] = runs.model_version(tau)[0]
+    _publish_heads(cfg, tensors_scale=2.0, threshold=0.2, adapter=True)
+    versions["adapter"] = runs.model_version(cfg)[0]
+    _publish_heads(cfg, tensors_scale=2.0, threshold=0.2, adapter=True, side=True)
+    versions["side features"] = runs.model_version(cfg)[0]
+    prompts = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"max_history": 3})})
+    versions["prompt"] = runs.model_version(prompts)[0]
+    assert len(set(versions.values())) == len(versions), versions
+    assert runs.model_version(cfg)[0] == versions["side features"]  # stable
+    parts = runs.model_version(cfg)[1]
+    assert set(parts) >= {"backbone", "heads", "exits", "adapter", "side_features", "prompts"}
