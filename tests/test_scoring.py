@@ -132,7 +132,10 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
     summary = scoring.run(cfg)
 
     out, scores, rejects = _read_run(cfg)
-    assert storage.exists(storage.join(out, "_SUCCESS"), cfg.storage)
+    success = storage.read_json(
+        storage.join(cfg.storage.root, "scores", "r1", "_SUCCESS"), cfg.storage
+    )
+    assert success["attempt"] == "attempt-0001" and out.endswith("attempt-0001")
     manifest = storage.read_json(storage.join(out, "_manifest.json"), cfg.storage)
     assert manifest["scored"] == summary["scored"] == len(cands) - 2
     assert manifest["rejected"] == {"null_id": 1, "unknown_item": 1}
@@ -151,7 +154,7 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
     assert (local.exit_layers < 6).any()  # early exit really happened (tiny model: 6 layers)
 
     # A published run is refused unless replacing is asked for.
-    with pytest.raises(runs.RunRefused, match="_SUCCESS"):
+    with pytest.raises(runs.RunRefused, match="already committed"):
         scoring.run(cfg)
     again = scoring.run(_config(s3_storage, tiny_llama_dir, replace=True))
     assert again["shards_run"] == again["shards"]
@@ -179,10 +182,15 @@ def test_actor_loads_only_its_shards_users(
     known_items = movie_tables[1][S.ITEM_ID].to_numpy()
     lists = movie_tables[2].to_pydict()
     neighbors = dict(zip(lists[S.USER_ID], lists[S.NEIGHBOR_IDS], strict=True))
-    for shard in runs.plan_shards(inputs.candidates, cfg):
-        batch = actor(runs.read_shard(shard, fs, known_items))
-        (user,) = set(batch[S.USER_ID].to_pylist())
-        assert actor.contexts.users == {user, *neighbors.get(user, [])}
+    run = runs.start(cfg, "v1")  # plan, then stage by user as the job's first stage does
+    for part in run.parts:
+        runs.stage_part(part, runs.read_part(part, fs, known_items), run.num_shards, run.paths, cfg)
+    lengths = run.shard_lengths(cfg.storage)
+    assert len(lengths) > 1
+    for shard in lengths:
+        batch = actor(runs.read_staged_shard(run.paths, shard, cfg.storage))
+        users = set(batch[S.USER_ID].to_pylist())
+        assert actor.contexts.users == users.union(*(neighbors.get(u, []) for u in users))
         expected = whole.score(batch[S.USER_ID].to_numpy(), batch[S.ITEM_ID].to_numpy())
         np.testing.assert_allclose(batch[S.SCORE].to_numpy(), expected.scores, atol=1e-5)
 
