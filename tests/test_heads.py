@@ -121,10 +121,10 @@ def test_ray_train_lowers_head_loss_and_checkpoints(ray_session, tmp_path):
     store = StorageConfig(root=str(tmp_path))
     torch.manual_seed(0)
     n, hidden, layers = 256, 16, [1, 2]
-    labels = (torch.rand(n) < 0.5).float()
     direction = torch.randn(hidden)
-    states = torch.randn(n, 2, hidden) + labels[:, None, None] * direction  # learnable
-    for split in ("train", "valid"):
+    for split in ("train", "valid"):  # valid drawn apart from train: AUC on unseen rows
+        labels = (torch.rand(n) < 0.5).float()
+        states = torch.randn(n, 2, hidden) + labels[:, None, None] * direction  # learnable
         uri = f"{tmp_path}/{split}.st"
         artifacts.save_cached_states({"states": states, "labels": labels}, uri, {}, store)
     init = ExitHeads(layers, hidden, 1e-6)
