@@ -191,6 +191,11 @@ class ExitConfig(StrictModel):
     threshold: float | None = Field(None, ge=0, description="tau (agreement) or c (confidence)")
     heads_uri: Location | None = Field(None, description="trained heads directory")
     compaction: bool = True
+    engine: Literal["packed", "reference"] = Field(
+        "reference",
+        description="reference: the padded engine; packed: each prefix once, cascade "
+        "attention, refilled batches (optirag.packed; becomes the default once measured on a GPU)",
+    )
 
 
 class ComputeConfig(StrictModel):

@@ -17,7 +17,8 @@ from optirag.backbone import Backbone
 from optirag.cf import SideFeatures
 from optirag.config import Config, ExitConfig
 from optirag.context import ContextStore
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, ScoreResult
+from optirag.early_exit import ExitHeads, ExitRule, ScoreResult
+from optirag.packed import EngineKind, make_engine
 from optirag.prompts import PromptBuilder
 
 NO_CUTOFF = -1  # a row whose prompt may see the whole history (scoring, evaluation)
@@ -55,8 +56,9 @@ class PairScorer:
         compaction: bool = True,
         batch_rows: int = 64,
         side_features: SideFeatures | None = None,
+        engine: EngineKind = "reference",
     ) -> None:
-        self.engine = EarlyExitScorer(backbone, heads, rule, compaction=compaction)
+        self.engine = make_engine(engine, backbone, heads, rule, compaction=compaction)
         self.contexts = contexts
         self.prompts = prompts
         self.share_prefixes = share_prefixes
@@ -196,4 +198,5 @@ def make_pair_scorer(
         compaction=cfg.exits.compaction,
         batch_rows=cfg.compute.batch_rows,
         side_features=model.side_features,
+        engine=cfg.exits.engine,
     )

@@ -344,7 +344,12 @@ def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
     parts = {
         "backbone": weights,
         "heads": stored.get("heads", "untrained (zero-shot)"),
-        "exits": {"rule": rule.kind, "threshold": rule.threshold, "layers": layers},
+        "exits": {
+            "rule": rule.kind,
+            "threshold": rule.threshold,
+            "layers": layers,
+            "engine": cfg.exits.engine,
+        },
         "adapter": stored.get("adapter"),
         "side_features": stored.get("side_features"),
         "prompts": cfg.prompts.model_dump(),
