@@ -460,11 +460,12 @@ def start(cfg: Config, version: str) -> Run:
     return Run(run_id, inputs, run, paths, parts, num_shards)
 
 
-def commit(run: Run, cfg: Config, version: tuple[str, dict], started: float) -> dict:
+def commit(
+    run: Run, lengths: dict[int, int], cfg: Config, version: tuple[str, dict], started: float
+) -> dict:
     """Validate every shard's marker, write the attempt's _manifest.json, point the run's
     _SUCCESS at the attempt, then delete the other attempts."""
     store, paths = cfg.storage, run.paths
-    lengths = run.shard_lengths(store)
     markers = []
     for shard_id, length in lengths.items():
         marker = marker_ok(paths, shard_id, length, store)

@@ -162,7 +162,7 @@ def run(cfg: Config) -> dict:
         )
         _drive(ds, sum(lengths[s] for s in pending), cfg, "scoring")
 
-    summary = runs.commit(run, cfg, version, started)
+    summary = runs.commit(run, lengths, cfg, version, started)
     return {**summary, "shards": len(lengths), "shards_run": len(pending)}
 
 
