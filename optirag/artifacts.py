@@ -15,6 +15,7 @@ Under `storage.root` (a local directory or s3://bucket/prefix):
     features/<split>-<key hash>.safetensors    cached frozen-backbone states (+ .key.json)
     evaluation/metrics.json, report.md, sweep.png, primary.json
     scores/<run_id>/                           a scoring run (see RunPaths)
+    compare/<a>-vs-<b>/                        an A/B comparison of two runs (ComparePaths)
     <synthetic.output>/items.parquet, candidates/part-NNNNN.parquet,
           interactions/train/part-NNNNN.parquet
 """
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import load, save
 
@@ -73,6 +75,17 @@ def interactions_uri(root: str, split: str) -> str:
 
 def candidates_uri(root: str, split: str) -> str:
     return _split_uri(root, "candidates", split)
+
+
+def partitioned_candidates_uri(root: str, split: str, key: str) -> str:
+    """A split's candidates as Hive partitions, `candidates/<split>_by_<key>/<key>=<value>/`."""
+    if split not in SPLITS:
+        raise ValueError(f"candidates need a split in {SPLITS}, got {split!r}")
+    return storage.join(root, "candidates", f"{split}_by_{key}")
+
+
+def partition_file(folder: str, key: str, value: str) -> str:
+    return storage.join(folder, f"{key}={value}", "part-00000.parquet")
 
 
 def items_uri(root: str) -> str:
@@ -416,6 +429,138 @@ def published_attempt(run_root: str, store: StorageConfig) -> AttemptPaths | Non
     if number is None:
         raise storage.StorageError(f"{run.success}: names no attempt folder ({name!r})")
     return run.attempt(number)
+
+
+# ----------------------------------------------------------------------------- backfills
+
+
+@dataclass(frozen=True)
+class BackfillPaths:
+    """A backfill's output under the scores location: one scoring run per (partition, model
+    version), in Hive-style folders a warehouse reads by partition, and one manifest per
+    model version listing every partition's run and status:
+
+        date=2026-11-01/model=<model_version>/   a run (RunPaths): _SUCCESS, attempt-NNNN/
+        _backfills/<name>.json     partitions, runs, statuses (name: model=<model_version>
+                                   unless backfill.name gives one)
+    """
+
+    root: str
+
+    def run_root(self, key: str, value: str, version: str) -> str:
+        return storage.join(self.root, f"{key}={value}", f"model={version}")
+
+    def manifest(self, version: str, name: str | None = None) -> str:
+        return storage.join(self.root, "_backfills", f"{name or f'model={version}'}.json")
+
+
+def _hive_values(relative: str) -> dict[str, str]:
+    """`date=2026-11-01/model=x` -> {"date": "2026-11-01", "model": "x"}."""
+    return dict(part.split("=", 1) for part in relative.split("/") if "=" in part)
+
+
+def committed_runs(
+    location: str, store: StorageConfig
+) -> list[tuple[dict[str, str], AttemptPaths]]:
+    """Every committed run at or under `location` (a run folder, a backfill's output, a
+    whole scores location, or a backfill's manifest `_backfills/<name>.json`: its runs), with
+    the Hive values of its folders (below `location`; of the run folder for a manifest)."""
+    found = []
+    if location.endswith(".json"):
+        for entry in storage.read_json(location, store)["partitions"].values():
+            attempt = published_attempt(entry["run"], store)
+            if attempt is not None:
+                parts = entry["run"].rstrip("/").split("/")[-2:]
+                found.append((_hive_values("/".join(parts)), attempt))
+        return found
+
+    def walk(folder: str, relative: str) -> None:
+        attempt = published_attempt(folder, store)
+        if attempt is not None:
+            found.append((_hive_values(relative), attempt))
+            return
+        for name in storage.list_folders(folder, store):
+            if not name.startswith(("_", ".")) and RunPaths.attempt_number(name) is None:
+                walk(storage.join(folder, name), posixpath.join(relative, name))
+
+    walk(location, "")
+    return found
+
+
+def read_committed_scores(location: str, store: StorageConfig) -> pa.Table:
+    """The score rows of every committed run at or under `location`, one table; a backfill's
+    Hive values (`date`, `model`, ...) become string columns. Only published attempts are
+    read (never staged or unpublished files)."""
+    runs = committed_runs(location, store)
+    if not runs:
+        raise storage.StorageError(f"{location}: no committed scoring run (no _SUCCESS)")
+    tables = []
+    for values, attempt in runs:
+        manifest = storage.read_json(attempt.manifest, store)
+        for uri in manifest["files"]["scores"]:
+            table = storage.read_table(uri, store)
+            for key, value in values.items():
+                table = table.append_column(key, pa.array([value] * len(table), pa.string()))
+            tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+# The Hive key of a backfill's model-version folders (BackfillPaths.run_root): the thing an
+# A/B comparison varies, so never a join key.
+MODEL_PARTITION_KEY = "model"
+
+
+def compare_location(cfg: Config) -> str:
+    return cfg.compare.output_uri or storage.join(cfg.storage.root, "compare")
+
+
+def side_name(location: str) -> str:
+    """A compared side's default name: its folder's name, or a backfill manifest's name
+    (`_backfills/<name>.json` -> `<name>`)."""
+    return posixpath.basename(location.rstrip("/")).removesuffix(".json")
+
+
+@dataclass(frozen=True)
+class ComparePaths:
+    """One A/B comparison of two runs or backfills, `<compare output>/<a>-vs-<b>/`:
+
+    report.md, metrics.json
+    scores.png, exit_layers.png, calibration.png (the last only with labels)
+    """
+
+    root: str
+
+    @classmethod
+    def of(cls, location: str, name_a: str, name_b: str) -> ComparePaths:
+        return cls(storage.join(location, f"{name_a}-vs-{name_b}"))
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.root, "report.md")
+
+    @property
+    def metrics(self) -> str:
+        return storage.join(self.root, "metrics.json")
+
+    @staticmethod
+    def plot_name(plot: str) -> str:
+        """A plot's file name, as report.md links it: scores.png, ..."""
+        return f"{plot}.png"
+
+    def plot(self, plot: str) -> str:
+        return storage.join(self.root, self.plot_name(plot))
+
+
+def save_comparison(
+    paths: ComparePaths, metrics: dict, report: str, plots: dict[str, bytes], store: StorageConfig
+) -> None:
+    """The plots and metrics, then the report that links them."""
+    for plot, png in plots.items():
+        storage.write_bytes(png, paths.plot(plot), store)
+    storage.write_json(metrics, paths.metrics, store)
+    storage.write_bytes(report.encode(), paths.report, store)
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -17,7 +17,11 @@ from optirag.config import Config, ConfigError, load_config, section_help
 log = logging.getLogger("optirag")
 
 
-def _parse(job: str, description: str, argv: list[str]) -> Config:
+def _parse(
+    job: str, description: str, argv: list[str], variant_key: str | None = None
+) -> list[tuple[str | None, Config]]:
+    """The job's config, or with `variant_key` one config per `--variant name=conf.yaml` (the
+    overrides apply to each; the variant's name goes to the config key `variant_key`)."""
     parser = argparse.ArgumentParser(
         prog=f"jobs/{job}.py",
         description=description,
@@ -25,6 +29,14 @@ def _parse(job: str, description: str, argv: list[str]) -> Config:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (see conf/)")
+    if variant_key:
+        parser.add_argument(
+            "--variant",
+            action="append",
+            default=[],
+            metavar="NAME=CONF",
+            help="run once per model variant, each with its own config file (repeatable)",
+        )
     parser.add_argument("overrides", nargs="*", metavar="a.b=c", help="override a config key")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -35,9 +47,24 @@ def _parse(job: str, description: str, argv: list[str]) -> Config:
     # quiet whatever the optirag level is.
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = load_config(args.config, args.overrides)
-    log.info("config (secrets redacted): %s", json.dumps(cfg.redacted(), sort_keys=True))
-    return cfg
+    sources: list[tuple[str | None, str | None]] = [(None, args.config)]
+    if getattr(args, "variant", None):
+        if args.config:
+            raise ConfigError("give either --config or --variant NAME=CONF, not both")
+        sources = []
+        for item in args.variant:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--variant {item!r}: expected NAME=CONF")
+            sources.append((name, path))
+    configs = []
+    for name, path in sources:
+        named = [f"{variant_key}={name}"] if name else []
+        cfg = load_config(path, [*args.overrides, *named])
+        log.info("config%s (secrets redacted): %s", f" of variant {name}" if name else "",
+                 json.dumps(cfg.redacted(), sort_keys=True))  # fmt: skip
+        configs.append((name, cfg))
+    return configs
 
 
 def _init_ray(cfg: Config) -> None:
@@ -61,12 +88,25 @@ def _run(
     argv: list[str],
     body: Callable[[Config], object],
     needs_ray: bool = False,
+    variant_key: str | None = None,
 ) -> int:
     try:
-        cfg = _parse(job, description, argv)
+        configs = _parse(job, description, argv, variant_key)
         if needs_ray:
-            _init_ray(cfg)
-        result = body(cfg)
+            _init_ray(configs[0][1])
+        if len(configs) == 1 and configs[0][0] is None:
+            result = body(configs[0][1])
+        else:
+            result = {}
+            for name, cfg in configs:  # each variant runs even when an earlier one failed
+                try:
+                    result[name] = body(cfg)
+                except (ValueError, OSError, RuntimeError) as err:
+                    log.error("%s of variant %s failed: %s", job, name, err)
+                    result[name] = {"failed": str(err)}
+            if any("failed" in r for r in result.values() if isinstance(r, dict)):
+                print(json.dumps(result, indent=2, sort_keys=True, default=str))
+                return 1
     except ConfigError as err:
         logging.basicConfig()
         log.error("%s", err)
@@ -86,6 +126,18 @@ def prepare_data(argv: list[str]) -> int:
         "Build the canonical interactions/items/candidates tables under storage.root.",
         argv,
         lambda cfg: prepare.run(cfg.data, cfg.storage),
+    )
+
+
+def partition_candidates(argv: list[str]) -> int:
+    from optirag.pipelines import prepare
+
+    return _run(
+        "partition_candidates",
+        "Write the test candidates again as Hive partitions by time (backfill.partition_key: "
+        "date or month) under candidates/test_by_<key>/, for backfills.",
+        argv,
+        lambda cfg: prepare.partition_candidates(cfg.backfill.partition_key, cfg.storage),
     )
 
 
@@ -110,6 +162,20 @@ def score(argv: list[str]) -> int:
         argv,
         scoring.run,
         needs_ray=True,
+    )
+
+
+def backfill(argv: list[str]) -> int:
+    from optirag.pipelines import backfill as job
+
+    return _run(
+        "backfill",
+        "Score each partition of a Hive-partitioned candidates folder (backfill.partitions) as "
+        "its own run, scores/<key>=<value>/model=<model_version>/; committed ones are skipped.",
+        argv,
+        job.run,
+        needs_ray=True,
+        variant_key="backfill.name",
     )
 
 
@@ -156,4 +222,18 @@ def evaluate(argv: list[str]) -> int:
         "Evaluate the trained heads and early exit against baselines on the test candidates.",
         argv,
         evaluation.run,
+    )
+
+
+def compare(argv: list[str]) -> int:
+    from optirag.pipelines import compare as job
+
+    return _run(
+        "compare",
+        "Compare two scoring runs or backfills (compare.a vs compare.b) on the pairs both "
+        "scored: score distributions, rank agreement, top-k overlap, exit layers, speed and, "
+        "with labels, AUC/LogLoss/calibration with bootstrap intervals; writes "
+        "compare/<a>-vs-<b>/.",
+        argv,
+        job.run,
     )

@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -242,6 +243,83 @@ class ScoringConfig(StrictModel):
     stall_timeout_s: float = Field(900, gt=0, description="fail when no shard finishes this long")
 
 
+PARTITION_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def _check_partitions(value: str | list[str]) -> str | list[str]:
+    """ "all", "<first>..<last>" (inclusive), one value, or a list of values."""
+    if value == "all":
+        return value
+    values = value.split("..") if isinstance(value, str) else value
+    if isinstance(value, str) and len(values) > 2:
+        raise ValueError(f"partitions {value!r}: use 'all', '<first>..<last>' or a list")
+    for v in values:
+        if not PARTITION_VALUE.fullmatch(v) or ".." in v:
+            raise ValueError(f"partition value {v!r} must match {PARTITION_VALUE.pattern}")
+    return value
+
+
+def _partition_text(value: Any) -> Any:
+    """YAML reads 2026-11-01 as a date; a partition value is the folder's text."""
+    if isinstance(value, list):
+        return [v.isoformat() if hasattr(v, "isoformat") else str(v) for v in value]
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+class BackfillConfig(StrictModel):
+    """`jobs/backfill.py`: score a Hive-partitioned candidates folder
+    (`<candidates_uri>/<key>=<value>/...`), each partition its own scoring run under
+    `<scores>/<key>=<value>/model=<model_version>/`; everything in `scoring` applies to each."""
+
+    candidates_uri: Location | None = Field(
+        None, description="the partitioned candidates; default: scoring.candidates_uri"
+    )
+    partition_key: str = Field("date", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    partitions: Annotated[
+        str | list[str], BeforeValidator(_partition_text), AfterValidator(_check_partitions)
+    ] = Field("all", description="'all', '<first>..<last>' (inclusive) or a list of values")
+    name: RunId | None = Field(
+        None, description="names the manifest, _backfills/<name>.json; default model=<version>"
+    )
+    fail_fast: bool = Field(False, description="stop at the first failed partition")
+    max_concurrent: int = Field(1, gt=0, description="partitions scored at once")
+
+
+class CompareConfig(StrictModel):
+    """`jobs/compare.py`: A/B comparison of two scoring runs or backfills on the pairs both
+    scored (optirag.pipelines.compare); writes `<output_uri>/<name_a>-vs-<name_b>/`."""
+
+    a: Location | None = Field(
+        None,
+        description="side A: a run folder, a backfill's output or manifest "
+        "(scores/_backfills/<name>.json), or a scores location",
+    )
+    b: Location | None = Field(None, description="side B, as a")
+    model_a: str | None = Field(
+        None, description="keep only A's rows of this model version (a backfill holding several)"
+    )
+    model_b: str | None = Field(None, description="keep only B's rows of this model version")
+    name_a: RunId | None = Field(
+        None,
+        description="A's name in the output folder; default: model_a, else a's last folder "
+        "(a backfill manifest: its name)",
+    )
+    name_b: RunId | None = Field(
+        None, description="B's name in the output folder; default: model_b, else b's last folder"
+    )
+    labels_uri: Location | None = Field(
+        None,
+        description="a table of user_id, item_id, label (e.g. the interactions that followed); "
+        "default: the scores' own label column when they carry one",
+    )
+    top_k: int = Field(10, gt=0, description="top-k overlap of each user's two rankings")
+    bootstrap_resamples: int = Field(
+        1000, ge=1000, description="paired user-level bootstrap of the AUC/LogLoss differences"
+    )
+    seed: int = 0
+    output_uri: Location | None = None  # default: <root>/compare
+
+
 class LoraConfig(StrictModel):
     """Fine-tune the backbone with LoRA jointly with the heads (optirag.lora) instead of
     training heads on frozen features. Heads use heads.lr; both decay with depth (beta)."""
@@ -335,6 +413,8 @@ class Config(StrictModel):
     evaluation: EvalConfig = EvalConfig()
     compute: ComputeConfig = ComputeConfig()
     scoring: ScoringConfig = ScoringConfig()
+    backfill: BackfillConfig = BackfillConfig()
+    compare: CompareConfig = CompareConfig()
     ray: RayConfig = RayConfig()
 
     def redacted(self) -> dict[str, Any]:

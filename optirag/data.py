@@ -220,3 +220,20 @@ def sample_users(table: pa.Table, n: int, seed: int) -> pa.Table:
     if n < len(users):
         users = np.random.default_rng(seed).choice(users, n, replace=False)
     return table.filter(pc.is_in(table[S.USER_ID], pa.array(users)))
+
+
+TIME_PARTITIONS = {"date": "%Y-%m-%d", "month": "%Y-%m"}  # partition key -> strftime format
+
+
+def partition_by_time(interactions: pa.Table, key: str) -> dict[str, pa.Table]:
+    """Candidates (user, item, label) split into `key` partitions (date: the UTC day of the
+    interaction's ts, month: its month), as a backfill of past days reads them."""
+    if key not in TIME_PARTITIONS:
+        raise ValueError(f"partition key {key!r}: use one of {', '.join(TIME_PARTITIONS)}")
+    stamps = pc.cast(interactions[S.TS], pa.timestamp("s", tz="UTC"))
+    values = pc.strftime(stamps, format=TIME_PARTITIONS[key])
+    candidates = candidates_from(interactions)
+    return {
+        value: candidates.filter(pc.equal(values, value))
+        for value in sorted(set(values.to_pylist()))
+    }

@@ -405,13 +405,18 @@ def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
     return sorted(n for n in numbers if n is not None)
 
 
-def start(cfg: Config, version: str) -> Run:
+def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
     """Check the locations and the inputs, choose the attempt (resume the newest unpublished
-    one whose plan matches; a new one otherwise) and plan it."""
+    one whose plan matches; a new one otherwise) and plan it. The run's folder is
+    `<output>/<run_id>/` unless `run_root` names it (a backfill's partition)."""
     store = cfg.storage
     inputs = Inputs.from_config(cfg)
-    run_id = cfg.scoring.run_id or default_run_id(cfg, version)
-    run = RunPaths(storage.join(inputs.output, run_id))
+    if run_root is None:
+        run_id = cfg.scoring.run_id or default_run_id(cfg, version)
+        run_root = storage.join(inputs.output, run_id)
+    else:
+        run_id = "/".join(run_root.rstrip("/").split("/")[-2:])  # e.g. date=D/model=V
+    run = RunPaths(run_root)
     check_output_location(inputs, run.root)
     published = A.published_attempt(run.root, store)
     if published is not None and not cfg.scoring.replace:
@@ -458,6 +463,21 @@ def start(cfg: Config, version: str) -> Run:
     log.info("run %s, %s: %d parts, %d shards, %d candidate rows",
              run_id, paths.name, len(parts), num_shards, total)  # fmt: skip
     return Run(run_id, inputs, run, paths, parts, num_shards)
+
+
+def committed_as_planned(cfg: Config, version: str, run_root: str) -> dict | None:
+    """The manifest of the run at `run_root` when it is committed for this model version
+    and exactly the candidate files (and row groups) there now; None otherwise."""
+    store = cfg.storage
+    attempt = A.published_attempt(run_root, store)
+    if attempt is None or not storage.exists(attempt.plan, store):
+        return None
+    plan = storage.read_json(attempt.plan, store)
+    uri = Inputs.from_config(cfg).candidates
+    now = [dataclasses.asdict(p) for p in plan_parts(uri, cfg)]
+    if (plan["model_version"], plan["candidates"], plan["parts"]) != (version, uri, now):
+        return None
+    return storage.read_json(attempt.manifest, store)
 
 
 def commit(

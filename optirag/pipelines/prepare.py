@@ -7,6 +7,7 @@ import logging
 
 from optirag import artifacts as A
 from optirag import data, storage
+from optirag import schema as S
 from optirag.config import DataConfig, StorageConfig
 
 log = logging.getLogger(__name__)
@@ -46,4 +47,28 @@ def run(cfg: DataConfig, store: StorageConfig) -> dict[str, int]:
         storage.write_table(table, uri, store)
         counts[uri] = table.num_rows
         log.info("wrote %s (%d rows)", uri, table.num_rows)
+    return counts
+
+
+def partition_candidates(key: str, store: StorageConfig) -> dict[str, int]:
+    """Write the test candidates (and the test sample's, when there is one) again as Hive
+    partitions by the interactions' time (`key`: date or month), for backfills; returns the
+    rows per partition folder."""
+    test = storage.read_table(A.interactions_uri(store.root, "test"), store)
+    splits = {"test": test}
+    sample_uri = A.candidates_uri(store.root, "test_sample")
+    if storage.exists(sample_uri, store):
+        sample = storage.read_table(sample_uri, store)
+        keys = sample.select([S.USER_ID, S.ITEM_ID])
+        splits["test_sample"] = test.join(keys, [S.USER_ID, S.ITEM_ID], join_type="inner")
+    counts = {}
+    for split, table in splits.items():
+        folder = A.partitioned_candidates_uri(store.root, split, key)
+        if storage.exists(folder, store):
+            storage.delete_folder(folder, store)  # a rerun must not keep stale partitions
+        for value, part in data.partition_by_time(table, key).items():
+            uri = A.partition_file(folder, key, value)
+            storage.write_table(part, uri, store)
+            counts[uri] = part.num_rows
+        log.info("wrote %s (%d partitions)", folder, len(counts))
     return counts

@@ -93,12 +93,13 @@ class ScoreShard:
         )
 
 
-def run(cfg: Config) -> dict:
-    """Score the candidates; returns the run summary. Needs ray.init() first."""
+def run(cfg: Config, run_root: str | None = None) -> dict:
+    """Score the candidates; returns the run summary. Needs ray.init() first. The run's
+    folder is `<output>/<run_id>/` unless `run_root` names it (a backfill's partition)."""
     started = time.time()
     store = cfg.storage
     version = runs.model_version(cfg)
-    run = runs.start(cfg, version[0])
+    run = runs.start(cfg, version[0], run_root)
     paths, inputs = run.paths, run.inputs
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 

@@ -1,0 +1,159 @@
+"""Offline backfills: score a Hive-partitioned candidates folder, one scoring run per partition.
+
+    candidates/date=2026-11-01/*.parquet   ->  scores/date=2026-11-01/model=<model_version>/
+
+Each partition is an ordinary scoring run (exactly once, resumable, `_SUCCESS` last) whose
+folder names the model version, so two model variants backfill side by side and a warehouse
+reads the output by partition. A partition already committed for the same model version and
+the same input files is skipped; a failed partition fails the backfill, naming it, after the
+others have finished (or at once with `backfill.fail_fast`). The backfill's manifest
+(`scores/_backfills/<backfill.name>.json`, default name `model=<model_version>`) lists every
+partition's run and status and is rewritten after each partition, so a long backfill shows
+its progress.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from optirag import artifacts as A
+from optirag import runs, storage
+from optirag.config import Config
+from optirag.pipelines import scoring
+
+log = logging.getLogger(__name__)
+
+COMMITTED, SKIPPED, FAILED = "committed", "skipped", "failed"
+NOT_RUN = "not run (fail_fast)"
+
+
+class BackfillFailed(RuntimeError):
+    """One or more partitions failed; the others are committed."""
+
+
+def available_partitions(cfg: Config) -> dict[str, str]:
+    """{value: folder} of the `<key>=<value>` folders under the candidates."""
+    root = _candidates_root(cfg)
+    prefix = f"{cfg.backfill.partition_key}="
+    found = {
+        name.removeprefix(prefix): storage.join(root, name)
+        for name in storage.list_folders(root, cfg.storage)
+        if name.startswith(prefix)
+    }
+    if not found:
+        raise storage.StorageError(f"{root}: no {prefix}<value> partition folders")
+    return found
+
+
+def selected_partitions(cfg: Config) -> tuple[dict[str, str], list[str]]:
+    """The partitions `backfill.partitions` selects, and the dates of a date range that have
+    no folder (reported, not an error: a day may have had no candidates)."""
+    found = available_partitions(cfg)
+    spec = cfg.backfill.partitions
+    if spec == "all":
+        return dict(sorted(found.items())), []
+    if isinstance(spec, str) and ".." in spec:
+        first, last = spec.split("..")
+        chosen = {v: f for v, f in sorted(found.items()) if first <= v <= last}
+        return chosen, [d for d in _dates(first, last) if d not in found]
+    wanted = [spec] if isinstance(spec, str) else list(dict.fromkeys(spec))
+    absent = [v for v in wanted if v not in found]
+    if absent:
+        raise storage.StorageError(
+            f"{_candidates_root(cfg)}: no partition {cfg.backfill.partition_key}="
+            f"{', '.join(absent)} (found: {', '.join(sorted(found)[:10])})"
+        )
+    return {v: found[v] for v in wanted}, []
+
+
+def _dates(first: str, last: str) -> list[str]:
+    try:
+        start, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+    except ValueError:
+        return []  # not a date range: nothing can be said to be missing
+    return [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
+
+
+def _candidates_root(cfg: Config) -> str:
+    root = cfg.backfill.candidates_uri or cfg.scoring.candidates_uri
+    if root is None:
+        raise storage.StorageError("set backfill.candidates_uri (the partitioned candidates)")
+    return root
+
+
+def partition_config(cfg: Config, folder: str) -> Config:
+    """The scoring config of one partition: its candidates, everything else the backfill's."""
+    scoring_cfg = cfg.scoring.model_copy(update={"candidates_uri": folder, "run_id": None})
+    return cfg.model_copy(update={"scoring": scoring_cfg})
+
+
+def run(cfg: Config) -> dict:
+    """Score every selected partition; returns the backfill manifest. Needs ray.init()."""
+    started = time.time()
+    store = cfg.storage
+    version = runs.model_version(cfg)[0]
+    key = cfg.backfill.partition_key
+    chosen, missing = selected_partitions(cfg)
+    out = A.BackfillPaths(A.scores_location(cfg))
+    manifest_uri = out.manifest(version, cfg.backfill.name)
+    manifest = {
+        "name": cfg.backfill.name,
+        "model_version": version,
+        "candidates": _candidates_root(cfg),
+        "partition_key": key,
+        "selected": cfg.backfill.partitions,
+        "missing_dates": missing,
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "partitions": {
+            value: {"run": out.run_root(key, value, version), "status": "pending"}
+            for value in chosen
+        },
+        "config": cfg.redacted(),
+    }
+    storage.write_json(manifest, manifest_uri, store)
+    if missing:
+        log.warning("backfill: no partition folder for %s", ", ".join(missing))
+
+    stop = threading.Event()  # set by a failure under backfill.fail_fast
+
+    def score(value: str) -> dict:
+        if stop.is_set():
+            return {"status": NOT_RUN}
+        part_cfg = partition_config(cfg, chosen[value])
+        run_root = out.run_root(key, value, version)
+        try:
+            if not cfg.scoring.replace:
+                done = runs.committed_as_planned(part_cfg, version, run_root)
+                if done is not None:
+                    log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
+                    return {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
+            summary = scoring.run(part_cfg, run_root=run_root)
+        except (ValueError, OSError, RuntimeError) as err:
+            log.error("backfill: partition %s=%s failed: %s", key, value, err)
+            if cfg.backfill.fail_fast:
+                stop.set()
+            return {"status": FAILED, "error": f"{type(err).__name__}: {err}"}
+        return {"status": COMMITTED, **{k: summary[k] for k in ("scored", "attempt", "wall_s")}}
+
+    with ThreadPoolExecutor(cfg.backfill.max_concurrent, "optirag-backfill") as pool:
+        futures = {pool.submit(score, value): value for value in chosen}
+        for future in as_completed(futures):
+            manifest["partitions"][futures[future]].update(future.result())
+            storage.write_json(manifest, manifest_uri, store)
+    failed = [v for v, e in manifest["partitions"].items() if e["status"] == FAILED]
+    manifest["wall_s"] = round(time.time() - started, 2)
+    manifest["counts"] = {
+        status: sum(e["status"] == status for e in manifest["partitions"].values())
+        for status in (COMMITTED, SKIPPED, FAILED, NOT_RUN)
+    }
+    storage.write_json(manifest, manifest_uri, store)
+    if failed:
+        raise BackfillFailed(
+            f"backfill failed for {key}={', '.join(sorted(failed))} "
+            f"(see {manifest_uri}); the other partitions are committed, rerun to retry"
+        )
+    return manifest

@@ -1,0 +1,183 @@
+"""Backfills: one scoring run per Hive partition, on real local Ray with the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from optirag import artifacts as A
+from optirag import runs, storage
+from optirag import schema as S
+from optirag.config import Config
+from optirag.pipelines import backfill
+from tests.test_scoring import _candidates
+
+ROOT = Path(__file__).resolve().parents[1]
+DAYS = ["2026-11-01", "2026-11-02", "2026-11-03"]
+
+
+def _write_partitioned(store, movie_tables, days=DAYS, per_user=6):
+    interactions, items, neighbors = movie_tables
+    storage.write_table(interactions, A.interactions_uri(store.root, "train"), store)
+    storage.write_table(items, A.items_uri(store.root), store)
+    storage.write_table(neighbors, storage.join(store.root, "neighbors", "gcn.parquet"), store)
+    folder = storage.join(store.root, "candidates", "daily")
+    tables = {}
+    for i, day in enumerate(days):
+        tables[day] = _candidates(n_users=6, per_user=per_user, seed=i)
+        uri = storage.join(folder, f"date={day}", "part-0.parquet")
+        storage.write_table(tables[day], uri, store)
+    return folder, tables
+
+
+def _config(store, tiny_llama_dir, folder, threshold=0.002, **backfill_cfg) -> Config:
+    return Config.model_validate(
+        {
+            "storage": store.model_dump(mode="json"),
+            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+            "exits": {"rule": "agreement", "threshold": threshold},
+            "compute": {"batch_rows": 16},
+            "scoring": {"rows_per_shard": 12},
+            "backfill": {"candidates_uri": folder, **backfill_cfg},
+        }
+    )
+
+
+def _manifest(cfg):
+    version = runs.model_version(cfg)[0]
+    out = A.BackfillPaths(A.scores_location(cfg))
+    return storage.read_json(out.manifest(version), cfg.storage)
+
+
+def test_partition_selection(local_storage, tiny_llama_dir, movie_tables):
+    folder, _ = _write_partitioned(local_storage, movie_tables, days=["2026-11-01", "2026-11-03"])
+    Path(folder, "_tmp").mkdir()  # not a partition
+    cfg = _config(local_storage, tiny_llama_dir, folder)
+
+    def chosen(spec):
+        part = cfg.model_copy(update={"backfill": cfg.backfill.model_copy(update=spec)})
+        return backfill.selected_partitions(part)
+
+    assert list(chosen({})[0]) == ["2026-11-01", "2026-11-03"]
+    picked, missing = chosen({"partitions": "2026-10-30..2026-11-02"})
+    assert list(picked) == ["2026-11-01"] and missing == ["2026-10-30", "2026-10-31", "2026-11-02"]
+    assert list(chosen({"partitions": ["2026-11-03"]})[0]) == ["2026-11-03"]
+    with pytest.raises(storage.StorageError, match="no partition date=2026-11-02"):
+        chosen({"partitions": ["2026-11-02"]})
+    with pytest.raises(storage.StorageError, match="no day=<value> partition folders"):
+        chosen({"partition_key": "day"})
+
+
+def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    folder, tables = _write_partitioned(local_storage, movie_tables)
+    variant_a = _config(local_storage, tiny_llama_dir, folder)
+    variant_b = _config(local_storage, tiny_llama_dir, folder, threshold=0.2)
+    first = backfill.run(variant_a)
+    assert first["counts"] == {"committed": 3, "skipped": 0, "failed": 0, backfill.NOT_RUN: 0}
+    assert first == _manifest(variant_a)
+    version_a = first["model_version"]
+    for day in DAYS:
+        entry = first["partitions"][day]
+        assert entry["status"] == "committed" and entry["scored"] == tables[day].num_rows
+        assert entry["run"].endswith(f"date={day}/model={version_a}")
+        assert A.published_attempt(entry["run"], local_storage) is not None
+
+    again = backfill.run(variant_a)  # nothing changed: every partition is skipped
+    assert again["counts"] == {"committed": 0, "skipped": 3, "failed": 0, backfill.NOT_RUN: 0}
+
+    second = backfill.run(variant_b)
+    version_b = second["model_version"]
+    assert version_b != version_a and second["counts"]["committed"] == 3
+
+    scores = A.read_committed_scores(A.scores_location(variant_a), local_storage)
+    assert set(scores.column_names) >= {"date", "model", S.SCORE, S.EXIT_LAYER}
+    for day in DAYS:
+        for version in (version_a, version_b):
+            rows = scores.filter(
+                (pa.compute.field("date") == day) & (pa.compute.field("model") == version)
+            )
+            assert rows.num_rows == tables[day].num_rows  # each pair exactly once
+            assert set(rows[S.MODEL_VERSION].to_pylist()) == {version}
+            assert _pairs(rows) == _pairs(tables[day])
+    # A tighter tau exits later: the variants really are different models.
+    exits = {
+        v: np.mean(scores.filter(pa.compute.field("model") == v)[S.EXIT_LAYER].to_numpy())
+        for v in (version_a, version_b)
+    }
+    assert exits[version_a] >= exits[version_b]
+
+
+def test_failed_partition_is_named_and_the_others_commit(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    folder, _ = _write_partitioned(local_storage, movie_tables)
+    bad = storage.join(folder, f"date={DAYS[1]}", "part-0.parquet")
+    table = storage.read_table(bad, local_storage)
+    storage.write_table(table.drop_columns([S.ITEM_ID]), bad, local_storage)
+    cfg = _config(local_storage, tiny_llama_dir, folder)
+    with pytest.raises(backfill.BackfillFailed, match=f"date={DAYS[1]}"):
+        backfill.run(cfg)
+    manifest = _manifest(cfg)
+    statuses = {day: e["status"] for day, e in manifest["partitions"].items()}
+    assert statuses == {DAYS[0]: "committed", DAYS[1]: "failed", DAYS[2]: "committed"}
+    assert "item_id" in manifest["partitions"][DAYS[1]]["error"]
+
+    fail_fast = _config(local_storage, tiny_llama_dir, folder, fail_fast=True)
+    runs_root = A.BackfillPaths(A.scores_location(cfg))
+    version = manifest["model_version"]
+    storage.delete_folder(runs_root.run_root("date", DAYS[2], version), local_storage)
+    with pytest.raises(backfill.BackfillFailed):
+        backfill.run(fail_fast)
+    statuses = {day: e["status"] for day, e in _manifest(cfg)["partitions"].items()}
+    assert statuses == {DAYS[0]: "skipped", DAYS[1]: "failed", DAYS[2]: "not run (fail_fast)"}
+
+
+def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie_tables, tmp_path):
+    folder, tables = _write_partitioned(local_storage, movie_tables, per_user=12)
+    cfg = _config(local_storage, tiny_llama_dir, folder)
+    conf = tmp_path / "backfill.yaml"
+    conf.write_text(yaml.safe_dump(cfg.redacted()))
+    cmd = [sys.executable, str(ROOT / "jobs" / "backfill.py"), "--config", str(conf),
+           "ray.num_cpus=2"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    scores = Path(A.scores_location(cfg))
+    out = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **out)
+    deadline = time.time() + 240
+    while not list(scores.glob("date=*/model=*/_SUCCESS")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    committed = scores.glob("date=*/model=*/_SUCCESS")
+    done = [p.parent.parent.name.removeprefix("date=") for p in committed]
+    assert 0 < len(done) < len(DAYS), "the backfill was not killed mid-way"
+    before = {d: _published_manifest(cfg, d) for d in done}
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    manifest = json.loads(rerun.stdout[rerun.stdout.index("{") :])
+    for day in DAYS:
+        status = manifest["partitions"][day]["status"]
+        assert status == ("skipped" if day in done else "committed"), (day, status)
+        assert _published_manifest(cfg, day)["scored"] == tables[day].num_rows
+    assert {d: _published_manifest(cfg, d) for d in done} == before  # untouched
+
+
+def _published_manifest(cfg, day):
+    version = runs.model_version(cfg)[0]
+    run_root = A.BackfillPaths(A.scores_location(cfg)).run_root("date", day, version)
+    return storage.read_json(A.published_attempt(run_root, cfg.storage).manifest, cfg.storage)
+
+
+def _pairs(table):
+    return sorted(zip(table[S.USER_ID].to_pylist(), table[S.ITEM_ID].to_pylist(), strict=True))
