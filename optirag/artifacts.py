@@ -454,6 +454,24 @@ class BackfillPaths:
         return storage.join(self.root, "_backfills", f"{name or f'model={version}'}.json")
 
 
+def embedded_catalog(store: StorageConfig) -> dict[str, str]:
+    """pyiceberg properties of the embedded SQL catalog on SQLite, `<root>/_iceberg/`: a
+    local root only (SQLite needs a file system; give backfill.table.catalog otherwise)."""
+    if storage.is_remote(store.root):
+        raise storage.StorageError(
+            "backfill.table: the embedded SQLite catalog needs a local storage.root; set "
+            "backfill.table.catalog (e.g. {type: rest, uri: ...}) for object storage"
+        )
+    folder = storage.join(store.root, "_iceberg")
+    fs, path = storage.resolve(folder, store)
+    fs.create_dir(path)
+    return {
+        "type": "sql",
+        "uri": f"sqlite:///{storage.join(folder, 'catalog.db')}",
+        "warehouse": f"file://{storage.join(folder, 'warehouse')}",
+    }
+
+
 def _hive_values(relative: str) -> dict[str, str]:
     """`date=2026-11-01/model=x` -> {"date": "2026-11-01", "model": "x"}."""
     return dict(part.split("=", 1) for part in relative.split("/") if "=" in part)

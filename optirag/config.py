@@ -266,6 +266,30 @@ def _partition_text(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
+def _no_secret_properties(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if any(word in key.lower() for word in (*SECRET_KEYS, "credential")):
+            raise ValueError(
+                f"catalog property {key!r}: secrets do not belong in a config; pyiceberg reads "
+                "them from PYICEBERG_CATALOG__<NAME>__<PROPERTY> environment variables"
+            )
+    return value
+
+
+class TableConfig(StrictModel):
+    """Publish each committed partition of a backfill into an Apache Iceberg table
+    (pyiceberg), partitioned by the partition key and model_version, one atomic snapshot per
+    partition. Without catalog properties: an embedded SQL catalog on SQLite under a local
+    storage.root (`_iceberg/`); on a cluster give the user's catalog (REST, Glue, Hive)."""
+
+    enabled: bool = False
+    name: str = Field("optirag.scores", pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+    catalog_name: str = "optirag"
+    catalog: Annotated[dict[str, str], AfterValidator(_no_secret_properties)] = Field(
+        {}, description="pyiceberg catalog properties (type, uri, warehouse); no secrets"
+    )
+
+
 class BackfillConfig(StrictModel):
     """`jobs/backfill.py`: score a Hive-partitioned candidates folder
     (`<candidates_uri>/<key>=<value>/...`), each partition its own scoring run under
@@ -282,7 +306,10 @@ class BackfillConfig(StrictModel):
         None, description="names the manifest, _backfills/<name>.json; default model=<version>"
     )
     fail_fast: bool = Field(False, description="stop at the first failed partition")
-    max_concurrent: int = Field(1, gt=0, description="partitions scored at once")
+    max_concurrent: int = Field(
+        1, gt=0, description="partitions scored at once; each needs its own actor pool's CPUs/GPUs"
+    )
+    table: TableConfig = TableConfig()
 
 
 class CompareConfig(StrictModel):

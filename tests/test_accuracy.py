@@ -340,6 +340,7 @@ def _rating_note(mean, count, shown):
     return rating_note(mean, count, shown)
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_choices_never_read_the_test_labels(ray_session, tmp_path, tiny_llama_dir, movie_tables):
     """Permuting the test labels changes the primary result but nothing chosen: the exit
     config, the baselines' settings and epochs, the control's C."""

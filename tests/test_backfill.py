@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from optirag import artifacts as A
-from optirag import runs, storage
+from optirag import runs, score_table, storage
 from optirag import schema as S
 from optirag.config import Config
 from optirag.pipelines import backfill
@@ -75,12 +75,14 @@ def test_partition_selection(local_storage, tiny_llama_dir, movie_tables):
         chosen({"partition_key": "day"})
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
     folder, tables = _write_partitioned(local_storage, movie_tables)
-    variant_a = _config(local_storage, tiny_llama_dir, folder)
-    variant_b = _config(local_storage, tiny_llama_dir, folder, threshold=0.2)
+    table = {"enabled": True}  # the runs are published into an Iceberg table too
+    variant_a = _config(local_storage, tiny_llama_dir, folder, table=table)
+    variant_b = _config(local_storage, tiny_llama_dir, folder, 0.2, table=table)
     first = backfill.run(variant_a)
     assert first["counts"] == {"committed": 3, "skipped": 0, "failed": 0, backfill.NOT_RUN: 0}
     assert first == _manifest(variant_a)
@@ -91,8 +93,13 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
         assert entry["run"].endswith(f"date={day}/model={version_a}")
         assert A.published_attempt(entry["run"], local_storage) is not None
 
+    iceberg = score_table.open_table(
+        variant_a.backfill.table, "date", A.embedded_catalog(local_storage)
+    )
+    snapshot = iceberg.current_snapshot().snapshot_id
     again = backfill.run(variant_a)  # nothing changed: every partition is skipped
     assert again["counts"] == {"committed": 0, "skipped": 3, "failed": 0, backfill.NOT_RUN: 0}
+    assert iceberg.refresh().current_snapshot().snapshot_id == snapshot  # nothing republished
 
     second = backfill.run(variant_b)
     version_b = second["model_version"]
@@ -108,6 +115,14 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
             assert rows.num_rows == tables[day].num_rows  # each pair exactly once
             assert set(rows[S.MODEL_VERSION].to_pylist()) == {version}
             assert _pairs(rows) == _pairs(tables[day])
+    # The Iceberg table holds the same rows, each (date, model) slice whole.
+    in_table = iceberg.refresh().scan().to_arrow()
+    for day in DAYS:
+        for version in (version_a, version_b):
+            rows = in_table.filter(
+                (pa.compute.field("date") == day) & (pa.compute.field(S.MODEL_VERSION) == version)
+            )
+            assert _pairs(rows) == _pairs(tables[day])
     # A tighter tau exits later: the variants really are different models.
     exits = {
         v: np.mean(scores.filter(pa.compute.field("model") == v)[S.EXIT_LAYER].to_numpy())
@@ -116,6 +131,7 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
     assert exits[version_a] >= exits[version_b]
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_failed_partition_is_named_and_the_others_commit(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
@@ -141,6 +157,7 @@ def test_failed_partition_is_named_and_the_others_commit(
     assert statuses == {DAYS[0]: "skipped", DAYS[1]: "failed", DAYS[2]: "not run (fail_fast)"}
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie_tables, tmp_path):
     folder, tables = _write_partitioned(local_storage, movie_tables, per_user=12)
     cfg = _config(local_storage, tiny_llama_dir, folder)

@@ -117,6 +117,7 @@ def cfg_for(root):
     return Config.model_validate({"storage": {"root": str(root)}})
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_ray_train_lowers_head_loss_and_checkpoints(ray_session, tmp_path):
     store = StorageConfig(root=str(tmp_path))
     torch.manual_seed(0)

@@ -52,6 +52,7 @@ def test_lora_learning_rates_decay_with_depth(tiny_llama_dir):
     assert trainable == {id(p) for g in lora_groups for p in g["params"]}
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
     ray_session, tiny_llama_dir, tmp_path
 ):
@@ -102,6 +103,7 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
     assert merged.version != _backbone(tiny_llama_dir).version  # features are not shared
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_lora_stage_publishes_an_adapter_that_scoring_merges(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):

@@ -102,6 +102,7 @@ def test_learned_neighbors_share_taste(trained):
     assert same.mean() > 0.8
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_checkpoint_roundtrips_through_s3(ray_session, s3_storage):
     train = _train_table()
     graph = R.build_graph(train)
@@ -118,6 +119,7 @@ def test_checkpoint_roundtrips_through_s3(ray_session, s3_storage):
         assert torch.equal(loaded[k], state[k])
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_worker_killed_resumes_from_checkpoint(ray_session, tmp_path):
     from tests.test_scoring import _kill_when
 

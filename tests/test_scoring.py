@@ -108,6 +108,7 @@ def _assert_exactly_once(scores, rejects, candidates):
     assert len(set(pairs)) == len(pairs)
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables):
     cands = _candidates()
     extra = pa.table(
@@ -254,6 +255,7 @@ def _markers(cfg):
     return list(Path(cfg.storage.root, "scores", "r1").glob("attempt-*/_markers/*.json"))
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_tables):
     cands = _candidates(n_users=6, per_user=20)
     _write_inputs(local_storage, movie_tables, cands)
@@ -266,6 +268,7 @@ def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_
     assert summary["scored"] == cands.num_rows
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables, tmp_path):
     cands = _candidates(n_users=6, per_user=20)
     _write_inputs(local_storage, movie_tables, cands)
@@ -330,6 +333,7 @@ def test_output_inside_input_prefix_refused(local_storage, tiny_llama_dir, movie
             scoring.run(_config(local_storage, tiny_llama_dir, output_uri=output))
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_credentials_never_logged(ray_session, s3_storage, tiny_llama_dir, movie_tables, caplog):
     from optirag import cli
 
@@ -349,6 +353,7 @@ def test_credentials_never_logged(ray_session, s3_storage, tiny_llama_dir, movie
     assert FAKE_SECRET not in caplog.text and FAKE_KEY_ID not in caplog.text
 
 
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_failed_replace_keeps_the_published_run(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from optirag import artifacts as A
-from optirag import runs, storage
+from optirag import runs, score_table, storage
 from optirag.config import Config
 from optirag.pipelines import scoring
 
@@ -119,6 +119,10 @@ def run(cfg: Config) -> dict:
         log.warning("backfill: no partition folder for %s", ", ".join(missing))
 
     stop = threading.Event()  # set by a failure under backfill.fail_fast
+    table = None
+    if cfg.backfill.table.enabled:
+        embedded = {} if cfg.backfill.table.catalog else A.embedded_catalog(store)
+        table = score_table.open_table(cfg.backfill.table, key, embedded)
 
     def score(value: str) -> dict:
         if stop.is_set():
@@ -126,18 +130,33 @@ def run(cfg: Config) -> dict:
         part_cfg = partition_config(cfg, chosen[value])
         run_root = out.run_root(key, value, version)
         try:
-            if not cfg.scoring.replace:
-                done = runs.committed_as_planned(part_cfg, version, run_root)
-                if done is not None:
-                    log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
-                    return {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
-            summary = scoring.run(part_cfg, run_root=run_root)
+            done = (
+                None
+                if cfg.scoring.replace
+                else runs.committed_as_planned(part_cfg, version, run_root)
+            )
+            if done is not None:
+                log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
+                entry = {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
+            else:
+                summary = scoring.run(part_cfg, run_root=run_root)
+                entry = {
+                    "status": COMMITTED,
+                    **{k: summary[k] for k in ("scored", "attempt", "wall_s")},
+                }
+            # The table commit is the last step: a run committed before a failed table commit
+            # is skipped on the rerun and published then.
+            if table is not None and (
+                done is None or not score_table.has_slice(table, key, value, version)
+            ):
+                scores = A.read_committed_scores(run_root, store)
+                entry["table_snapshot"] = score_table.publish(table, scores, key, value, version)
         except (ValueError, OSError, RuntimeError) as err:
             log.error("backfill: partition %s=%s failed: %s", key, value, err)
             if cfg.backfill.fail_fast:
                 stop.set()
             return {"status": FAILED, "error": f"{type(err).__name__}: {err}"}
-        return {"status": COMMITTED, **{k: summary[k] for k in ("scored", "attempt", "wall_s")}}
+        return entry
 
     with ThreadPoolExecutor(cfg.backfill.max_concurrent, "optirag-backfill") as pool:
         futures = {pool.submit(score, value): value for value in chosen}

@@ -1,0 +1,93 @@
+"""Scores as an Iceberg table (embedded SQLite catalog): whole slices, atomic replaces."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from optirag import artifacts as A
+from optirag import schema as S
+from optirag import score_table
+from optirag.config import TableConfig
+
+
+def _scores(n, version, score, extra=None):
+    table = pa.table(
+        {
+            S.USER_ID: pa.array(np.arange(n), pa.int64()),
+            S.ITEM_ID: pa.array(np.arange(n) + 100, pa.int64()),
+            S.SCORE: pa.array(np.full(n, score), pa.float32()),
+            S.EXIT_LAYER: pa.array(np.full(n, 2), pa.int16()),
+            S.MODEL_VERSION: pa.array([version] * n, pa.string()),
+        },
+        schema=S.SCORE_COLUMNS,
+    )
+    return table.append_column("segment", pa.array([extra] * n)) if extra else table
+
+
+def _slices(table):
+    rows = table.scan().to_arrow()
+    out = {}
+    for date, version, score in zip(
+        rows["date"].to_pylist(),
+        rows[S.MODEL_VERSION].to_pylist(),
+        rows[S.SCORE].to_pylist(),
+        strict=True,
+    ):
+        out.setdefault((date, version), []).append(round(score, 3))
+    return out
+
+
+def test_publish_replaces_one_slice_and_keeps_the_others(local_storage):
+    table = score_table.open_table(
+        TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
+    )
+    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
+    score_table.publish(table, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1")
+    score_table.publish(table, _scores(4, "m2", 0.3, extra="s"), "date", "2026-11-01", "m2")
+    assert score_table.has_slice(table, "date", "2026-11-02", "m1")
+    assert not score_table.has_slice(table, "date", "2026-11-03", "m1")
+    # A replace of one slice: the new rows only, the other slices untouched.
+    score_table.publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1")
+    assert _slices(table) == {
+        ("2026-11-01", "m1"): [0.9] * 5,
+        ("2026-11-02", "m1"): [0.2] * 2,
+        ("2026-11-01", "m2"): [0.3] * 4,
+    }
+    # A pass-through column one run had is in the schema; the others read it as null.
+    rows = table.scan().to_arrow()
+    assert set(rows.filter(pa.compute.field(S.MODEL_VERSION) == "m2")["segment"].to_pylist()) == {
+        "s"
+    }
+    # Reopening (a new process) sees the same table.
+    again = score_table.open_table(
+        TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
+    )
+    assert _slices(again) == _slices(table)
+
+
+def test_a_failed_replace_leaves_the_previous_snapshot_current(local_storage, monkeypatch):
+    from pyiceberg.table import Transaction
+
+    table = score_table.open_table(
+        TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
+    )
+    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
+    before = table.current_snapshot().snapshot_id
+
+    def fail(self, *args, **kwargs):
+        raise OSError("connection to the catalog lost")
+
+    monkeypatch.setattr(Transaction, "commit_transaction", fail)
+    with pytest.raises(score_table.TableCommitFailed, match="date=2026-11-01, model_version=m1"):
+        score_table.publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1")
+    monkeypatch.undo()
+    reader = score_table.open_table(
+        TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
+    )
+    assert reader.current_snapshot().snapshot_id == before
+    assert _slices(reader) == {("2026-11-01", "m1"): [0.1] * 3}
+
+
+def test_embedded_catalog_needs_a_local_root(s3_storage):
+    with pytest.raises(Exception, match="needs a local storage.root"):
+        A.embedded_catalog(s3_storage)
