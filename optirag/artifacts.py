@@ -509,12 +509,18 @@ def read_committed_scores(location: str, store: StorageConfig) -> pa.Table:
     """The score rows of every committed run at or under `location`, one table; a backfill's
     Hive values (`date`, `model`, ...) become string columns. Only published attempts are
     read (never staged or unpublished files)."""
-    runs = committed_runs(location, store)
+    runs = [(values, storage.read_json(attempt.manifest, store))
+            for values, attempt in committed_runs(location, store)]  # fmt: skip
     if not runs:
         raise storage.StorageError(f"{location}: no committed scoring run (no _SUCCESS)")
+    return read_run_scores(runs, store)
+
+
+def read_run_scores(runs: list[tuple[dict[str, str], dict]], store: StorageConfig) -> pa.Table:
+    """The score files that committed runs' manifests list, one table, each run's Hive values
+    (`committed_runs`) as string columns."""
     tables = []
-    for values, attempt in runs:
-        manifest = storage.read_json(attempt.manifest, store)
+    for values, manifest in runs:
         for uri in manifest["files"]["scores"]:
             table = storage.read_table(uri, store)
             for key, value in values.items():

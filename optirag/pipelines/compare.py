@@ -71,7 +71,7 @@ def read_side(location: str, model: str | None, name: str, store: StorageConfig)
         found = sorted({str(m.get("model_version")) for _, m in runs})
         raise ValueError(f"{location}: no run of model version {model!r} "
                          f"(found: {', '.join(found)})")  # fmt: skip
-    table = A.read_committed_scores(location, store)
+    table = A.read_run_scores(chosen, store)  # the chosen runs' files only
     S.check_columns(table.schema, S.SCORE_COLUMNS, source=location)
     if model is not None:
         table = table.filter(pc.equal(table[S.MODEL_VERSION], model))

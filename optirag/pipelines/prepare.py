@@ -66,9 +66,10 @@ def partition_candidates(key: str, store: StorageConfig) -> dict[str, int]:
         folder = A.partitioned_candidates_uri(store.root, split, key)
         if storage.exists(folder, store):
             storage.delete_folder(folder, store)  # a rerun must not keep stale partitions
-        for value, part in data.partition_by_time(table, key).items():
+        partitions = data.partition_by_time(table, key)
+        for value, part in partitions.items():
             uri = A.partition_file(folder, key, value)
             storage.write_table(part, uri, store)
             counts[uri] = part.num_rows
-        log.info("wrote %s (%d partitions)", folder, len(counts))
+        log.info("wrote %s (%d partitions)", folder, len(partitions))
     return counts
