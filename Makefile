@@ -64,7 +64,7 @@ test: install
 	$(PYTHON) -m pytest
 
 test-slow: install data smollm2
-	$(PYTHON) -m pytest -m slow
+	$(PYTHON) -m pytest -m slow --durations=20
 
 bench: install
 	$(PYTHON) bench/synthetic.py

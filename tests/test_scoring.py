@@ -290,7 +290,7 @@ def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables,
     assert len(_markers(cfg)) >= 2, "no two shards committed within 15 minutes"
     proc.kill()
     proc.wait()
-    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     summary = json.loads(rerun.stdout[rerun.stdout.index("{") :])
     assert 0 < summary["shards_run"] < summary["shards"]
