@@ -11,6 +11,9 @@ from optirag.config import S3Config, StorageConfig
 
 FAKE_KEY_ID = "AKIAFAKETESTKEY00001"
 FAKE_SECRET = "fake-secret-do-not-log-0123456789"
+# How long a kill-and-rerun test waits for a job's progress or its rerun: Ray's start and the
+# model load take minutes on a loaded CI machine.
+SLOW_JOB_S = 900
 
 
 def pytest_configure(config):

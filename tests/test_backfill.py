@@ -17,6 +17,7 @@ from optirag import runs, score_table, storage
 from optirag import schema as S
 from optirag.config import Config
 from optirag.pipelines import backfill
+from tests.conftest import SLOW_JOB_S
 from tests.test_scoring import _candidates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie
     scores = Path(A.scores_location(cfg))
     out = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **out)
-    deadline = time.time() + 900  # a loaded CI machine is slow to start Ray
+    deadline = time.time() + SLOW_JOB_S
     while not list(scores.glob("date=*/model=*/_SUCCESS")) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         time.sleep(0.05)
@@ -180,7 +181,9 @@ def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie
     assert 0 < len(done) < len(DAYS), "the backfill was not killed mid-way"
     before = {d: _published_manifest(cfg, d) for d in done}
 
-    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SLOW_JOB_S
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     manifest = json.loads(rerun.stdout[rerun.stdout.index("{") :])
     for day in DAYS:

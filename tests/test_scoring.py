@@ -24,7 +24,7 @@ from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings
 from optirag.pair_scorer import make_pair_scorer
 from optirag.pipelines import scoring
-from tests.conftest import FAKE_KEY_ID, FAKE_SECRET
+from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, SLOW_JOB_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,7 +226,7 @@ def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir,
     assert second["attempt"] == "attempt-0001"  # resumed, not restarted
 
 
-def _kill_when(predicate, match, timeout=900):
+def _kill_when(predicate, match, timeout=SLOW_JOB_S):
     """SIGKILL the first process of this test session's own Ray cluster (a descendant of
     this process) whose command line contains `match`, once predicate() holds."""
     killed = threading.Event()
@@ -283,14 +283,16 @@ def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables,
     # Ray's start and the model load take minutes on a loaded CI machine: wait for two
     # committed shards however long that takes (bounded), and never kill before them, or the
     # rerun has nothing to resume and the test says so instead of failing later on a count.
-    deadline = time.time() + 900
+    deadline = time.time() + SLOW_JOB_S
     while len(_markers(cfg)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read()}"
-    assert len(_markers(cfg)) >= 2, "no two shards committed within 15 minutes"
+    assert len(_markers(cfg)) >= 2, f"no two shards committed within {SLOW_JOB_S} s"
     proc.kill()
     proc.wait()
-    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SLOW_JOB_S
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     summary = json.loads(rerun.stdout[rerun.stdout.index("{") :])
     assert 0 < summary["shards_run"] < summary["shards"]
