@@ -205,7 +205,7 @@ def load_heads(cfg: Config) -> StoredHeads:
         adapter = load(storage.read_bytes(heads_file(cfg, ADAPTER_FILE), store))
     side = None
     if exit_config.get("side_features"):
-        side = load_side_features(heads_file(cfg, SIDE_FEATURES_FILE), store)
+        side = read_side_features(heads_file(cfg, SIDE_FEATURES_FILE), store)
     return StoredHeads(tensors, exit_config, adapter, side)
 
 
@@ -229,10 +229,12 @@ def load_exit_config(cfg: Config) -> dict:
     return storage.read_json(heads_file(cfg, EXIT_CONFIG_FILE), cfg.storage)
 
 
-def load_scoring_model(cfg: Config, backbone: Backbone) -> ScoringModel:
+def load_scoring_model(cfg: Config, backbone: Backbone, side_features: bool = True) -> ScoringModel:
     """Trained heads on the backbone's device (a LoRA adapter they were trained with is
     merged into the backbone), or untrained (zero-shot) heads at the configured layers when
-    no training has run yet; a configured exits.heads_uri must hold heads."""
+    no training has run yet; a configured exits.heads_uri must hold heads. Without
+    `side_features` the hybrid heads' CF arrays stay unloaded (the scoring job's model actors
+    get each row's side features with its tokens)."""
     if has_trained_heads(cfg):
         stored = load_heads(cfg)
         heads = ExitHeads.from_spec(HeadsSpec.from_dict(stored.exit_config))
@@ -240,7 +242,9 @@ def load_scoring_model(cfg: Config, backbone: Backbone) -> ScoringModel:
         heads = heads.for_backbone(backbone)
         if stored.adapter is not None:
             load_lora(backbone, LoraConfig(**stored.exit_config["lora"]), stored.adapter)
-        side = SideFeatures.from_arrays(*stored.side_features) if stored.side_features else None
+        side = None
+        if stored.side_features and side_features:
+            side = SideFeatures.from_arrays(*stored.side_features)
         return ScoringModel(heads, stored.exit_config, side)
     if cfg.exits.heads_uri:
         raise FileNotFoundError(f"exits.heads_uri {heads_location(cfg)}: no {HEADS_FILE}")
@@ -268,7 +272,7 @@ def save_side_features(
     storage.write_json(meta, uri + ".json", store)
 
 
-def load_side_features(uri: str, store: StorageConfig) -> tuple[dict[str, np.ndarray], dict]:
+def read_side_features(uri: str, store: StorageConfig) -> tuple[dict[str, np.ndarray], dict]:
     arrays = {k: v.numpy() for k, v in load(storage.read_bytes(uri, store)).items()}
     return arrays, storage.read_json(uri + ".json", store)
 
@@ -324,6 +328,65 @@ def save_primary(result: dict, cfg: Config) -> None:
 
 def load_evaluation(cfg: Config) -> dict:
     return storage.read_json(storage.join(evaluation_location(cfg), "metrics.json"), cfg.storage)
+
+
+# ----------------------------------------------------------------------------- context tables
+
+
+def dataset_stamp(uri: str | None, store: StorageConfig) -> list | None:
+    """Name, size and modification time of every file of a table (a file or a folder): part
+    of the keys of what is made from the table, so an edit makes a new one."""
+    if uri is None:
+        return None
+    fs, _ = storage.resolve(uri, store)
+    return [[path, info.size, str(info.mtime)] for path in storage.list_all_files(uri, store)
+            for info in [fs.get_file_info(path)]]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ContextPaths:
+    """The context stage's tables for one set of inputs (optirag.pipelines.context),
+    `<storage.root>/context/<key hash>/`:
+
+        users/part-NNNNN.parquet      USER_CONTEXT rows, sorted by user hash
+        items/part-00000.parquet      ITEM_CONTEXT rows, sorted by item
+        _SUCCESS                      written last: the key, the cold-start context, the
+                                      side features' combination
+    """
+
+    root: str
+
+    @classmethod
+    def for_key(cls, store: StorageConfig, key: dict) -> ContextPaths:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(storage.join(store.root, "context", digest))
+
+    @property
+    def users(self) -> str:
+        return storage.join(self.root, "users")
+
+    def users_part(self, number: int) -> str:
+        return storage.join(self.users, f"part-{number:05d}.parquet")
+
+    @property
+    def items(self) -> str:
+        return storage.join(self.root, "items")
+
+    @property
+    def items_file(self) -> str:
+        return storage.join(self.items, "part-00000.parquet")
+
+    @property
+    def success(self) -> str:
+        return storage.join(self.root, "_SUCCESS")
+
+
+def load_side_features(cfg: Config) -> SideFeatures | None:
+    """The stored heads' side features (hybrid heads), else None."""
+    if not has_trained_heads(cfg) or not load_exit_config(cfg).get("side_features"):
+        return None
+    uri = heads_file(cfg, SIDE_FEATURES_FILE)
+    return SideFeatures.from_arrays(*read_side_features(uri, cfg.storage))
 
 
 # ----------------------------------------------------------------------------- scoring runs

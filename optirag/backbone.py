@@ -10,6 +10,7 @@ Sources (all local, never a hub):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -171,6 +172,19 @@ def weights_digest(cfg: BackboneConfig) -> tuple[str, str]:
     with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
         cache.write_text(json.dumps({"files": stamp, "sha256": digest.hexdigest()}))
     return path.name, digest.hexdigest()
+
+
+def load_tokenizer(cfg: BackboneConfig) -> Any:
+    """The backbone's tokenizer alone (the context stage encodes prompts with no model);
+    loaded once per process."""
+    return _tokenizer_at(str(model_dir(cfg)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_at(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_backbone(cfg: BackboneConfig) -> Backbone:

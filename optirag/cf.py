@@ -152,6 +152,37 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _side(ids, emb, bias, stats: Stats, query: np.ndarray) -> np.ndarray:
+    pos, found = _lookup(ids, query)
+    rate, count = stats.lookup(query)
+    return np.concatenate(
+        [emb[pos] * found[:, None], (bias[pos] * found)[:, None],
+         _logit(rate)[:, None], np.log1p(count)[:, None]],
+        axis=1, dtype=np.float32,
+    )  # fmt: skip
+
+
+def combine_sides(
+    names: list[str], mf_bias: float, user_side: np.ndarray, item_side: np.ndarray
+) -> np.ndarray:
+    """The side features of pairs from their user's and item's sides (`SideFeatures.user_side`,
+    `item_side`): (N, len(names)) float32, columns in the configured order."""
+    dim = user_side.shape[1] - 3
+    u_emb, u_bias, u_rate, u_count = (user_side[:, :dim], *user_side[:, dim:].T)
+    i_emb, i_bias, i_rate, i_count = (item_side[:, :dim], *item_side[:, dim:].T)
+    columns = {
+        "mf": lambda: (u_emb * i_emb).sum(-1) + u_bias + i_bias + np.float32(mf_bias),
+        "user_rate": lambda: u_rate,
+        "user_count": lambda: u_count,
+        "item_rate": lambda: i_rate,
+        "item_count": lambda: i_count,
+    }
+    out = np.zeros((len(user_side), len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        out[:, j] = columns[name]()
+    return out
+
+
 class SideFeatures:
     """The configured CF features of (user, item) pairs, for hybrid exit heads."""
 
@@ -173,19 +204,17 @@ class SideFeatures:
 
     def __call__(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """(N, len(names)) float32, columns in the configured order."""
-        user_rate, user_count = self.users.lookup(users)
-        item_rate, item_count = self.items.lookup(items)
-        columns = {
-            "mf": lambda: self.mf.logits(users, items),
-            "user_rate": lambda: _logit(user_rate),
-            "user_count": lambda: np.log1p(user_count),
-            "item_rate": lambda: _logit(item_rate),
-            "item_count": lambda: np.log1p(item_count),
-        }
-        out = np.zeros((len(users), len(self.names)), dtype=np.float32)
-        for j, name in enumerate(self.names):
-            out[:, j] = columns[name]()
-        return out
+        return combine_sides(self.names, self.mf.bias, self.user_side(users), self.item_side(items))
+
+    def user_side(self, users: np.ndarray) -> np.ndarray:
+        """What the features need of each user, (N, D + 3) float32: MF embedding and bias,
+        logit of the like rate, log1p of the count; the cold-start values for unknown users.
+        The context stage stores these per user, so a scorer needs no per-user arrays."""
+        return _side(self.mf.user_ids, self.mf.user_emb, self.mf.user_bias, self.users, users)
+
+    def item_side(self, items: np.ndarray) -> np.ndarray:
+        """As `user_side`, per item."""
+        return _side(self.mf.item_ids, self.mf.item_emb, self.mf.item_bias, self.items, items)
 
     def arrays(self) -> tuple[dict[str, np.ndarray], dict]:
         """Everything the features are computed from: named arrays + small metadata."""

@@ -211,6 +211,12 @@ class ComputeConfig(StrictModel):
     train_workers: int = Field(2, gt=0, description="Ray Train workers (DDP)")
     train_use_gpu: bool = False
     torch_threads: int | None = Field(None, gt=0, description="intra-op threads per actor")
+    actors_per_gpu: int = Field(
+        1, gt=0, description="model actors sharing a GPU (each takes 1/N of it)"
+    )
+    context_users_per_task: int = Field(
+        20_000, gt=0, description="users per task of the context stage's users table"
+    )
 
     @model_validator(mode="after")
     def _actor_range(self) -> ComputeConfig:

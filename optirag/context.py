@@ -210,6 +210,17 @@ class ContextStore:
             return text
         return f"{text} {rating_note(*self.target_ratings(user, item, before_ts))}"
 
+    def target_parts(
+        self, user: int, item: int, before_ts: int | None = None
+    ) -> tuple[str, tuple[float, int] | None, tuple[float, ...]]:
+        """What `PromptBuilder.encode_suffix` takes: the item's text, and with
+        `target_ratings` its (mean rating, count) and the neighbours' ratings of it."""
+        text = self.item_texts[item]
+        if not self.cfg.target_ratings:
+            return text, None, ()
+        mean, count, ratings = self.target_ratings(user, item, before_ts)
+        return text, (mean, count), tuple(ratings)
+
     def target_ratings(
         self, user: int, item: int, before_ts: int | None = None
     ) -> tuple[float, int, list[float]]:
@@ -217,6 +228,22 @@ class ContextStore:
         unrated) and count, and the neighbours' ratings of it, all before `before_ts`."""
         mean, count = self.item_ratings.lookup(item, before_ts)
         return mean, count, self._neighbor_ratings(user, item, before_ts)
+
+    def neighbor_rated(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every rating by the user's neighbours (no time cut) as (items, ratings), sorted by
+        item and, within an item, in the order `_neighbor_ratings` reads them: what the
+        context stage stores so that the rating note needs no neighbour histories."""
+        if not self.cfg.target_ratings:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        items, ratings = [np.empty(0, np.int64)], [np.empty(0, np.float32)]
+        for neighbor in self._neighbors.get(user, ([], []))[0]:
+            span = self._slice(int(neighbor), None)
+            rated = ~np.isnan(self._ratings[span])
+            items.append(self._items[span][rated])
+            ratings.append(self._ratings[span][rated])
+        items, ratings = np.concatenate(items), np.concatenate(ratings)
+        order = np.argsort(items, kind="stable")
+        return items[order].astype(np.int64), ratings[order].astype(np.float32)
 
     def _neighbor_ratings(self, user: int, item: int, before_ts: int | None) -> list[float]:
         """Ratings of `item` by the user's neighbours, most similar first."""

@@ -1,4 +1,5 @@
-"""Id lookups in sorted id arrays (numpy only, so prompt code stays free of torch)."""
+"""Id lookups in sorted id arrays and the user hash (numpy only, so prompt code stays free of
+torch)."""
 
 from __future__ import annotations
 
@@ -11,3 +12,19 @@ def lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     pos = np.clip(pos, 0, max(len(sorted_ids) - 1, 0))
     found = len(sorted_ids) > 0 and sorted_ids[pos] == ids
     return np.where(found, pos, -1)
+
+
+HASH_SPACE = 1 << 32
+
+
+def user_hash(users: np.ndarray) -> np.ndarray:
+    """A fixed multiplicative hash of user ids into [0, 2**32), the same in every process.
+    Shards are ranges of it (runs.shard_of), and the context stage's users table is sorted
+    by it, so a shard's users are one contiguous stretch of that table."""
+    mixed = np.asarray(users).astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (mixed >> np.uint64(32)).astype(np.int64)
+
+
+def hash_range(shard: int, num_shards: int) -> tuple[int, int]:
+    """The [low, high) user hashes of a shard."""
+    return -(-shard * HASH_SPACE // num_shards), -(-(shard + 1) * HASH_SPACE // num_shards)

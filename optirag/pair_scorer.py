@@ -6,7 +6,7 @@ a prompt prefix; with `share_prefixes` each prefix runs once per model batch.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +44,84 @@ class PairScores:
     hidden: np.ndarray | None = None  # (N, num_heads, H) float32 when asked for
 
 
+class TokenScorer:
+    """The model side of scoring: token ids in, early-exit scores out. This is all that a
+    scoring actor of the job holds (its rows come assembled by the context stage); the
+    in-process `PairScorer` feeds it from a `ContextStore`.
+
+    Rows name their prefix by a slot; rows of one slot run next to each other, and with
+    `share_prefixes` each prefix runs once per model batch."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: ExitHeads,
+        rule: ExitRule,
+        share_prefixes: bool = True,
+        compaction: bool = True,
+        batch_rows: int = 64,
+        engine: EngineKind = "reference",
+    ) -> None:
+        self.engine = make_engine(engine, backbone, heads, rule, compaction=compaction)
+        self.share_prefixes = share_prefixes
+        self.batch_rows = batch_rows
+
+    def score(
+        self,
+        slots: np.ndarray,
+        prefix: Callable[[int], list[int]],
+        suffix: Callable[[int], list[int]],
+        side: Callable[[np.ndarray], np.ndarray] | None = None,
+        keep_hidden: bool = False,
+        desc: str | None = None,
+    ) -> PairScores:
+        """Scores of rows 0..N-1 in that order. `slots[r]`: row r's prefix; `prefix(slot)`,
+        `suffix(row)`: token ids, asked for batch by batch; `side(rows)`: their side
+        features. Rows run in slot order (a stable sort keeps it deterministic)."""
+        n = len(slots)
+        order = np.argsort(slots, kind="stable")
+        result_parts: list[ScoreResult] = []
+        chunks = prefix_batches(slots[order], np.zeros(n, np.int64), self.batch_rows)
+        for chunk in tqdm(
+            [order[c] for c in chunks], desc=desc, disable=desc is None, unit="batch"
+        ):
+            keys = slots[chunk].tolist()
+            unique = list(dict.fromkeys(keys))  # rows are sorted: a prefix never comes back
+            prefixes = [prefix(k) for k in unique]
+            suffixes = [suffix(int(r)) for r in chunk]
+            features = torch.from_numpy(side(chunk)) if side is not None else None
+            at = {k: j for j, k in enumerate(unique)}
+            if self.share_prefixes:
+                result = self.engine.score(
+                    suffixes, prefixes, [at[k] for k in keys], keep_hidden, features
+                )
+            else:
+                result = self.engine.score(
+                    [prefixes[at[k]] + s for k, s in zip(keys, suffixes, strict=True)],
+                    keep_hidden=keep_hidden,
+                    side=features,
+                )
+            result_parts.append(result)
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = np.arange(n)
+
+        def in_input_order(name: str) -> np.ndarray:
+            return torch.cat([getattr(r, name) for r in result_parts]).numpy()[inverse]
+
+        return PairScores(
+            scores=in_input_order("scores"),
+            exit_layers=in_input_order("exit_layers"),
+            head_probs=in_input_order("head_probs"),
+            hidden=in_input_order("hidden") if keep_hidden else None,
+            layer_tokens=sum(r.layer_tokens for r in result_parts),
+        )
+
+
 class PairScorer:
+    """(user, item) pairs -> prompts from a `ContextStore` -> a `TokenScorer`: training,
+    evaluation and the benches score pairs this way; the scoring job assembles the same ids
+    from the context tables instead."""
+
     def __init__(
         self,
         backbone: Backbone,
@@ -58,18 +135,23 @@ class PairScorer:
         side_features: SideFeatures | None = None,
         engine: EngineKind = "reference",
     ) -> None:
-        self.engine = make_engine(engine, backbone, heads, rule, compaction=compaction)
+        self.tokens = TokenScorer(
+            backbone, heads, rule, share_prefixes, compaction, batch_rows, engine
+        )
         self.contexts = contexts
         self.prompts = prompts
-        self.share_prefixes = share_prefixes
-        self.batch_rows = batch_rows
         self.side_features = side_features
-        # A night's candidates repeat target texts a lot: encode each once.
-        self._encode_target = functools.lru_cache(maxsize=200_000)(self.prompts.encode_suffix)
+
+    @property
+    def engine(self):
+        return self.tokens.engine
+
+    @engine.setter
+    def engine(self, engine) -> None:  # bench/engine.py records the engine's calls
+        self.tokens.engine = engine
 
     def _suffix(self, user: int, cutoff: int, item: int) -> list[int]:
-        target = self.contexts.target_text(user, item, _before(cutoff))
-        return self._encode_target(target)
+        return self.prompts.encode_suffix(*self.contexts.target_parts(user, item, _before(cutoff)))
 
     def _encode_prefix(self, user: int, cutoff: int) -> list[int]:
         ctx = self.contexts.context(user, _before(cutoff))
@@ -94,49 +176,19 @@ class PairScorer:
         """Scores in input order. `before_ts` limits each row's history to interactions
         before it (training prompts); `keep_hidden` also returns the heads' inputs; `desc`
         shows a progress bar."""
-        n = len(users)
-        cutoffs = cutoff_array(before_ts, n)
-        # Rows of one prefix next to each other; a stable sort keeps the order deterministic.
-        order = np.lexsort((cutoffs, users))
-        result_parts: list[ScoreResult] = []
-        chunks = prefix_batches(users[order], cutoffs[order], self.batch_rows)
-        for chunk in tqdm(
-            [order[c] for c in chunks], desc=desc, disable=desc is None, unit="batch"
-        ):
-            keys = [(int(users[i]), int(cutoffs[i])) for i in chunk]
-            unique = list(dict.fromkeys(keys))  # rows are sorted: a prefix never comes back
-            prefix_ids = {k: self._encode_prefix(*k) for k in unique}
-            suffixes = [self._suffix(*k, int(items[i])) for k, i in zip(keys, chunk, strict=True)]
-            prefixes = [prefix_ids[k] for k in unique]
-            side = (
-                torch.from_numpy(self.side_features(users[chunk], items[chunk]))
-                if self.side_features is not None
-                else None
-            )
-            if self.share_prefixes:
-                slot = {k: j for j, k in enumerate(unique)}
-                result = self.engine.score(
-                    suffixes, prefixes, [slot[k] for k in keys], keep_hidden, side
-                )
-            else:
-                result = self.engine.score(
-                    [prefix_ids[k] + s for k, s in zip(keys, suffixes, strict=True)],
-                    keep_hidden=keep_hidden,
-                    side=side,
-                )
-            result_parts.append(result)
-        inverse = np.empty(n, dtype=np.int64)
-        inverse[order] = np.arange(n)
-
-        def in_input_order(name: str) -> np.ndarray:
-            return torch.cat([getattr(r, name) for r in result_parts]).numpy()[inverse]
-
-        return PairScores(
-            scores=in_input_order("scores"),
-            exit_layers=in_input_order("exit_layers"),
-            head_probs=in_input_order("head_probs"),
-            hidden=in_input_order("hidden") if keep_hidden else None,
-            layer_tokens=sum(r.layer_tokens for r in result_parts),
+        cutoffs = cutoff_array(before_ts, len(users))
+        # One slot per (user, cut-off), numbered in that order.
+        keys, slots = np.unique(np.stack([users, cutoffs]), axis=1, return_inverse=True)
+        side = None
+        if self.side_features is not None:
+            side = lambda rows: self.side_features(users[rows], items[rows])  # noqa: E731
+        return self.tokens.score(
+            slots.reshape(-1),
+            prefix=lambda k: self._encode_prefix(int(keys[0, k]), int(keys[1, k])),
+            suffix=lambda r: self._suffix(int(users[r]), int(cutoffs[r]), int(items[r])),
+            side=side,
+            keep_hidden=keep_hidden,
+            desc=desc,
         )
 
 
@@ -176,6 +228,21 @@ class ScoringModel:
     heads: ExitHeads
     exit_config: dict = field(default_factory=dict)
     side_features: SideFeatures | None = None
+
+
+def make_token_scorer(
+    cfg: Config, backbone: Backbone, model: ScoringModel, rule: ExitRule | None = None
+) -> TokenScorer:
+    """The scoring job's model side, configured as `make_pair_scorer` configures its own."""
+    return TokenScorer(
+        backbone,
+        model.heads,
+        rule or resolve_rule(cfg.exits, model.exit_config),
+        share_prefixes=cfg.compute.share_prefixes,
+        compaction=cfg.exits.compaction,
+        batch_rows=cfg.compute.batch_rows,
+        engine=cfg.exits.engine,
+    )
 
 
 def make_pair_scorer(

@@ -15,6 +15,7 @@ at most move that row's score; bench/injection.py measures by how much.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -50,12 +51,25 @@ def item_text(title: str | None, text: str | None, max_chars: int) -> str:
     return '"' + shown.replace('"', "'") + '"'
 
 
+def rating_stats(mean: float, count: int) -> str:
+    """The item's own part of the rating note: its mean rating and count."""
+    return f"mean rating {mean:.1f} from {count} ratings" if count else "no ratings yet"
+
+
+def neighbor_ratings_text(ratings: tuple[float, ...] | list[float]) -> str:
+    """The user's part of the rating note: similar users' ratings of the item, or nothing."""
+    return "; similar users rated it " + ", ".join(f"{r:g}" for r in ratings) if ratings else ""
+
+
 def rating_note(mean: float, count: int, neighbor_ratings: list[float]) -> str:
     """What the prompt says after the target item with `target_ratings`."""
-    notes = [f"mean rating {mean:.1f} from {count} ratings" if count else "no ratings yet"]
-    if neighbor_ratings:
-        notes.append("similar users rated it " + ", ".join(f"{r:g}" for r in neighbor_ratings))
-    return f"({'; '.join(notes)})"
+    return f"({rating_stats(mean, count)}{neighbor_ratings_text(neighbor_ratings)})"
+
+
+# How a suffix is cut into separately encoded pieces (PromptBuilder.encode_suffix); part of
+# every key of something made from token ids, since the same text cut otherwise encodes
+# to other ids.
+TOKEN_LAYOUT = "suffix-pieces-1"
 
 
 @dataclass
@@ -108,7 +122,7 @@ class PromptBuilder:
         belongs in every cache key of features extracted from prompts."""
         ctx = UserContext([("A", True), ("B", False)], ["C"])
         target = item_text("T", None, 8) + " " + rating_note(3.5, 2, [5.0])
-        return self.prefix_text(ctx) + self.suffix_text(target)
+        return self.prefix_text(ctx) + self.suffix_text(target) + TOKEN_LAYOUT
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -127,5 +141,50 @@ class PromptBuilder:
             else:
                 neighbors = neighbors[:-1]
 
-    def encode_suffix(self, target: str) -> list[int]:
-        return self.encode(self.suffix_text(target))
+    def encode_suffix(
+        self,
+        target: str,
+        stats: tuple[float, int] | None = None,
+        neighbor_ratings: tuple[float, ...] = (),
+    ) -> list[int]:
+        """The suffix's ids: `suffix_text` of the target with its rating note (`stats` =
+        (mean rating, count) with `target_ratings`, and similar users' ratings), encoded in
+        three pieces so that the item's piece and the user's piece can be made apart and
+        reused (the context stage stores the first per item): the target item with the
+        opening of its note, the neighbours' ratings, the close and the answer cue."""
+        return (
+            self.encode_target(target, stats)
+            + self.encode_neighbor_ratings(neighbor_ratings)
+            + self.tail_ids
+        )
+
+    def encode_target(self, target: str, stats: tuple[float, int] | None = None) -> list[int]:
+        """The item's piece of the suffix: its text, then with `target_ratings` the opening
+        of the rating note with its mean rating and count."""
+        if self.cfg.target_ratings != (stats is not None):
+            raise ValueError("a target's rating stats are given exactly when target_ratings")
+        if stats is not None and not stats[1]:
+            stats = (0.0, 0)  # unrated: one cache entry, not one per NaN
+        return self._target_ids(target, stats)
+
+    @functools.cached_property
+    def _target_ids(self):  # a night's candidates repeat targets a lot: encode each once
+        return functools.lru_cache(maxsize=200_000)(
+            lambda target, stats: self.encode(
+                target if stats is None else f"{target} ({rating_stats(*stats)}"
+            )
+        )
+
+    def encode_neighbor_ratings(self, ratings: tuple[float, ...]) -> list[int]:
+        return self._neighbor_ids(tuple(ratings)) if ratings else []
+
+    @functools.cached_property
+    def _neighbor_ids(self):  # few distinct rating lists: encode each once
+        return functools.lru_cache(maxsize=100_000)(
+            lambda ratings: self.encode(neighbor_ratings_text(ratings))
+        )
+
+    @functools.cached_property
+    def tail_ids(self) -> list[int]:
+        """The last piece: the rating note's close (with `target_ratings`), the answer cue."""
+        return self.encode((")" if self.cfg.target_ratings else "") + self._tail)

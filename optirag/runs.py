@@ -45,6 +45,7 @@ from optirag import storage
 from optirag.artifacts import AttemptPaths, RunPaths
 from optirag.backbone import weights_digest
 from optirag.config import Config, StorageConfig
+from optirag.ids import user_hash
 from optirag.pair_scorer import resolve_rule
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,14 @@ def plan_parts(uri: str, cfg: Config) -> list[Part]:
     return parts
 
 
+# How rows go to shards; in every plan, so that a run is never resumed with another rule.
+SHARDING = "user-hash-ranges-1"
+
+
 def shard_of(users: np.ndarray, num_shards: int) -> np.ndarray:
-    """The shard of each user id: a fixed multiplicative hash, the same in every process."""
-    mixed = users.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    return ((mixed >> np.uint64(32)) % np.uint64(num_shards)).astype(np.int64)
+    """The shard of each user id: shards are equal ranges of the user hash (ids.user_hash),
+    so a shard's users are one stretch of the context stage's users table."""
+    return (user_hash(users) * num_shards) >> 32
 
 
 def check_output_location(inputs: Inputs, run_root: str) -> None:
@@ -439,7 +444,7 @@ def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
             storage.checked_files(uri, store, required)
     num_shards = max(1, math.ceil(total / cfg.scoring.rows_per_shard))
     plan = {"candidates": inputs.candidates, "model_version": version, "num_shards": num_shards,
-            "parts": [dataclasses.asdict(p) for p in parts]}  # fmt: skip
+            "sharding": SHARDING, "parts": [dataclasses.asdict(p) for p in parts]}  # fmt: skip
 
     numbers = _attempt_numbers(run, store)
     newest = numbers[-1] if numbers else 0

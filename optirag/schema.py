@@ -21,6 +21,13 @@ SCORE = "score"
 EXIT_LAYER = "exit_layer"
 MODEL_VERSION = "model_version"
 REASON = "reason"
+USER_HASH = "user_hash"
+PREFIX_IDS = "prefix_ids"
+SUFFIX_IDS = "suffix_ids"
+RATED_ITEMS = "rated_items"
+RATED_VALUES = "rated_values"
+TARGET_IDS = "target_ids"
+SIDE = "side"
 
 INTERACTIONS = pa.schema(
     [
@@ -65,6 +72,30 @@ SCORE_COLUMNS = pa.schema(
         pa.field(SCORE, pa.float32(), nullable=False),
         pa.field(EXIT_LAYER, pa.int16(), nullable=False),
         pa.field(MODEL_VERSION, pa.string(), nullable=False),
+    ]
+)
+
+# The context stage's tables (optirag.context_tables): users sorted by user_hash (ids.user_hash,
+# what shards are ranges of), items by id. A user's rated_items are
+# every item their neighbours rated (sorted; repeated when several did), rated_values the
+# ratings, most similar neighbour first within an item; side: the user's or item's side of
+# the side features of hybrid heads (null without them).
+USER_CONTEXT = pa.schema(
+    [
+        pa.field(USER_ID, pa.int64(), nullable=False),
+        pa.field(USER_HASH, pa.int64(), nullable=False),
+        pa.field(PREFIX_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(RATED_ITEMS, pa.list_(pa.int64()), nullable=False),
+        pa.field(RATED_VALUES, pa.list_(pa.float32()), nullable=False),
+        pa.field(SIDE, pa.list_(pa.float32()), nullable=True),
+    ]
+)
+
+ITEM_CONTEXT = pa.schema(
+    [
+        pa.field(ITEM_ID, pa.int64(), nullable=False),
+        pa.field(TARGET_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(SIDE, pa.list_(pa.float32()), nullable=True),
     ]
 )
 

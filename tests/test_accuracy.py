@@ -39,7 +39,7 @@ def test_side_features_round_trip(movie_tables, local_storage):
     fitted = cf.SideFeatures.fit(list(cf.SIDE_FEATURES), movie_tables[0])
     uri = storage.join(local_storage.root, "side.safetensors")
     A.save_side_features(*fitted.arrays(), uri, local_storage)
-    again = cf.SideFeatures.from_arrays(*A.load_side_features(uri, local_storage))
+    again = cf.SideFeatures.from_arrays(*A.read_side_features(uri, local_storage))
     users, items = np.array([1, 4, 50]), np.array([3, 9, 2])
     np.testing.assert_array_equal(fitted(users, items), again(users, items))
 

@@ -21,7 +21,7 @@ from optirag import runs, storage
 from optirag import schema as S
 from optirag.backbone import load_backbone
 from optirag.config import Config
-from optirag.context import ContextStore, ItemRatings
+from optirag.context import ContextStore
 from optirag.pair_scorer import make_pair_scorer
 from optirag.pipelines import scoring
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, SLOW_JOB_S
@@ -161,41 +161,6 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables)
     assert again["shards_run"] == again["shards"]
 
 
-@pytest.mark.parametrize("target_ratings", [False, True], ids=["plain", "target-ratings"])
-def test_actor_loads_only_its_shards_users(
-    local_storage, tiny_llama_dir, movie_tables, target_ratings
-):
-    """Per shard, an actor holds the shard's users' histories and their neighbours' only, and
-    scores as the in-process scorer holding every table does (item rating totals included)."""
-    cands = _candidates(n_users=6, per_user=5)
-    _write_inputs(local_storage, movie_tables, cands)
-    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=5)
-    prompts = cfg.prompts.model_copy(update={"target_ratings": target_ratings})
-    cfg = cfg.model_copy(update={"prompts": prompts})
-    inputs = runs.Inputs.from_config(cfg)
-    ratings = None
-    if target_ratings:  # what the driver computes, streamed from the history file
-        ratings = ItemRatings.totals(storage.open_dataset(inputs.history, cfg.storage))
-    actor = scoring.ScoreShard(cfg, inputs, "v1", item_ratings=ratings)
-    backbone = actor.scorer.engine.backbone
-    whole = _stored_scorer(cfg, ContextStore(*movie_tables, prompts), backbone)
-    fs, _ = storage.resolve(inputs.candidates, cfg.storage)
-    known_items = movie_tables[1][S.ITEM_ID].to_numpy()
-    lists = movie_tables[2].to_pydict()
-    neighbors = dict(zip(lists[S.USER_ID], lists[S.NEIGHBOR_IDS], strict=True))
-    run = runs.start(cfg, "v1")  # plan, then stage by user as the job's first stage does
-    for part in run.parts:
-        runs.stage_part(part, runs.read_part(part, fs, known_items), run.num_shards, run.paths, cfg)
-    lengths = run.shard_lengths(cfg.storage)
-    assert len(lengths) > 1
-    for shard in lengths:
-        batch = actor(runs.read_staged_shard(run.paths, shard, cfg.storage))
-        users = set(batch[S.USER_ID].to_pylist())
-        assert actor.contexts.users == users.union(*(neighbors.get(u, []) for u in users))
-        expected = whole.score(batch[S.USER_ID].to_numpy(), batch[S.ITEM_ID].to_numpy())
-        np.testing.assert_allclose(batch[S.SCORE].to_numpy(), expected.scores, atol=1e-5)
-
-
 def test_job_with_target_ratings_matches_the_in_process_scorer(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
@@ -260,7 +225,7 @@ def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_
     cands = _candidates(n_users=6, per_user=20)
     _write_inputs(local_storage, movie_tables, cands)
     cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
-    killed = _kill_when(lambda: len(_markers(cfg)) >= 2, "ScoreShard")
+    killed = _kill_when(lambda: len(_markers(cfg)) >= 2, "ScoreTokens")
     summary = scoring.run(cfg)
     assert killed.is_set(), "the test did not manage to kill a scoring actor"
     _, scores, rejects = _read_run(cfg)

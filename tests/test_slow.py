@@ -55,7 +55,7 @@ def test_smollm2_scores_movielens_prompts(movielens):
     assert np.all((out.scores > 0) & (out.scores < 1)) and (out.exit_layers == 30).all()
     # The untrained last head is the model's own P(Yes | Yes or No).
     ids = builder.encode_prefix(contexts.context(int(users[0])))
-    ids += builder.encode_suffix(contexts.target_text(int(users[0]), int(item_ids[0])))
+    ids += builder.encode_suffix(*contexts.target_parts(int(users[0]), int(item_ids[0])))
     with torch.no_grad():
         logits = backbone.model(torch.tensor([ids])).logits[0, -1]
     expected = prob_yes(logits[[backbone.yes_id, backbone.no_id]][None])[0].item()

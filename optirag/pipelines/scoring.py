@@ -1,7 +1,14 @@
-"""The scoring job on Ray: candidates -> Ray Data -> an actor pool of early-exit scorers ->
-scores and rejects as Parquet, committed exactly once per shard (optirag.runs).
+"""The scoring job on Ray: candidates -> Ray Data -> token blocks -> an actor pool of
+early-exit models -> scores and rejects as Parquet, committed exactly once per shard
+(optirag.runs).
 
-    read shard (task) ─► ScoreShard (actor pool, one model replica each) ─► write shard (task)
+    stage by user (tasks)
+    context tables (optirag.pipelines.context: built once per set of inputs, else reused)
+    read shard + assemble tokens (tasks) ─► ScoreTokens (actor pool, one model replica each,
+        nothing per user) ─► write shard (tasks)
+
+A shard is a range of user hashes, so its users' context rows are one stretch of the users
+table; assembling tokens is CPU work of its own tasks, apart from the model actors.
 """
 
 from __future__ import annotations
@@ -19,78 +26,79 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
-from optirag import artifacts as A
 from optirag import runs, storage
 from optirag import schema as S
 from optirag.config import Config
-from optirag.context import ContextStore, ItemRatings, user_filter
+from optirag.context_tables import TokenAssembler, side_matrix
+from optirag.ids import hash_range
+from optirag.pipelines import context
 
 log = logging.getLogger(__name__)
 
+TOKEN_COLUMNS = [S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE]
 
-class ScoreShard:
-    """Ray Data actor: one early-exit model replica, scoring a whole shard per call."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        inputs: runs.Inputs,
-        model_version: str,
-        item_ratings: ItemRatings | None = None,
-    ) -> None:
-        """`item_ratings`: the history's per-item totals (prompts.target_ratings), computed
-        once by the driver rather than by every actor."""
+class ScoreTokens:
+    """Ray Data actor: one early-exit model replica (backbone and heads, nothing per user or
+    item), scoring a whole shard's token block per call."""
+
+    def __init__(self, cfg: Config, model_version: str) -> None:
         import torch
 
+        from optirag import artifacts as A
         from optirag.backbone import load_backbone
-        from optirag.pair_scorer import make_pair_scorer
+        from optirag.pair_scorer import make_token_scorer
 
         if cfg.compute.torch_threads:
             torch.set_num_threads(cfg.compute.torch_threads)
-        self.history = storage.open_dataset(inputs.history, cfg.storage, S.INTERACTIONS)
-        self.neighbors = (
-            storage.open_dataset(inputs.neighbors, cfg.storage, S.NEIGHBORS)
-            if inputs.neighbors
-            else None
-        )
-        items = storage.read_table(inputs.items, cfg.storage, S.ITEMS)
-        if cfg.prompts.target_ratings and item_ratings is None:
-            raise ValueError("prompts.target_ratings needs the history's item_ratings")
-        # User-side tables are loaded per shard (_load_users); only item-side ones stay resident.
-        self.contexts = ContextStore(
-            S.INTERACTIONS.empty_table(), items, None, cfg.prompts, item_ratings=item_ratings
-        )
         backbone = load_backbone(cfg.backbone)
-        model = A.load_scoring_model(cfg, backbone)
-        self.scorer = make_pair_scorer(cfg, backbone, model, self.contexts)
+        model = A.load_scoring_model(cfg, backbone, side_features=False)
+        self.scorer = make_token_scorer(cfg, backbone, model)
         self.model_version = model_version
-
-    def _load_users(self, users: np.ndarray) -> None:
-        """This shard's users' histories and neighbour lists, and their neighbours' histories."""
-        neighbors, wanted = None, users
-        if self.neighbors is not None:
-            neighbors = self.neighbors.to_table(filter=user_filter(users))
-            neighbor_ids = pc.list_flatten(neighbors[S.NEIGHBOR_IDS]).to_numpy()
-            wanted = np.union1d(users, neighbor_ids)
-        history = self.history.to_table(columns=S.INTERACTIONS.names, filter=user_filter(wanted))
-        self.contexts.load_users(history, neighbors)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = pc.is_null(batch[S.REASON]).to_numpy(zero_copy_only=False)
         scores = np.full(len(batch), np.nan, dtype=np.float32)
         exits = np.zeros(len(batch), dtype=np.int16)
-        if ok.any():
-            users = batch[S.USER_ID].to_numpy(zero_copy_only=False)[ok].astype(np.int64)
-            self._load_users(np.unique(users))
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            users = batch[S.USER_ID].to_numpy(zero_copy_only=False)[rows]
+            _, first, slots = np.unique(users, return_index=True, return_inverse=True)
+            prefix_ids = batch[S.PREFIX_IDS].to_pylist()
+            prefixes = [prefix_ids[rows[f]] for f in first]
+            suffixes = batch[S.SUFFIX_IDS].to_pylist()
+            side = side_matrix(batch[S.SIDE]) if batch[S.SIDE].null_count == 0 else None
             result = self.scorer.score(
-                users, batch[S.ITEM_ID].to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+                slots.reshape(-1),
+                prefix=prefixes.__getitem__,
+                suffix=lambda r: suffixes[rows[r]],
+                side=(lambda r: side[rows[r]]) if side is not None else None,
             )
-            scores[ok], exits[ok] = result.scores, result.exit_layers
+            scores[rows], exits[rows] = result.scores, result.exit_layers
+        batch = batch.drop_columns(TOKEN_COLUMNS)
         batch = batch.append_column(S.SCORE, pa.array(scores, pa.float32()))
         batch = batch.append_column(S.EXIT_LAYER, pa.array(exits, pa.int16()))
         return batch.append_column(
             S.MODEL_VERSION, pa.array([self.model_version] * len(batch), pa.string())
         )
+
+
+_ASSEMBLERS: dict[str, TokenAssembler] = {}  # per worker process: the tokenizer loads once
+
+
+def assemble_shard(
+    table: pa.Table, shard_id: int, num_shards: int, tables: context.ContextTables, cfg: Config
+) -> pa.Table:
+    """A staged shard joined with its users' and items' context rows into a token block."""
+    if tables.paths.root not in _ASSEMBLERS:
+        _ASSEMBLERS[tables.paths.root] = tables.assembler(cfg)
+    ok = pc.is_null(table[S.REASON])
+    users = np.unique(pc.filter(table[S.USER_ID], ok).to_numpy().astype(np.int64))
+    items = np.unique(pc.filter(table[S.ITEM_ID], ok).to_numpy().astype(np.int64))
+    low, high = hash_range(shard_id, num_shards)
+    user_rows = tables.read_users(users, low, high, cfg.storage)
+    item_rows = tables.read_items(items, cfg.storage)
+    return _ASSEMBLERS[tables.paths.root].assemble(table, user_rows, item_rows)
 
 
 def run(cfg: Config, run_root: str | None = None) -> dict:
@@ -123,14 +131,13 @@ def run(cfg: Config, run_root: str | None = None) -> dict:
     lengths = run.shard_lengths(store)
     pending = run.pending_shards(lengths, store)
     if pending:
-        # One pass over the history, batch by batch, for every actor.
-        item_ratings = None
-        if cfg.prompts.target_ratings:
-            history = storage.open_dataset(inputs.history, store, S.INTERACTIONS)
-            item_ratings = ItemRatings.totals(history)
+        tables = context.build(cfg, inputs.history, inputs.items, inputs.neighbors)
+        num_shards = run.num_shards
 
         def read(batch: dict[str, np.ndarray]) -> pa.Table:
-            return runs.read_staged_shard(paths, pending[int(batch["id"][0])], store)
+            shard_id = pending[int(batch["id"][0])]
+            table = runs.read_staged_shard(paths, shard_id, store)
+            return assemble_shard(table, shard_id, num_shards, tables, cfg)
 
         compute = cfg.compute
         # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
@@ -139,17 +146,12 @@ def run(cfg: Config, run_root: str | None = None) -> dict:
             ray.data.range(len(pending), override_num_blocks=len(pending))
             .map_batches(read, batch_size=1, batch_format="numpy")
             .map_batches(
-                ScoreShard,
-                fn_constructor_kwargs={
-                    "cfg": cfg,
-                    "inputs": inputs,
-                    "model_version": version[0],
-                    "item_ratings": item_ratings,
-                },  # fmt: skip
+                ScoreTokens,
+                fn_constructor_kwargs={"cfg": cfg, "model_version": version[0]},
                 batch_size=None,
                 batch_format="pyarrow",
                 compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
-                num_gpus=compute.num_gpus_per_actor,
+                num_gpus=compute.num_gpus_per_actor / compute.actors_per_gpu,
                 num_cpus=compute.num_cpus_per_actor,
                 max_restarts=cfg.scoring.max_actor_restarts,
                 max_task_retries=cfg.scoring.max_task_retries,

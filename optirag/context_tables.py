@@ -1,0 +1,195 @@
+"""The context tables and token assembly: what a prompt needs of its user and of its item,
+made once per night, and joined with the candidates into token blocks for the model.
+
+    users table   user_id -> prefix token ids (instruction, history, similar users' items),
+                  the items the user's neighbours rated with their ratings (for the rating
+                  note of `prompts.target_ratings`), the user's side of the side features
+    items table   item_id -> the target's token ids (its text, with the opening of the rating
+                  note and its mean rating), the item's side of the side features
+
+A token block is a candidates block with three more columns: the prefix ids on the first row
+of each user (empty on the user's other rows), every row's suffix ids, and its side features.
+The ids are the same as the in-process scorer's (`PairScorer`, from `ContextStore`): the same
+`PromptBuilder` pieces make both, and a test holds the two paths to the same scores.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from optirag import schema as S
+from optirag.cf import SideFeatures, combine_sides
+from optirag.context import ContextStore
+from optirag.ids import lookup, user_hash
+from optirag.prompts import PromptBuilder, UserContext
+
+_NONE = np.iinfo(np.int64).min
+
+
+def _ids(values: list[list[int]]) -> pa.Array:
+    return pa.array(values, pa.list_(pa.int32()))
+
+
+def _side(values: np.ndarray | None, n: int) -> pa.Array:
+    if values is None:
+        return pa.nulls(n, pa.list_(pa.float32()))
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(values.reshape(-1), pa.float32()), values.shape[1]
+    ).cast(pa.list_(pa.float32()))
+
+
+def user_rows(
+    users: np.ndarray,
+    contexts: ContextStore,
+    prompts: PromptBuilder,
+    side: SideFeatures | None,
+) -> pa.Table:
+    """The users table's rows of `users` (sorted by user hash), from contexts holding their
+    histories, their neighbour lists and their neighbours' histories."""
+    users = np.asarray(users, dtype=np.int64)
+    hashes = user_hash(users)
+    order = np.lexsort((users, hashes))
+    users, hashes = users[order], hashes[order]
+    prefixes = [prompts.encode_prefix(contexts.context(int(u))) for u in users]
+    rated = [contexts.neighbor_rated(int(u)) for u in users]
+    return pa.table(
+        [
+            pa.array(users, pa.int64()),
+            pa.array(hashes, pa.int64()),
+            _ids(prefixes),
+            pa.array([r[0] for r in rated], pa.list_(pa.int64())),
+            pa.array([r[1] for r in rated], pa.list_(pa.float32())),
+            _side(side.user_side(users) if side else None, len(users)),
+        ],
+        schema=S.USER_CONTEXT,
+    )
+
+
+def item_rows(contexts: ContextStore, prompts: PromptBuilder, side: SideFeatures | None):
+    """The items table: every item the contexts know, sorted by id."""
+    items = np.array(sorted(contexts.item_texts), dtype=np.int64)
+    targets = []
+    for item in items.tolist():
+        text, stats, _ = contexts.target_parts(-1, item)
+        targets.append(prompts.encode_target(text, stats))
+    return pa.table(
+        [pa.array(items, pa.int64()), _ids(targets),
+         _side(side.item_side(items) if side else None, len(items))],
+        schema=S.ITEM_CONTEXT,
+    )  # fmt: skip
+
+
+@dataclass
+class ColdStart:
+    """What a user missing from the users table gets: the prefix of an empty history, no
+    neighbour ratings, the cold-start side (stored in the context tables' manifest)."""
+
+    prefix_ids: list[int]
+    side: list[float] | None
+
+    @classmethod
+    def make(cls, prompts: PromptBuilder, side: SideFeatures | None) -> ColdStart:
+        prefix = prompts.encode_prefix(UserContext())
+        cold_side = None
+        if side is not None:  # no id is below every real one: -2**63 stands for "unknown"
+            cold_side = side.user_side(np.array([_NONE])).reshape(-1).tolist()
+        return cls(prefix, cold_side)
+
+
+@dataclass
+class SideSpec:
+    """How the side features are combined from the two sides (`cf.combine_sides`)."""
+
+    names: list[str]
+    mf_bias: float
+
+
+class TokenAssembler:
+    """Candidates + their users' and items' context rows -> a token block (CPU work only)."""
+
+    def __init__(
+        self,
+        prompts: PromptBuilder,
+        cold: ColdStart,
+        side: SideSpec | None,
+        max_neighbor_ratings: int,
+    ) -> None:
+        self.prompts = prompts
+        self.cold = cold
+        self.side = side
+        self.max_neighbor_ratings = max_neighbor_ratings
+
+    def assemble(self, batch: pa.Table, users: pa.Table, items: pa.Table) -> pa.Table:
+        """`batch`: candidates with a `reason` column (rows with a reason are rejects and get
+        empty ids); `users`/`items`: context rows covering the batch's users and items."""
+        n = len(batch)
+        ok = pc.is_null(batch[S.REASON]).to_numpy(zero_copy_only=False)
+        row_users = batch[S.USER_ID].to_numpy(zero_copy_only=False).astype(np.int64)
+        row_items = batch[S.ITEM_ID].to_numpy(zero_copy_only=False).astype(np.int64)
+        users = users.sort_by(S.USER_ID)  # for the lookup; any order comes in
+        items = items.sort_by(S.ITEM_ID)
+        u_pos = lookup(users[S.USER_ID].to_numpy(), row_users)
+        i_pos = lookup(items[S.ITEM_ID].to_numpy(), row_items)
+        if (ok & (i_pos < 0)).any():
+            missing = sorted(set(row_items[ok & (i_pos < 0)].tolist()))[:5]
+            raise ValueError(f"items {missing} have no row in the items context table")
+
+        prefix_lists = users[S.PREFIX_IDS].to_pylist()
+        targets = items[S.TARGET_IDS].to_pylist()
+        rated_items = users[S.RATED_ITEMS].to_pylist() if self.prompts.cfg.target_ratings else None
+        rated_values = users[S.RATED_VALUES].to_pylist() if rated_items is not None else None
+        tail = self.prompts.tail_ids
+        first = np.zeros(n, dtype=bool)  # a user's first row carries the prefix
+        first[np.unique(np.where(ok, row_users, _NONE), return_index=True)[1]] = True
+        prefixes, suffixes = [], []
+        for r in range(n):
+            if not ok[r]:
+                prefixes.append([])
+                suffixes.append([])
+                continue
+            u = int(u_pos[r])
+            prefixes.append(
+                (prefix_lists[u] if u >= 0 else self.cold.prefix_ids) if first[r] else []
+            )
+            ratings = ()
+            if rated_items is not None and u >= 0:
+                ratings = _ratings_of(
+                    rated_items[u], rated_values[u], int(row_items[r]), self.max_neighbor_ratings
+                )
+            note = self.prompts.encode_neighbor_ratings(ratings)
+            suffixes.append(targets[int(i_pos[r])] + note + tail)
+        out = batch.append_column(S.PREFIX_IDS, _ids(prefixes))
+        out = out.append_column(S.SUFFIX_IDS, _ids(suffixes))
+        return out.append_column(S.SIDE, _side(self._side(ok, u_pos, i_pos, users, items), n))
+
+    def _side(self, ok, u_pos, i_pos, users: pa.Table, items: pa.Table) -> np.ndarray | None:
+        if self.side is None:
+            return None
+        cold = np.asarray(self.cold.side, dtype=np.float32)[None]
+        u_side = np.repeat(cold, len(u_pos), axis=0)
+        if len(users):
+            known = u_pos >= 0
+            u_side[known] = side_matrix(users[S.SIDE])[u_pos[known]]
+        i_side = side_matrix(items[S.SIDE])[np.maximum(i_pos, 0)]
+        out = combine_sides(self.side.names, self.side.mf_bias, u_side, i_side)
+        out[~ok] = 0.0
+        return out
+
+
+def side_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float32> column of equal-length rows as an (N, D) array."""
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
+
+
+def _ratings_of(items: list[int], values: list[float], item: int, k: int) -> tuple[float, ...]:
+    """The first `k` ratings of `item` in a user's neighbours' ratings (sorted by item, then
+    most similar neighbour first)."""
+    start = bisect.bisect_left(items, item)
+    end = bisect.bisect_right(items, item, lo=start)
+    return tuple(values[start : min(end, start + k)])

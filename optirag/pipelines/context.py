@@ -1,0 +1,180 @@
+"""The context stage on Ray: the per-user and per-item context tables (optirag.context_tables)
+that the scoring job joins its candidates with, made once per set of inputs and reused.
+
+    users of the history and the neighbour table, by user hash
+        -> blocks of users (tasks: their histories and neighbours' histories -> prefix ids,
+           neighbours' ratings, the users' side)  -> users/part-NNNNN.parquet
+    items (one task: texts and rating totals -> target ids, the items' side)
+        -> items/part-00000.parquet
+    _SUCCESS last (the key, the cold-start context, the side features' combination)
+
+The tables live under a hash of everything they are made from: the history, neighbour and
+item tables (each file's name, size and time), the prompt settings and wording, the
+tokenizer (the backbone's files) and the side features. Changing any of them makes new
+tables; an unchanged set is reused (a nightly job and every partition of a backfill).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from optirag import artifacts as A
+from optirag import schema as S
+from optirag import storage
+from optirag.backbone import load_tokenizer, weights_digest
+from optirag.cf import SideFeatures
+from optirag.config import Config
+from optirag.context import ContextStore, ItemRatings, user_filter
+from optirag.context_tables import ColdStart, SideSpec, TokenAssembler, item_rows, user_rows
+from optirag.ids import user_hash
+from optirag.prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ContextTables:
+    """Built tables: where they are and what the manifest says."""
+
+    paths: A.ContextPaths
+    cold: ColdStart
+    side: SideSpec | None
+    users: int
+    items: int
+
+    def assembler(self, cfg: Config) -> TokenAssembler:
+        prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+        return TokenAssembler(prompts, self.cold, self.side, cfg.prompts.max_neighbor_ratings)
+
+    def read_users(self, users: np.ndarray, low: int, high: int, store) -> pa.Table:
+        """The rows of `users`, whose hashes lie in [low, high): Parquet statistics on the
+        hash skip every row group of other shards."""
+        field = pc.field(S.USER_HASH)
+        rows = (field >= low) & (field < high) & pc.field(S.USER_ID).isin(pa.array(users))
+        return storage.open_dataset(self.paths.users, store).to_table(filter=rows)
+
+    def read_items(self, items: np.ndarray, store) -> pa.Table:
+        return storage.open_dataset(self.paths.items, store).to_table(
+            filter=pc.field(S.ITEM_ID).isin(pa.array(items, pa.int64()))
+        )
+
+
+def context_key(cfg: Config, history: str, items: str, neighbors: str | None) -> dict:
+    """Everything the tables are made from (see the module's docstring)."""
+    store = cfg.storage
+    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    key = {
+        "history": A.dataset_stamp(history, store),
+        "items": A.dataset_stamp(items, store),
+        "neighbors": A.dataset_stamp(neighbors, store),
+        "prompts": cfg.prompts.model_dump(),
+        "template": hashlib.sha256(prompts.template_sample().encode()).hexdigest(),
+        "backbone": weights_digest(cfg.backbone),
+        "side_features": A.stored_heads_digests(cfg).get("side_features"),
+    }
+    return json.loads(json.dumps(key))  # as stored: lists, not tuples
+
+
+def build(cfg: Config, history: str, items: str, neighbors: str | None) -> ContextTables:
+    """The context tables of these inputs: reused when built before, else built now.
+    Needs ray.init() first."""
+    store = cfg.storage
+    key = context_key(cfg, history, items, neighbors)
+    paths = A.ContextPaths.for_key(store, key)
+    if storage.exists(paths.success, store):
+        manifest = storage.read_json(paths.success, store)
+        if manifest["key"] == key:
+            log.info("context tables %s: reused", paths.root)
+            return _tables(paths, manifest)
+    started = time.time()
+    side = A.load_side_features(cfg)
+    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    users = _all_users(history, neighbors, cfg)
+    blocks = np.array_split(users, max(1, -(-len(users) // cfg.compute.context_users_per_task)))
+    side_ref = ray.put(side)
+
+    def user_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        number = int(batch["id"][0])
+        table = _user_block(blocks[number], cfg, history, items, neighbors, ray.get(side_ref))
+        storage.write_table(table, paths.users_part(number), store)
+        return {"rows": np.array([len(table)])}
+
+    ds = ray.data.range(len(blocks), override_num_blocks=len(blocks)).map_batches(
+        user_block, batch_size=1, batch_format="numpy"
+    )
+    written = sum(int(b["rows"][0]) for b in ds.iter_batches(batch_size=1))
+    item_table = _item_table(cfg, history, items, prompts, side)
+    storage.write_table(item_table, paths.items_file, store)
+    cold = ColdStart.make(prompts, side)
+    spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
+    manifest = {"key": key, "cold": asdict(cold), "side": asdict(spec) if spec else None,
+                "users": written, "items": len(item_table), "parts": len(blocks),
+                "build_s": round(time.time() - started, 2)}  # fmt: skip
+    storage.write_json(manifest, paths.success, store)
+    log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.root, written,
+             len(blocks), len(item_table), time.time() - started)  # fmt: skip
+    return _tables(paths, manifest)
+
+
+def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
+    side = SideSpec(**manifest["side"]) if manifest["side"] else None
+    return ContextTables(paths, ColdStart(**manifest["cold"]), side, manifest["users"],
+                         manifest["items"])  # fmt: skip
+
+
+def _all_users(history: str, neighbors: str | None, cfg: Config) -> np.ndarray:
+    """Every user with a history or a neighbour list, sorted by user hash (then id), so a
+    block of them is one stretch of the table's order."""
+    ids = [storage.read_table(history, cfg.storage, columns=[S.USER_ID])[S.USER_ID]]
+    if neighbors:
+        ids.append(storage.read_table(neighbors, cfg.storage, columns=[S.USER_ID])[S.USER_ID])
+    users = np.unique(np.concatenate([c.to_numpy() for c in ids]).astype(np.int64))
+    return users[np.lexsort((users, user_hash(users)))]
+
+
+def _user_block(
+    users: np.ndarray,
+    cfg: Config,
+    history: str,
+    items: str,
+    neighbors: str | None,
+    side: SideFeatures | None,
+) -> pa.Table:
+    """The users table's rows of one block: read its users' neighbour lists, their and their
+    neighbours' histories, render and encode."""
+    store = cfg.storage
+    lists, wanted = None, users
+    if neighbors:
+        lists = storage.open_dataset(neighbors, store, S.NEIGHBORS).to_table(
+            filter=user_filter(users)
+        )
+        wanted = np.union1d(users, pc.list_flatten(lists[S.NEIGHBOR_IDS]).to_numpy())
+    rows = storage.open_dataset(history, store, S.INTERACTIONS).to_table(
+        columns=S.INTERACTIONS.names, filter=user_filter(wanted)
+    )
+    item_table = storage.read_table(items, store, S.ITEMS)
+    contexts = ContextStore(rows, item_table, lists, cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    return user_rows(users, contexts, prompts, side)
+
+
+def _item_table(
+    cfg: Config, history: str, items: str, prompts: PromptBuilder, side: SideFeatures | None
+) -> pa.Table:
+    """Every item's target ids, with its rating totals over the whole history."""
+    store = cfg.storage
+    ratings = None
+    if cfg.prompts.target_ratings:
+        ratings = ItemRatings.totals(storage.open_dataset(history, store, S.INTERACTIONS))
+    item_table = storage.read_table(items, store, S.ITEMS)
+    contexts = ContextStore(S.INTERACTIONS.empty_table(), item_table, None, cfg.prompts, ratings)
+    return item_rows(contexts, prompts, side)

@@ -1,0 +1,138 @@
+"""The context stage (issue 16): tables made once from the history, neighbours and items; the
+scoring job's token blocks give the same ids and the same scores as the in-process scorer."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from optirag import artifacts as A
+from optirag import cf, runs, storage
+from optirag import schema as S
+from optirag.backbone import load_backbone
+from optirag.context import ContextStore
+from optirag.early_exit import ExitHeads
+from optirag.pair_scorer import make_pair_scorer
+from optirag.pipelines import context, scoring
+from tests.test_scoring import _candidates, _config, _write_inputs
+
+SIDE = ["mf", "user_rate", "user_count", "item_rate", "item_count"]
+
+
+def _with_cold_user(cands: pa.Table) -> pa.Table:
+    """A user with no history and no neighbours: the cold-start context."""
+    extra = pa.table({S.USER_ID: [999, 999], S.ITEM_ID: [3, 4],
+                      S.LABEL: pa.array([1, 0], pa.int8()), "segment": ["c", "c"]})  # fmt: skip
+    return pa.concat_tables([cands, extra.cast(cands.schema)])
+
+
+def _save_hybrid_heads(cfg, backbone, interactions):
+    """Hybrid heads whose side weights matter, with side features fitted on the history."""
+    side = cf.SideFeatures.fit(SIDE, interactions)
+    heads = ExitHeads.from_backbone(backbone, [2, 4, 6], side_names=SIDE)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for head in heads.heads:
+            head.proj.weight[:, -len(SIDE) :].normal_(0, 1.0)
+    exit_config = {**heads.spec.as_dict(), "rule": "agreement", "threshold": 0.002}
+    A.save_heads(A.StoredHeads(heads.state_dict(), exit_config, None, side.arrays()), cfg)
+
+
+@pytest.mark.parametrize("variant", ["plain", "target-ratings", "hybrid"])
+def test_token_blocks_score_as_the_in_process_scorer(
+    ray_session, local_storage, tiny_llama_dir, movie_tables, variant
+):
+    cands = _with_cold_user(_candidates(n_users=6, per_user=5))
+    _write_inputs(local_storage, movie_tables, cands)
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
+    prompts = cfg.prompts.model_copy(update={"target_ratings": variant != "plain"})
+    cfg = cfg.model_copy(update={"prompts": prompts})
+    backbone = load_backbone(cfg.backbone)
+    if variant == "hybrid":
+        _save_hybrid_heads(cfg, backbone, movie_tables[0])
+    inputs = runs.Inputs.from_config(cfg)
+    tables = context.build(cfg, inputs.history, inputs.items, inputs.neighbors)
+    whole = make_pair_scorer(
+        cfg, backbone, A.load_scoring_model(cfg, backbone), ContextStore(*movie_tables, prompts)
+    )
+    actor = scoring.ScoreTokens(cfg, "v1")
+    side_names = list(actor.scorer.engine.heads.spec.side_features)
+    assert side_names == (SIDE if variant == "hybrid" else [])
+
+    run = runs.start(cfg, "v1")  # plan, then stage by user as the job's first stage does
+    fs, _ = storage.resolve(inputs.candidates, cfg.storage)
+    known_items = movie_tables[1][S.ITEM_ID].to_numpy()
+    for part in run.parts:
+        runs.stage_part(part, runs.read_part(part, fs, known_items), run.num_shards, run.paths, cfg)
+    lengths = run.shard_lengths(cfg.storage)
+    assert len(lengths) > 1
+    scored = 0
+    for shard in lengths:
+        staged = runs.read_staged_shard(run.paths, shard, cfg.storage)
+        block = scoring.assemble_shard(staged, shard, run.num_shards, tables, cfg)
+        users, items = block[S.USER_ID].to_numpy(), block[S.ITEM_ID].to_numpy()
+        # The same ids: each user's prefix (on their first row) + each row's suffix.
+        prefix_of, suffixes = {}, block[S.SUFFIX_IDS].to_pylist()
+        for u, p in zip(users.tolist(), block[S.PREFIX_IDS].to_pylist(), strict=True):
+            prefix_of.setdefault(u, p)
+        got = [prefix_of[u] + s for u, s in zip(users.tolist(), suffixes, strict=True)]
+        assert got == whole.prompt_ids(users, items)
+        out = actor(block)
+        assert out.column_names[-3:] == [S.SCORE, S.EXIT_LAYER, S.MODEL_VERSION]
+        assert S.PREFIX_IDS not in out.column_names
+        expected = whole.score(users, items)
+        np.testing.assert_allclose(out[S.SCORE].to_numpy(), expected.scores, atol=1e-5)
+        assert np.array_equal(out[S.EXIT_LAYER].to_numpy(), expected.exit_layers)
+        scored += len(out)
+    assert scored == cands.num_rows
+
+
+def test_context_tables_are_remade_when_an_input_changes(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    interactions, items, neighbors = movie_tables
+    _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
+    cfg = _config(local_storage, tiny_llama_dir)
+    inputs = runs.Inputs.from_config(cfg)
+
+    def build(c=cfg):
+        return context.build(c, inputs.history, inputs.items, inputs.neighbors).paths.root
+
+    first = build()
+    manifest = storage.read_json(A.ContextPaths(first).success, cfg.storage)
+    assert build() == first  # reused: not built again
+    assert storage.read_json(A.ContextPaths(first).success, cfg.storage) == manifest
+    seen = {first}
+    edits = [
+        lambda: storage.write_table(interactions.slice(1), inputs.history, cfg.storage),
+        lambda: storage.write_table(neighbors.slice(1), inputs.neighbors, cfg.storage),
+        lambda: storage.write_table(items.slice(0, len(items) - 1), inputs.items, cfg.storage),
+    ]
+    for edit in edits:
+        edit()
+        seen.add(build())
+    reworded = cfg.model_copy(
+        update={"prompts": cfg.prompts.model_copy(update={"instruction": "Say Yes or No."})}
+    )
+    seen.add(build(reworded))
+    assert len(seen) == 5, "every change of an input made new tables"
+
+
+def test_users_table_is_sorted_by_user_hash_and_shards_are_its_ranges(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    from optirag.ids import hash_range, user_hash
+
+    _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
+    cfg = _config(local_storage, tiny_llama_dir)
+    inputs = runs.Inputs.from_config(cfg)
+    tables = context.build(cfg, inputs.history, inputs.items, inputs.neighbors)
+    users = storage.read_table(tables.paths.users, cfg.storage)
+    hashes = users[S.USER_HASH].to_numpy()
+    assert np.array_equal(hashes, user_hash(users[S.USER_ID].to_numpy()))
+    assert (np.diff(hashes) >= 0).all()
+    ids = np.arange(-50, 5000)
+    for shard in range(5):
+        low, high = hash_range(shard, 5)
+        in_range = (user_hash(ids) >= low) & (user_hash(ids) < high)
+        assert np.array_equal(in_range, runs.shard_of(ids, 5) == shard)
