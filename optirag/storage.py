@@ -163,7 +163,9 @@ def open_dataset(uri: str, storage: StorageConfig, required: pa.Schema | None = 
 ROW_GROUP_ROWS = 128 * 1024
 
 
-def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
+def write_table(
+    table: pa.Table, uri: str, storage: StorageConfig, row_group_rows: int = ROW_GROUP_ROWS
+) -> None:
     """Write one parquet file so that readers never see it half-written.
 
     Local: write a temporary sibling, then rename. S3: a single PUT is already atomic.
@@ -171,11 +173,11 @@ def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
     fs, path = resolve(uri, storage)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     if is_remote(uri):
-        pq.write_table(table, path, filesystem=fs, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, path, filesystem=fs, row_group_size=row_group_rows)
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, tmp, row_group_size=row_group_rows)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
