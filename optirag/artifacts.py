@@ -106,6 +106,14 @@ def prompt_neighbors_uri(cfg: Config) -> str | None:
     return default if storage.exists(default, cfg.storage) else None
 
 
+def prompt_table_uris(cfg: Config) -> tuple[str, str, str | None]:
+    """(history, items, neighbours or None): where prompts are built from, as the scoring
+    job reads them by default (scoring.history_uri / items_uri / neighbors_uri override)."""
+    root, sc = cfg.storage.root, cfg.scoring
+    history = sc.history_uri or interactions_uri(root, "train")
+    return history, sc.items_uri or items_uri(root), prompt_neighbors_uri(cfg)
+
+
 def read_prompt_tables(cfg: Config):
     """(train interactions, items, neighbours or None): what prompts are built from."""
     store, root = cfg.storage, cfg.storage.root

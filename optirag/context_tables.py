@@ -193,3 +193,25 @@ def _ratings_of(items: list[int], values: list[float], item: int, k: int) -> tup
     start = bisect.bisect_left(items, item)
     end = bisect.bisect_right(items, item, lo=start)
     return tuple(values[start : min(end, start + k)])
+
+
+def score_block(scorer, block: pa.Table, keep_hidden: bool = False, desc: str | None = None):
+    """Score a token block's rows without a reason with a `TokenScorer`: each user's prefix
+    from their first row, each row's suffix and side. Returns its `PairScores` (rows in the
+    block's order, rejects left out) and the positions of the scored rows."""
+    rows = np.flatnonzero(pc.is_null(block[S.REASON]).to_numpy(zero_copy_only=False))
+    users = block[S.USER_ID].to_numpy(zero_copy_only=False)[rows]
+    _, first, slots = np.unique(users, return_index=True, return_inverse=True)
+    prefix_ids = block[S.PREFIX_IDS].to_pylist()
+    prefixes = [prefix_ids[rows[f]] for f in first]
+    suffixes = block[S.SUFFIX_IDS].to_pylist()
+    side = side_matrix(block[S.SIDE]) if block[S.SIDE].null_count == 0 else None
+    result = scorer.score(
+        slots.reshape(-1),
+        prefix=prefixes.__getitem__,
+        suffix=lambda r: suffixes[rows[r]],
+        side=(lambda r: side[rows[r]]) if side is not None else None,
+        keep_hidden=keep_hidden,
+        desc=desc,
+    )
+    return result, rows

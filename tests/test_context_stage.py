@@ -136,3 +136,26 @@ def test_users_table_is_sorted_by_user_hash_and_shards_are_its_ranges(
         low, high = hash_range(shard, 5)
         in_range = (user_hash(ids) >= low) & (user_hash(ids) < high)
         assert np.array_equal(in_range, runs.shard_of(ids, 5) == shard)
+
+
+def test_table_scorer_gives_the_in_process_ids_and_scores(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    """Valid and test pairs are scored from the job's tables in training and evaluation."""
+    from optirag.pipelines.states import state_scorer, table_state_scorer
+
+    _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
+    cfg = _config(local_storage, tiny_llama_dir)
+    prompts = cfg.prompts.model_copy(update={"target_ratings": True})
+    cfg = cfg.model_copy(update={"prompts": prompts})
+    backbone = load_backbone(cfg.backbone)
+    tables = table_state_scorer(cfg, backbone, [2, 4, 6])
+    local = state_scorer(cfg, backbone, [2, 4, 6], ContextStore(*movie_tables, prompts))
+    users = np.array([3, 1, 1, 2, 999, 3, 6])
+    items = np.array([5, 6, 7, 8, 9, 10, 11])
+    assert tables.prompt_ids(users, items) == local.prompt_ids(users, items)
+    got = tables.score(users, items, keep_hidden=True)
+    want = local.score(users, items, keep_hidden=True)
+    np.testing.assert_allclose(got.hidden, want.hidden, atol=1e-5)
+    with pytest.raises(ValueError, match="time-cut"):
+        tables.score(users, items, before_ts=np.zeros(len(users), np.int64))

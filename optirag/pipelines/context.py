@@ -34,8 +34,15 @@ from optirag.backbone import load_tokenizer, weights_digest
 from optirag.cf import SideFeatures
 from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings, user_filter
-from optirag.context_tables import ColdStart, SideSpec, TokenAssembler, item_rows, user_rows
-from optirag.ids import user_hash
+from optirag.context_tables import (
+    ColdStart,
+    SideSpec,
+    TokenAssembler,
+    item_rows,
+    score_block,
+    user_rows,
+)
+from optirag.ids import HASH_SPACE, user_hash
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -182,3 +189,47 @@ def _item_table(
     item_table = storage.read_table(items, store, S.ITEMS)
     contexts = ContextStore(S.INTERACTIONS.empty_table(), item_table, None, cfg.prompts, ratings)
     return item_rows(contexts, prompts, side)
+
+
+class TableScorer:
+    """Pairs without a time cut (valid, test) scored from the context tables through a
+    `TokenScorer`: the same ids as the nightly job's. Has `PairScorer`'s `score` and
+    `prompt_ids`, so training and evaluation use it where they used the in-process one."""
+
+    def __init__(self, tokens, tables: ContextTables, cfg: Config) -> None:
+        self.tokens, self.tables, self.cfg = tokens, tables, cfg
+        self.assembler = tables.assembler(cfg)
+
+    @property
+    def engine(self):
+        return self.tokens.engine
+
+    def block(self, users: np.ndarray, items: np.ndarray) -> pa.Table:
+        store = self.cfg.storage
+        batch = pa.table({S.USER_ID: pa.array(users, pa.int64()),
+                          S.ITEM_ID: pa.array(items, pa.int64()),
+                          S.REASON: pa.nulls(len(users), pa.string())})  # fmt: skip
+        user_rows = self.tables.read_users(np.unique(users), 0, HASH_SPACE, store)
+        item_rows = self.tables.read_items(np.unique(items), store)
+        return self.assembler.assemble(batch, user_rows, item_rows)
+
+    def score(self, users, items, before_ts=None, keep_hidden=False, desc=None):
+        if before_ts is not None:
+            raise ValueError("context tables hold whole histories: time-cut prompts go through "
+                             "the in-process PairScorer")  # fmt: skip
+        result, _ = score_block(self.tokens, self.block(users, items), keep_hidden, desc)
+        return result
+
+    def prompt_ids(self, users, items, before_ts=None) -> list[list[int]]:
+        if before_ts is not None:
+            raise ValueError("context tables hold whole histories")
+        block = self.block(users, items)
+        prefix_of: dict[int, list[int]] = {}
+        for u, p in zip(block[S.USER_ID].to_pylist(), block[S.PREFIX_IDS].to_pylist(), strict=True):
+            prefix_of.setdefault(u, p)
+        return [
+            prefix_of[u] + s
+            for u, s in zip(
+                block[S.USER_ID].to_pylist(), block[S.SUFFIX_IDS].to_pylist(), strict=True
+            )
+        ]

@@ -20,7 +20,7 @@ from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitRule
 from optirag.pair_scorer import make_pair_scorer, resolve_rule
-from optirag.pipelines.states import cached_states, feature_key, head_probs, state_scorer
+from optirag.pipelines.states import cached_states, feature_key, head_probs, table_state_scorer
 
 
 def run(cfg: Config) -> dict:
@@ -35,7 +35,7 @@ def run(cfg: Config) -> dict:
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     test_cands = storage.read_table(A.candidates_uri(store.root, "test"), store)
     pairs = P.candidate_pairs(test_cands, ec.test_users, seed=cfg.heads.seed)
-    states_scorer = state_scorer(cfg, backbone, heads.layers, contexts)
+    states_scorer = table_state_scorer(cfg, backbone, heads.layers)  # the job's prompts
     test_key = {**feature_key(cfg, backbone, heads.layers), "pairs": [ec.test_users]}
     feats = cached_states(states_scorer, pairs, "test", test_key, cfg, "test features")
     side = side_features(pairs.users, pairs.items) if side_features is not None else None

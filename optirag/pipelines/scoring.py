@@ -29,7 +29,7 @@ from ray.data import ActorPoolStrategy
 from optirag import runs, storage
 from optirag import schema as S
 from optirag.config import Config
-from optirag.context_tables import TokenAssembler, side_matrix
+from optirag.context_tables import TokenAssembler, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
 
@@ -57,23 +57,10 @@ class ScoreTokens:
         self.model_version = model_version
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = pc.is_null(batch[S.REASON]).to_numpy(zero_copy_only=False)
         scores = np.full(len(batch), np.nan, dtype=np.float32)
         exits = np.zeros(len(batch), dtype=np.int16)
-        rows = np.flatnonzero(ok)
-        if len(rows):
-            users = batch[S.USER_ID].to_numpy(zero_copy_only=False)[rows]
-            _, first, slots = np.unique(users, return_index=True, return_inverse=True)
-            prefix_ids = batch[S.PREFIX_IDS].to_pylist()
-            prefixes = [prefix_ids[rows[f]] for f in first]
-            suffixes = batch[S.SUFFIX_IDS].to_pylist()
-            side = side_matrix(batch[S.SIDE]) if batch[S.SIDE].null_count == 0 else None
-            result = self.scorer.score(
-                slots.reshape(-1),
-                prefix=prefixes.__getitem__,
-                suffix=lambda r: suffixes[rows[r]],
-                side=(lambda r: side[rows[r]]) if side is not None else None,
-            )
+        if pc.any(pc.is_null(batch[S.REASON])).as_py():
+            result, rows = score_block(self.scorer, batch)
             scores[rows], exits[rows] = result.scores, result.exit_layers
         batch = batch.drop_columns(TOKEN_COLUMNS)
         batch = batch.append_column(S.SCORE, pa.array(scores, pa.float32()))

@@ -14,7 +14,7 @@ from optirag.backbone import Backbone
 from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule
-from optirag.pair_scorer import PairScorer, ScoringModel, make_pair_scorer
+from optirag.pair_scorer import PairScorer, ScoringModel, make_pair_scorer, make_token_scorer
 from optirag.pairs import Pairs, extract_states
 from optirag.prompts import PromptBuilder
 
@@ -26,6 +26,17 @@ def state_scorer(
     variant (states do not depend on the heads), full depth for every row."""
     plain = ExitHeads.from_backbone(backbone, layers)
     return make_pair_scorer(cfg, backbone, ScoringModel(plain), contexts, ExitRule("none"))
+
+
+def table_state_scorer(cfg: Config, backbone: Backbone, layers: list[int]):
+    """`state_scorer` for pairs without a time cut (valid, test), reading the context tables
+    the scoring job reads (built here when missing): the states come from the job's ids."""
+    from optirag.pipelines import context
+
+    plain = ExitHeads.from_backbone(backbone, layers)
+    tokens = make_token_scorer(cfg, backbone, ScoringModel(plain), ExitRule("none"))
+    tables = context.build(cfg, *A.prompt_table_uris(cfg))
+    return context.TableScorer(tokens, tables, cfg)
 
 
 def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:

@@ -30,7 +30,13 @@ from optirag.head_training import (
     summed_bce,
 )
 from optirag.pipelines.ray_train import close_epoch, fit, my_batches, restore
-from optirag.pipelines.states import cached_states, feature_key, head_probs, state_scorer
+from optirag.pipelines.states import (
+    cached_states,
+    feature_key,
+    head_probs,
+    state_scorer,
+    table_state_scorer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,8 @@ def _fit_frozen_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, t
     train_key = {**key, "pairs": [hc.train_users, hc.history_fraction, hc.targets_per_user]}
     valid_key = {**key, "pairs": [hc.valid_users]}
     cached_states(scorer, pairs, "train", train_key, cfg, "train features")
-    valid = cached_states(scorer, valid_pairs, "valid", valid_key, cfg, "valid features")
+    valid_scorer = table_state_scorer(cfg, backbone, init.layers)  # the job's prompts
+    valid = cached_states(valid_scorer, valid_pairs, "valid", valid_key, cfg, "valid features")
     loop_config = {
         "heads": hc, "storage": cfg.storage, "spec": init.spec, "num_layers": backbone.num_layers,
         "train_uri": A.features_uri(cfg, "train", train_key),
@@ -122,14 +129,17 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
         pairs = pairs.take(rows.numpy())
         train_side = train_side[rows] if train_side is not None else None
 
-    def split(p: P.Pairs, side) -> dict:
-        return {"prompts": scorer.prompt_ids(p.users, p.items, p.cutoff),
+    valid_scorer = table_state_scorer(cfg, backbone, init.layers)  # the job's prompts
+
+    def split(p: P.Pairs, side, prompts) -> dict:
+        return {"prompts": prompts.prompt_ids(p.users, p.items, p.cutoff),
                 "labels": torch.from_numpy(p.labels.astype(np.float32)), "side": side}  # fmt: skip
 
     loop_config = {
         "heads": hc, "backbone": cfg.backbone, "spec": init.spec,
         "init_heads": {k: v.float().cpu() for k, v in init.state_dict().items()},
-        "train": split(pairs, train_side), "valid": split(valid_pairs, valid_side),
+        "train": split(pairs, train_side, scorer),
+        "valid": split(valid_pairs, valid_side, valid_scorer),
     }  # fmt: skip
     state, meta = fit(lora_loop, loop_config, f"{hc.run_name}-lora-{cfg.fingerprint()}",
                       "exits", cfg.compute, cfg.storage, hc.max_failures)  # fmt: skip
@@ -137,7 +147,7 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
     heads_state, adapter = lora.TrainableParts.split(state)
     heads.load_state_dict(heads_state)
     lora.load_lora(backbone, hc.lora, adapter)
-    merged = state_scorer(cfg, backbone, init.layers, contexts)
+    merged = table_state_scorer(cfg, backbone, init.layers)  # the merged backbone's states
     valid = P.extract_states(merged, valid_pairs, "valid features (LoRA)")
     return heads, adapter, valid["states"], meta
 
