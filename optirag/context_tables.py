@@ -195,17 +195,26 @@ def _ratings_of(items: list[int], values: list[float], item: int, k: int) -> tup
     return tuple(values[start : min(end, start + k)])
 
 
-def score_block(scorer, block: pa.Table, keep_hidden: bool = False, desc: str | None = None):
+def score_block(
+    scorer,
+    block: pa.Table,
+    keep_hidden: bool = False,
+    desc: str | None = None,
+    with_side: bool = True,
+):
     """Score a token block's rows without a reason with a `TokenScorer`: each user's prefix
-    from their first row, each row's suffix and side. Returns its `PairScores` (rows in the
-    block's order, rejects left out) and the positions of the scored rows."""
+    from their first row, each row's suffix and (`with_side`, for hybrid heads) side
+    features. Returns its `PairScores` (rows in the block's order, rejects left out) and the
+    positions of the scored rows."""
     rows = np.flatnonzero(pc.is_null(block[S.REASON]).to_numpy(zero_copy_only=False))
     users = block[S.USER_ID].to_numpy(zero_copy_only=False)[rows]
     _, first, slots = np.unique(users, return_index=True, return_inverse=True)
     prefix_ids = block[S.PREFIX_IDS].to_pylist()
     prefixes = [prefix_ids[rows[f]] for f in first]
     suffixes = block[S.SUFFIX_IDS].to_pylist()
-    side = side_matrix(block[S.SIDE]) if block[S.SIDE].null_count == 0 else None
+    side = None
+    if with_side and block[S.SIDE].null_count == 0:
+        side = side_matrix(block[S.SIDE])
     result = scorer.score(
         slots.reshape(-1),
         prefix=prefixes.__getitem__,

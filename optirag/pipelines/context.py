@@ -194,10 +194,11 @@ def _item_table(
 class TableScorer:
     """Pairs without a time cut (valid, test) scored from the context tables through a
     `TokenScorer`: the same ids as the nightly job's. Has `PairScorer`'s `score` and
-    `prompt_ids`, so training and evaluation use it where they used the in-process one."""
+    `prompt_ids`, so training and evaluation use it where they used the in-process one.
+    `with_side`: feed the tables' side features (off for plain heads, e.g. states)."""
 
-    def __init__(self, tokens, tables: ContextTables, cfg: Config) -> None:
-        self.tokens, self.tables, self.cfg = tokens, tables, cfg
+    def __init__(self, tokens, tables: ContextTables, cfg: Config, with_side: bool) -> None:
+        self.tokens, self.tables, self.cfg, self.with_side = tokens, tables, cfg, with_side
         self.assembler = tables.assembler(cfg)
 
     @property
@@ -217,7 +218,8 @@ class TableScorer:
         if before_ts is not None:
             raise ValueError("context tables hold whole histories: time-cut prompts go through "
                              "the in-process PairScorer")  # fmt: skip
-        result, _ = score_block(self.tokens, self.block(users, items), keep_hidden, desc)
+        block = self.block(users, items)
+        result, _ = score_block(self.tokens, block, keep_hidden, desc, self.with_side)
         return result
 
     def prompt_ids(self, users, items, before_ts=None) -> list[list[int]]:

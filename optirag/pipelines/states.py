@@ -36,7 +36,7 @@ def table_state_scorer(cfg: Config, backbone: Backbone, layers: list[int]):
     plain = ExitHeads.from_backbone(backbone, layers)
     tokens = make_token_scorer(cfg, backbone, ScoringModel(plain), ExitRule("none"))
     tables = context.build(cfg, *A.prompt_table_uris(cfg))
-    return context.TableScorer(tokens, tables, cfg)
+    return context.TableScorer(tokens, tables, cfg, with_side=False)  # states need none
 
 
 def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
