@@ -87,6 +87,8 @@ class PeakMemory:
 
 
 def _kind(name: str) -> str:
+    if name.startswith("ray::MapWorker"):  # Ray Data's actor pools: the model actors
+        return "model_actors"
     return "ray_workers" if name.startswith("ray::") else "ray_system"
 
 

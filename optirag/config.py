@@ -125,6 +125,9 @@ class SyntheticConfig(StrictModel):
     num_users: int = Field(10_000, gt=0)
     num_items: int = Field(5_000, gt=0)
     candidates_per_user: int = Field(20, gt=0)
+    candidate_users: int | None = Field(
+        None, gt=0, description="about this many users (every k-th id) get candidates; None: all"
+    )
     history_per_user: int = Field(10, ge=0)
     users_per_shard: int = Field(50_000, gt=0)
     seed: int = 0

@@ -51,16 +51,16 @@ def generate_shard(cfg: SyntheticConfig, shard: int, factors: np.ndarray) -> dic
     rng = np.random.default_rng([cfg.seed, shard])
     user_vec = rng.normal(size=(len(users), LATENT_DIM)).astype(np.float32)
 
-    def pairs(per_user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        items = _distinct_items(rng, len(users), per_user, cfg.num_items)  # (U, K)
-        logits = np.einsum("ud,ukd->uk", user_vec, factors[items]) / math.sqrt(LATENT_DIM)
+    def pairs(chosen: np.ndarray, per_user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        items = _distinct_items(rng, int(chosen.sum()), per_user, cfg.num_items)  # (U, K)
+        logits = np.einsum("ud,ukd->uk", user_vec[chosen], factors[items]) / math.sqrt(LATENT_DIM)
         labels = rng.random(items.shape) < 1.0 / (1.0 + np.exp(-2.0 * logits))
-        return np.repeat(users, per_user), items.ravel(), labels.ravel().astype(np.int8)
+        return np.repeat(users[chosen], per_user), items.ravel(), labels.ravel().astype(np.int8)
 
-    u, i, y = pairs(cfg.candidates_per_user)
+    u, i, y = pairs(with_candidates(cfg, users), cfg.candidates_per_user)
     out = {"candidates": pa.table({S.USER_ID: u, S.ITEM_ID: i.astype(np.int64), S.LABEL: y})}
     if cfg.history_per_user:
-        u, i, y = pairs(cfg.history_per_user)
+        u, i, y = pairs(np.ones(len(users), dtype=bool), cfg.history_per_user)
         ts = np.tile(np.arange(cfg.history_per_user, dtype=np.int64), len(users))
         rating = np.where(y == 1, 5.0, 2.0).astype(np.float32)
         out["history"] = pa.table(
@@ -68,6 +68,14 @@ def generate_shard(cfg: SyntheticConfig, shard: int, factors: np.ndarray) -> dic
             schema=S.INTERACTIONS,
         )
     return out
+
+
+def with_candidates(cfg: SyntheticConfig, users: np.ndarray) -> np.ndarray:
+    """Which of `users` get candidates: all of them, or every k-th user id so that about
+    `candidate_users` do, spread over the whole id (and so hash) range."""
+    if cfg.candidate_users is None:
+        return np.ones(len(users), dtype=bool)
+    return users % max(1, cfg.num_users // cfg.candidate_users) == 0
 
 
 def num_shards(cfg: SyntheticConfig) -> int:
