@@ -2,8 +2,8 @@
 runs it (`jobs/score.py --config conf/demo.yaml`), from a given checkout: pairs/s of the whole
 job (staging, the context stage, the model, the commit; Ray's start not counted).
 
-    python bench/job.py                                   # this checkout
-    python bench/job.py --checkout ../other --name job_before   # another commit, same data
+    python bench/job.py --users 10                        # this checkout, 10 users' pairs
+    python bench/job.py --users 10 --checkout ../other --name job_before   # another commit
 
 Runs the job `--repeats` times into a fresh output folder each time (a first run builds the
 context tables, later runs reuse them). Needs `make demo`'s data (and its heads, when the
@@ -19,6 +19,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
@@ -43,6 +48,12 @@ def main() -> None:
     parser.add_argument("--checkout", type=Path, default=ROOT, help="the code to run")
     parser.add_argument("--config", type=Path, default=ROOT / "conf" / "demo.yaml")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="score only this many users of the sample (drawn with seed 0)",
+    )
     parser.add_argument("--name", default="job")
     parser.add_argument("overrides", nargs="*", help="extra a.b=c config overrides")
     args = parser.parse_args()
@@ -50,12 +61,19 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout,
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     storage_root = ROOT / "data" / "demo"
+    sample = pq.read_table(storage_root / "candidates" / "test_sample.parquet")
+    if args.users is not None:
+        users = np.unique(sample["user_id"].to_numpy())
+        chosen = np.random.default_rng(0).choice(users, min(args.users, len(users)), replace=False)
+        sample = sample.filter(pc.is_in(sample["user_id"], value_set=pa.array(chosen)))
     rows = []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
+            pq.write_table(sample, f"{out}/candidates.parquet")
             overrides = [f"storage.root={storage_root}",
-                         f"scoring.candidates_uri={storage_root}/candidates/test_sample.parquet",
-                         f"scoring.output_uri={out}", "scoring.run_id=bench",
+                         f"backbone.cache_dir={ROOT / 'data' / 'cache' / 'models'}",
+                         f"scoring.candidates_uri={out}/candidates.parquet",
+                         f"scoring.output_uri={out}/scores", "scoring.run_id=bench",
                          *args.overrides]  # fmt: skip
             summary = run_job(checkout, args.config.resolve(), overrides)
         rows.append({"repeat": repeat, "pairs": summary["scored"],
@@ -63,6 +81,7 @@ def main() -> None:
                      "mean_exit_layer": summary.get("mean_exit_layer")})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     result = {"machine": machine(), "commit": commit, "config": str(args.config.name),
+              "users": args.users,
               "overrides": args.overrides, "runs": rows}  # fmt: skip
     write_results(
         args.name, result,
