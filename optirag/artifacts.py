@@ -107,11 +107,12 @@ def prompt_neighbors_uri(cfg: Config) -> str | None:
 
 
 def prompt_table_uris(cfg: Config) -> tuple[str, str, str | None]:
-    """(history, items, neighbours or None): where prompts are built from, as the scoring
-    job reads them by default (scoring.history_uri / items_uri / neighbors_uri override)."""
-    root, sc = cfg.storage.root, cfg.scoring
-    history = sc.history_uri or interactions_uri(root, "train")
-    return history, sc.items_uri or items_uri(root), prompt_neighbors_uri(cfg)
+    """(train interactions, items, neighbours or None): the tables training and evaluation
+    build untimed prompts from (read_prompt_tables's), never the scoring job's
+    scoring.history_uri / items_uri: a nightly history may hold the valid and test pairs
+    themselves, which would then be in their own prompts."""
+    root = cfg.storage.root
+    return interactions_uri(root, "train"), items_uri(root), prompt_neighbors_uri(cfg)
 
 
 def read_prompt_tables(cfg: Config):
@@ -125,12 +126,11 @@ def read_prompt_tables(cfg: Config):
 
 
 def file_stamp(uri: str | None, store: StorageConfig) -> list | None:
-    """Size and modification time of a stored file (None when absent): part of cache keys."""
+    """Size and version (storage.file_stamps) of a stored file (None when absent): part of
+    cache keys."""
     if uri is None or not storage.exists(uri, store):
         return None
-    fs, path = storage.resolve(uri, store)
-    info = fs.get_file_info(path)
-    return [info.size, str(info.mtime)]
+    return storage.file_stamps(uri, store)[0][1:]
 
 
 # ----------------------------------------------------------------------------- retriever
@@ -204,7 +204,9 @@ def save_heads(stored: StoredHeads, cfg: Config) -> None:
     storage.write_bytes(exit_config, heads_file(cfg, EXIT_CONFIG_FILE), store)
 
 
-def load_heads(cfg: Config) -> StoredHeads:
+def load_heads(cfg: Config, side_features: bool = True) -> StoredHeads:
+    """The stored heads; without `side_features` the hybrid heads' CF arrays (O(users)) are
+    not read."""
     store = cfg.storage
     exit_config = storage.read_json(heads_file(cfg, EXIT_CONFIG_FILE), store)
     tensors = load(storage.read_bytes(heads_file(cfg, HEADS_FILE), store))
@@ -212,7 +214,7 @@ def load_heads(cfg: Config) -> StoredHeads:
     if "lora" in exit_config:
         adapter = load(storage.read_bytes(heads_file(cfg, ADAPTER_FILE), store))
     side = None
-    if exit_config.get("side_features"):
+    if exit_config.get("side_features") and side_features:
         side = read_side_features(heads_file(cfg, SIDE_FEATURES_FILE), store)
     return StoredHeads(tensors, exit_config, adapter, side)
 
@@ -244,14 +246,14 @@ def load_scoring_model(cfg: Config, backbone: Backbone, side_features: bool = Tr
     `side_features` the hybrid heads' CF arrays stay unloaded (the scoring job's model actors
     get each row's side features with its tokens)."""
     if has_trained_heads(cfg):
-        stored = load_heads(cfg)
+        stored = load_heads(cfg, side_features)
         heads = ExitHeads.from_spec(HeadsSpec.from_dict(stored.exit_config))
         heads.load_state_dict(stored.tensors)
         heads = heads.for_backbone(backbone)
         if stored.adapter is not None:
             load_lora(backbone, LoraConfig(**stored.exit_config["lora"]), stored.adapter)
         side = None
-        if stored.side_features and side_features:
+        if stored.side_features:
             side = SideFeatures.from_arrays(*stored.side_features)
         return ScoringModel(heads, stored.exit_config, side)
     if cfg.exits.heads_uri:
@@ -344,11 +346,7 @@ def load_evaluation(cfg: Config) -> dict:
 def dataset_stamp(uri: str | None, store: StorageConfig) -> list | None:
     """Name, size and modification time of every file of a table (a file or a folder): part
     of the keys of what is made from the table, so an edit makes a new one."""
-    if uri is None:
-        return None
-    fs, _ = storage.resolve(uri, store)
-    return [[path, info.size, str(info.mtime)] for path in storage.list_all_files(uri, store)
-            for info in [fs.get_file_info(path)]]  # fmt: skip
+    return None if uri is None else storage.file_stamps(uri, store)
 
 
 @dataclass(frozen=True)

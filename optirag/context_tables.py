@@ -135,9 +135,13 @@ class TokenAssembler:
         items = items.sort_by(S.ITEM_ID)
         u_pos = lookup(users[S.USER_ID].to_numpy(), row_users)
         i_pos = lookup(items[S.ITEM_ID].to_numpy(), row_items)
-        if (ok & (i_pos < 0)).any():
-            missing = sorted(set(row_items[ok & (i_pos < 0)].tolist()))[:5]
-            raise ValueError(f"items {missing} have no row in the items context table")
+        unknown = ok & (i_pos < 0)
+        if unknown.any():  # staged against an older items table: rejects, as at staging
+            reasons = np.asarray(batch[S.REASON].to_pylist(), dtype=object)
+            reasons[unknown] = S.REJECT_UNKNOWN_ITEM
+            at = batch.schema.get_field_index(S.REASON)
+            batch = batch.set_column(at, S.REASON, pa.array(reasons, batch.schema.field(at).type))
+            ok = ok & ~unknown
 
         prefix_lists = users[S.PREFIX_IDS].to_pylist()
         targets = items[S.TARGET_IDS].to_pylist()
@@ -168,7 +172,7 @@ class TokenAssembler:
         return out.append_column(S.SIDE, _side(self._side(ok, u_pos, i_pos, users, items), n))
 
     def _side(self, ok, u_pos, i_pos, users: pa.Table, items: pa.Table) -> np.ndarray | None:
-        if self.side is None:
+        if self.side is None or not ok.any():  # nothing to score: no side either
             return None
         cold = np.asarray(self.cold.side, dtype=np.float32)[None]
         u_side = np.repeat(cold, len(u_pos), axis=0)

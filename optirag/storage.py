@@ -95,6 +95,22 @@ def list_all_files(uri: str, storage: StorageConfig) -> list[str]:
     )
 
 
+def file_stamps(uri: str, storage: StorageConfig) -> list[list]:
+    """[path, size, version] of every file `list_all_files` lists: what changes when a file
+    is rewritten. The version is the modification time on a local disk and the ETag on S3
+    (pyarrow's fsspec bridge drops S3's times, so a same-size rewrite would look unchanged)."""
+    fs, _ = resolve(uri, storage)
+    stamps = []
+    for path in list_all_files(uri, storage):
+        if is_remote(uri):
+            info = fs.handler.fs.info(path)
+            stamps.append([path, info["size"], str(info.get("ETag") or info.get("LastModified"))])
+        else:
+            info = fs.get_file_info(path)
+            stamps.append([path, info.size, str(info.mtime)])
+    return stamps
+
+
 def list_folders(uri: str, storage: StorageConfig) -> list[str]:
     """Names of the folders directly under `uri` ([] when it does not exist)."""
     fs, path = resolve(uri, storage)

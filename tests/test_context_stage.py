@@ -159,3 +159,30 @@ def test_table_scorer_gives_the_in_process_ids_and_scores(
     np.testing.assert_allclose(got.hidden, want.hidden, atol=1e-5)
     with pytest.raises(ValueError, match="time-cut"):
         tables.score(users, items, before_ts=np.zeros(len(users), np.int64))
+
+
+def test_items_missing_from_the_items_table_are_rejects_and_a_block_of_rejects_scores(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    """Rows staged against an older items table, and shards with nothing to score (hybrid
+    heads: no side features to look up)."""
+    _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
+    cfg = _config(local_storage, tiny_llama_dir)
+    _save_hybrid_heads(cfg, load_backbone(cfg.backbone), movie_tables[0])
+    inputs = runs.Inputs.from_config(cfg)
+    tables = context.build(cfg, inputs.history, inputs.items, inputs.neighbors)
+    users = storage.read_table(tables.paths.users, cfg.storage)
+    items = storage.read_table(tables.paths.items, cfg.storage)
+    assembler = tables.assembler(cfg)
+    batch = pa.table({S.USER_ID: [1, 1, 2], S.ITEM_ID: [5, 10**9, 6],
+                      S.REASON: pa.array([None, None, None], pa.string())})  # fmt: skip
+    block = assembler.assemble(batch, users, items)
+    assert block[S.REASON].to_pylist() == [None, S.REJECT_UNKNOWN_ITEM, None]
+    assert [len(s) > 0 for s in block[S.SUFFIX_IDS].to_pylist()] == [True, False, True]
+
+    rejects = pa.table({S.USER_ID: [1, 2], S.ITEM_ID: [10**9, 5],
+                        S.REASON: [S.REJECT_UNKNOWN_ITEM, S.REJECT_NULL_ID]})  # fmt: skip
+    block = assembler.assemble(rejects, users.slice(0, 0), items.slice(0, 0))
+    out = scoring.ScoreTokens(cfg, "v1")(block)
+    assert out[S.REASON].to_pylist() == rejects[S.REASON].to_pylist()
+    assert np.isnan(out[S.SCORE].to_numpy()).all()

@@ -47,6 +47,10 @@ from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
 
+# Part of the tables' key: bump it when what a row holds or how it is made changes (the rows'
+# schema, neighbour ranking, rating lists), so tables made by older code are not reused.
+CONTEXT_FORMAT = 1
+
 # A user's row holds hundreds of prefix ids and their neighbours' ratings: row groups of a few
 # thousand users keep a shard's filtered read (row groups skipped by user_hash) small.
 USER_ROW_GROUP = 2048
@@ -83,14 +87,16 @@ def context_key(cfg: Config, history: str, items: str, neighbors: str | None) ->
     """Everything the tables are made from (see the module's docstring)."""
     store = cfg.storage
     prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    digests = A.stored_heads_digests(cfg)
     key = {
+        "format": CONTEXT_FORMAT,
         "history": A.dataset_stamp(history, store),
         "items": A.dataset_stamp(items, store),
         "neighbors": A.dataset_stamp(neighbors, store),
         "prompts": cfg.prompts.model_dump(),
         "template": hashlib.sha256(prompts.template_sample().encode()).hexdigest(),
         "backbone": weights_digest(cfg.backbone),
-        "side_features": A.stored_heads_digests(cfg).get("side_features"),
+        "side_features": [digests.get("side_features"), digests.get("side_features_meta")],
     }
     return json.loads(json.dumps(key))  # as stored: lists, not tuples
 
@@ -109,7 +115,7 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     started = time.time()
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
-    users = _all_users(history, neighbors, cfg)
+    users = _all_users(history, neighbors, side, cfg)
     blocks = np.array_split(users, max(1, -(-len(users) // cfg.compute.context_users_per_task)))
     side_ref = ray.put(side)
 
@@ -142,13 +148,20 @@ def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
                          manifest["items"])  # fmt: skip
 
 
-def _all_users(history: str, neighbors: str | None, cfg: Config) -> np.ndarray:
-    """Every user with a history or a neighbour list, sorted by user hash (then id), so a
-    block of them is one stretch of the table's order."""
-    ids = [storage.read_table(history, cfg.storage, columns=[S.USER_ID])[S.USER_ID]]
+def _all_users(
+    history: str, neighbors: str | None, side: SideFeatures | None, cfg: Config
+) -> np.ndarray:
+    """Every user with a history, a neighbour list or side features (a user known to the
+    side features only must get their own, not the cold start's), sorted by user hash (then
+    id), so a block of them is one stretch of the table's order."""
+    ids = [storage.read_table(history, cfg.storage, columns=[S.USER_ID])[S.USER_ID].to_numpy()]
     if neighbors:
-        ids.append(storage.read_table(neighbors, cfg.storage, columns=[S.USER_ID])[S.USER_ID])
-    users = np.unique(np.concatenate([c.to_numpy() for c in ids]).astype(np.int64))
+        ids.append(
+            storage.read_table(neighbors, cfg.storage, columns=[S.USER_ID])[S.USER_ID].to_numpy()
+        )
+    if side is not None:
+        ids += [side.mf.user_ids, side.users.ids]
+    users = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in ids]))
     return users[np.lexsort((users, user_hash(users)))]
 
 
