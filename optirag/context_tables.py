@@ -15,7 +15,6 @@ The ids are the same as the in-process scorer's (`PairScorer`, from `ContextStor
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +32,14 @@ _NONE = np.iinfo(np.int64).min
 
 def _ids(values: list[list[int]]) -> pa.Array:
     return pa.array(values, pa.list_(pa.int32()))
+
+
+def _lists(parts: list[np.ndarray], type_: pa.DataType) -> pa.ListArray:
+    """A list column from per-row arrays, without a Python loop over their elements."""
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.empty(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type_))
 
 
 def _side(values: np.ndarray | None, n: int) -> pa.Array:
@@ -62,8 +69,8 @@ def user_rows(
             pa.array(users, pa.int64()),
             pa.array(hashes, pa.int64()),
             _ids(prefixes),
-            pa.array([r[0] for r in rated], pa.list_(pa.int64())),
-            pa.array([r[1] for r in rated], pa.list_(pa.float32())),
+            _lists([r[0] for r in rated], pa.int64()),
+            _lists([r[1] for r in rated], pa.float32()),
             _side(side.user_side(users) if side else None, len(users)),
         ],
         schema=S.USER_CONTEXT,
@@ -145,8 +152,9 @@ class TokenAssembler:
 
         prefix_lists = users[S.PREFIX_IDS].to_pylist()
         targets = items[S.TARGET_IDS].to_pylist()
-        rated_items = users[S.RATED_ITEMS].to_pylist() if self.prompts.cfg.target_ratings else None
-        rated_values = users[S.RATED_VALUES].to_pylist() if rated_items is not None else None
+        notes = None
+        if self.prompts.cfg.target_ratings:
+            notes = self._rating_notes(ok & (u_pos >= 0), u_pos, i_pos, users, items)
         tail = self.prompts.tail_ids
         first = np.zeros(n, dtype=bool)  # a user's first row carries the prefix
         first[np.unique(np.where(ok, row_users, _NONE), return_index=True)[1]] = True
@@ -160,16 +168,35 @@ class TokenAssembler:
             prefixes.append(
                 (prefix_lists[u] if u >= 0 else self.cold.prefix_ids) if first[r] else []
             )
-            ratings = ()
-            if rated_items is not None and u >= 0:
-                ratings = _ratings_of(
-                    rated_items[u], rated_values[u], int(row_items[r]), self.max_neighbor_ratings
-                )
-            note = self.prompts.encode_neighbor_ratings(ratings)
+            note = notes[r] if notes is not None else []
             suffixes.append(targets[int(i_pos[r])] + note + tail)
         out = batch.append_column(S.PREFIX_IDS, _ids(prefixes))
         out = out.append_column(S.SUFFIX_IDS, _ids(suffixes))
         return out.append_column(S.SIDE, _side(self._side(ok, u_pos, i_pos, users, items), n))
+
+    def _rating_notes(self, rows, u_pos, i_pos, users: pa.Table, items: pa.Table):
+        """Each row's rating-note ids: the first `max_neighbor_ratings` ratings of its item
+        among its user's neighbours' ratings, found for all `rows` at once. A user's rated
+        items are sorted by id, so (user's row, item's row) keys are sorted over the table."""
+        lengths = pc.fill_null(pc.list_value_length(users[S.RATED_ITEMS]), 0).to_numpy()
+        user_of = np.repeat(np.arange(len(users)), lengths)
+        rated = pc.list_flatten(users[S.RATED_ITEMS]).to_numpy()
+        item_of = lookup(items[S.ITEM_ID].to_numpy(), rated)
+        values = pc.list_flatten(users[S.RATED_VALUES]).to_numpy()
+        known = item_of >= 0  # items missing from the items table are never candidates
+        width = len(items) + 1
+        keys = user_of[known] * width + item_of[known]
+        values = values[known]
+        wanted = u_pos * width + i_pos
+        start = np.searchsorted(keys, wanted, side="left")
+        end = np.searchsorted(keys, wanted, side="right")
+        end = np.minimum(end, start + self.max_neighbor_ratings)
+        found = rows & (end > start)
+        notes: list[list[int]] = [[] for _ in range(len(u_pos))]
+        for r in np.flatnonzero(found):
+            ratings = tuple(values[start[r] : end[r]].tolist())
+            notes[r] = self.prompts.encode_neighbor_ratings(ratings)
+        return notes
 
     def _side(self, ok, u_pos, i_pos, users: pa.Table, items: pa.Table) -> np.ndarray | None:
         if self.side is None or not ok.any():  # nothing to score: no side either
@@ -189,14 +216,6 @@ def side_matrix(column: pa.ChunkedArray) -> np.ndarray:
     """A list<float32> column of equal-length rows as an (N, D) array."""
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
     return flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
-
-
-def _ratings_of(items: list[int], values: list[float], item: int, k: int) -> tuple[float, ...]:
-    """The first `k` ratings of `item` in a user's neighbours' ratings (sorted by item, then
-    most similar neighbour first)."""
-    start = bisect.bisect_left(items, item)
-    end = bisect.bisect_right(items, item, lo=start)
-    return tuple(values[start : min(end, start + k)])
 
 
 def score_block(
