@@ -67,6 +67,9 @@ def _parse(
     return configs
 
 
+IDLE_WORKERS_ENV, IDLE_WORKERS_MS = "RAY_idle_worker_killing_time_threshold_ms", "600000"
+
+
 def _init_ray(cfg: Config) -> None:
     import ray
 
@@ -78,7 +81,9 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address=address)
     else:
         # Local Ray: the dashboard (which also serves the state API Ray Train's controller
-        # polls) listens on loopback only.
+        # polls) listens on loopback only. Idle workers are kept (Ray kills them after 1 s
+        # by default): a new one pays the torch import again, ~20 s on a small machine.
+        os.environ.setdefault(IDLE_WORKERS_ENV, IDLE_WORKERS_MS)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from optirag import cli
 from optirag.config import S3Config, StorageConfig
 
 FAKE_KEY_ID = "AKIAFAKETESTKEY00001"
@@ -25,6 +26,8 @@ def pytest_configure(config):
         HF_HUB_OFFLINE="1",
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
     )
+    # Keep idle Ray workers (as local jobs do, optirag.cli): each new one imports torch again.
+    os.environ.setdefault(cli.IDLE_WORKERS_ENV, cli.IDLE_WORKERS_MS)
 
 
 @pytest.fixture(scope="session")
