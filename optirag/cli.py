@@ -81,8 +81,8 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address=address)
     else:
         # Local Ray: the dashboard (which also serves the state API Ray Train's controller
-        # polls) listens on loopback only. Idle workers are kept (Ray kills them after 1 s
-        # by default): a new one pays the torch import again, ~20 s on a small machine.
+        # polls) listens on loopback only. Idle workers are kept for 10 minutes (by default Ray
+        # kills those beyond one per CPU after 1 s): a new worker imports torch again.
         os.environ.setdefault(IDLE_WORKERS_ENV, IDLE_WORKERS_MS)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
