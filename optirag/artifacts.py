@@ -27,23 +27,38 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-from safetensors.torch import load, save
 
 from optirag import schema as S
 from optirag import storage
-from optirag.backbone import Backbone
-from optirag.cf import SideFeatures
 from optirag.config import Config, LoraConfig, StorageConfig
-from optirag.early_exit import ExitHeads, HeadsSpec, default_exit_layers
-from optirag.lora import load_lora
-from optirag.pair_scorer import ScoringModel
+
+if TYPE_CHECKING:  # torch and the model modules load only where tensors are (de)serialised:
+    # the job's staging and writing tasks read paths from here and never import torch
+    import torch
+
+    from optirag.backbone import Backbone
+    from optirag.cf import SideFeatures
+    from optirag.pair_scorer import ScoringModel
 
 log = logging.getLogger(__name__)
+
+
+def _save(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of `tensors` (torch is imported here, not with this module)."""
+    from safetensors.torch import save as save_tensors
+
+    return save_tensors(tensors)
+
+
+def _load(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_tensors
+
+    return load_tensors(blob)
+
 
 SPLITS = ("train", "valid", "test", "test_sample")
 
@@ -142,7 +157,7 @@ def retriever_uri(root: str, name: str = "") -> str:
 
 def save_retriever(embeddings: torch.Tensor, meta: dict, root: str, store: StorageConfig) -> None:
     """LightGCN's final node embeddings (users then items) and meta (ids, metrics, config)."""
-    blob = save({"embeddings": embeddings.contiguous()})
+    blob = _save({"embeddings": embeddings.contiguous()})
     storage.write_bytes(blob, retriever_uri(root, "embeddings.safetensors"), store)
     storage.write_json(meta, retriever_uri(root, "meta.json"), store)
 
@@ -153,7 +168,7 @@ def load_retriever(root: str, store: StorageConfig) -> tuple[np.ndarray, dict] |
     if not storage.exists(meta_uri, store):
         return None
     blob = storage.read_bytes(retriever_uri(root, "embeddings.safetensors"), store)
-    return load(blob)["embeddings"].numpy(), storage.read_json(meta_uri, store)
+    return _load(blob)["embeddings"].numpy(), storage.read_json(meta_uri, store)
 
 
 def checkpoints_uri(root: str, job: str) -> str:
@@ -189,7 +204,7 @@ class StoredHeads:
 
 
 def _tensors_blob(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+    return _save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
 
 
 def save_heads(stored: StoredHeads, cfg: Config) -> None:
@@ -209,10 +224,10 @@ def load_heads(cfg: Config, side_features: bool = True) -> StoredHeads:
     not read."""
     store = cfg.storage
     exit_config = storage.read_json(heads_file(cfg, EXIT_CONFIG_FILE), store)
-    tensors = load(storage.read_bytes(heads_file(cfg, HEADS_FILE), store))
+    tensors = _load(storage.read_bytes(heads_file(cfg, HEADS_FILE), store))
     adapter = None
     if "lora" in exit_config:
-        adapter = load(storage.read_bytes(heads_file(cfg, ADAPTER_FILE), store))
+        adapter = _load(storage.read_bytes(heads_file(cfg, ADAPTER_FILE), store))
     side = None
     if exit_config.get("side_features") and side_features:
         side = read_side_features(heads_file(cfg, SIDE_FEATURES_FILE), store)
@@ -245,6 +260,11 @@ def load_scoring_model(cfg: Config, backbone: Backbone, side_features: bool = Tr
     no training has run yet; a configured exits.heads_uri must hold heads. Without
     `side_features` the hybrid heads' CF arrays stay unloaded (the scoring job's model actors
     get each row's side features with its tokens)."""
+    from optirag.cf import SideFeatures
+    from optirag.early_exit import ExitHeads, HeadsSpec, default_exit_layers
+    from optirag.lora import load_lora
+    from optirag.pair_scorer import ScoringModel
+
     if has_trained_heads(cfg):
         stored = load_heads(cfg, side_features)
         heads = ExitHeads.from_spec(HeadsSpec.from_dict(stored.exit_config))
@@ -271,19 +291,21 @@ def save_init_heads(tensors: dict[str, torch.Tensor], cfg: Config) -> str:
 
 
 def load_tensors(uri: str, store: StorageConfig) -> dict[str, torch.Tensor]:
-    return load(storage.read_bytes(uri, store))
+    return _load(storage.read_bytes(uri, store))
 
 
 def save_side_features(
     arrays: dict[str, np.ndarray], meta: dict, uri: str, store: StorageConfig
 ) -> None:
-    blob = save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    import torch
+
+    blob = _save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     storage.write_bytes(blob, uri, store)
     storage.write_json(meta, uri + ".json", store)
 
 
 def read_side_features(uri: str, store: StorageConfig) -> tuple[dict[str, np.ndarray], dict]:
-    arrays = {k: v.numpy() for k, v in load(storage.read_bytes(uri, store)).items()}
+    arrays = {k: v.numpy() for k, v in _load(storage.read_bytes(uri, store)).items()}
     return arrays, storage.read_json(uri + ".json", store)
 
 
@@ -309,7 +331,7 @@ def load_cached_states(uri: str, key: dict, store: StorageConfig) -> dict | None
 
 
 def save_cached_states(states: dict, uri: str, key: dict, store: StorageConfig) -> None:
-    storage.write_bytes(save({k: v.contiguous() for k, v in states.items()}), uri, store)
+    storage.write_bytes(_save({k: v.contiguous() for k, v in states.items()}), uri, store)
     storage.write_json(key, uri + ".key.json", store)
 
 
@@ -391,6 +413,8 @@ def load_side_features(cfg: Config) -> SideFeatures | None:
     """The stored heads' side features (hybrid heads), else None."""
     if not has_trained_heads(cfg) or not load_exit_config(cfg).get("side_features"):
         return None
+    from optirag.cf import SideFeatures
+
     uri = heads_file(cfg, SIDE_FEATURES_FILE)
     return SideFeatures.from_arrays(*read_side_features(uri, cfg.storage))
 

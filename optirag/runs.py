@@ -43,10 +43,8 @@ from optirag import artifacts as A
 from optirag import schema as S
 from optirag import storage
 from optirag.artifacts import AttemptPaths, RunPaths
-from optirag.backbone import weights_digest
 from optirag.config import Config, StorageConfig
 from optirag.ids import user_hash
-from optirag.pair_scorer import resolve_rule
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +337,8 @@ def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
     """What decides a score, hashed: the backbone's weights, the heads, the exit rule as it
     will run (config over trained), the adapter, the side features and the prompt settings.
     Returns (`<backbone>-<hash>` for the scores' model_version column, the parts)."""
+    from optirag.backbone import weights_digest  # torch: the driver's, not every task's
+    from optirag.pair_scorer import resolve_rule
     from optirag.prompts import PromptBuilder
 
     name, weights = weights_digest(cfg.backbone)
