@@ -7,6 +7,7 @@ when absent there, from the standard AWS environment variables / instance role, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -48,19 +49,34 @@ def resolve(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
 
 
 def _s3_filesystem(s3: S3Config) -> pafs.FileSystem:
+    def secret(value):
+        return value.get_secret_value() if value is not None else None
+
+    return _cached_s3_filesystem(
+        s3.endpoint_url,
+        s3.region,
+        secret(s3.access_key_id),
+        secret(s3.secret_access_key),
+        secret(s3.session_token),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_s3_filesystem(endpoint_url, region, key, secret, token) -> pafs.FileSystem:
+    """One s3fs filesystem per process and S3 settings: building one (a botocore session and
+    client) costs about a second, more than the requests a small table needs. Listings are
+    never cached, so a resumed run sees the objects other processes wrote."""
     import s3fs
 
     kwargs: dict[str, Any] = {}
-    if s3.access_key_id and s3.secret_access_key:
-        kwargs["key"] = s3.access_key_id.get_secret_value()
-        kwargs["secret"] = s3.secret_access_key.get_secret_value()
-        if s3.session_token:
-            kwargs["token"] = s3.session_token.get_secret_value()
-    if s3.endpoint_url:
-        kwargs["endpoint_url"] = s3.endpoint_url
-    if s3.region:
-        kwargs["client_kwargs"] = {"region_name": s3.region}
-    # No listings cache: a resumed run must see objects written by other processes.
+    if key and secret:
+        kwargs["key"], kwargs["secret"] = key, secret
+        if token:
+            kwargs["token"] = token
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+    if region:
+        kwargs["client_kwargs"] = {"region_name": region}
     fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **kwargs)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
