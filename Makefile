@@ -47,10 +47,12 @@ demo: install data smollm2
 # Offline A/B after `make demo`: the test sample's last three months as monthly partitions,
 # backfilled with the demo heads at full depth (A) and with early exit (B), then compared.
 AB_ROOT := data/demo
+AB_USERS ?= 12
 AB_BACKFILL := backfill.candidates_uri=$(AB_ROOT)/candidates/test_sample_by_month \
   backfill.partition_key=month backfill.partitions=1998-02..1998-04
 ab-demo:
-	$(PYTHON) jobs/partition_candidates.py --config $(CONFIG) backfill.partition_key=month
+	$(PYTHON) jobs/partition_candidates.py --config $(CONFIG) backfill.partition_key=month \
+	  backfill.sample_users=$(AB_USERS)
 	$(PYTHON) jobs/backfill.py --config $(CONFIG) $(AB_BACKFILL) backfill.name=full-depth \
 	  exits.rule=none
 	$(PYTHON) jobs/backfill.py --config $(CONFIG) $(AB_BACKFILL) backfill.name=early-exit

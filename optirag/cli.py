@@ -68,6 +68,7 @@ def _parse(
 
 
 IDLE_WORKERS_ENV, IDLE_WORKERS_MS = "RAY_idle_worker_killing_time_threshold_ms", "600000"
+RAY_START_ATTEMPTS = 3
 
 
 def _init_ray(cfg: Config) -> None:
@@ -84,7 +85,19 @@ def _init_ray(cfg: Config) -> None:
         # polls) listens on loopback only. Idle workers are kept for 10 minutes (by default Ray
         # kills those beyond one per CPU after 1 s): a new worker imports torch again.
         os.environ.setdefault(IDLE_WORKERS_ENV, IDLE_WORKERS_MS)
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            try:
+                ray.init(
+                    num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1"
+                )
+                return
+            except Exception as err:  # Ray raises a bare Exception for this one
+                # Ray gives a new raylet a fixed 30 s to register; a loaded machine misses it.
+                if "timed out during startup" not in str(err) or attempt == RAY_START_ATTEMPTS:
+                    raise
+                log.warning("local Ray did not start in time (try %d of %d); again", attempt,
+                            RAY_START_ATTEMPTS)  # fmt: skip
+                ray.shutdown()
 
 
 def _run(
@@ -142,7 +155,9 @@ def partition_candidates(argv: list[str]) -> int:
         "Write the test candidates again as Hive partitions by time (backfill.partition_key: "
         "date or month) under candidates/test_by_<key>/, for backfills.",
         argv,
-        lambda cfg: prepare.partition_candidates(cfg.backfill.partition_key, cfg.storage),
+        lambda cfg: prepare.partition_candidates(
+            cfg.backfill.partition_key, cfg.storage, cfg.backfill.sample_users
+        ),
     )
 
 

@@ -308,6 +308,12 @@ class BackfillConfig(StrictModel):
         None, description="the partitioned candidates; default: scoring.candidates_uri"
     )
     partition_key: str = Field("date", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    sample_users: int | None = Field(
+        None,
+        gt=0,
+        description="jobs/partition_candidates.py: keep this many of the test sample's users in "
+        "candidates/test_sample_by_<key>/ (None: all of them)",
+    )
     partitions: Annotated[
         str | list[str], BeforeValidator(_partition_text), AfterValidator(_check_partitions)
     ] = Field("all", description="'all', '<first>..<last>' (inclusive) or a list of values")

@@ -76,6 +76,55 @@ def test_partition_selection(local_storage, tiny_llama_dir, movie_tables):
         chosen({"partition_key": "day"})
 
 
+def test_test_candidates_partitioned_by_month_and_a_user_sample(local_storage):
+    """jobs/partition_candidates.py: every test pair lands in its month's partition; the
+    sample's partitions keep `sample_users` of the test sample's users, and a rerun leaves no
+    stale partition behind."""
+    from optirag import data
+    from optirag.pipelines import prepare
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(1, 11), 6)
+    month_starts = [1_000_000_000 + 30 * 86_400 * m for m in range(3)]  # Sep-Nov 2001
+    test = pa.table(
+        {
+            S.USER_ID: users,
+            S.ITEM_ID: np.tile(np.arange(1, 7), 10),
+            S.LABEL: (rng.random(len(users)) < 0.5).astype(np.int8),
+            S.TS: np.array(month_starts * 20) + rng.integers(0, 86_400, len(users)),
+            S.RATING: np.full(len(users), 4.0, np.float32),
+        },
+        schema=S.INTERACTIONS,
+    )
+    root = local_storage.root
+    storage.write_table(test, A.interactions_uri(root, "test"), local_storage)
+    sample = data.candidates_from(test.filter(pa.compute.less_equal(test[S.USER_ID], 5)))
+    storage.write_table(sample, A.candidates_uri(root, "test_sample"), local_storage)
+
+    def read(split):
+        folder = A.partitioned_candidates_uri(root, split, "month")
+        months = [
+            name.removeprefix("month=") for name in storage.list_folders(folder, local_storage)
+        ]
+        return {
+            m: storage.read_table(A.partition_file(folder, "month", m), local_storage)
+            for m in months
+        }
+
+    prepare.partition_candidates("month", local_storage)
+    parts = read("test")
+    assert sorted(parts) == ["2001-09", "2001-10", "2001-11"]
+    assert sum(t.num_rows for t in parts.values()) == test.num_rows
+    assert sum(t.num_rows for t in read("test_sample").values()) == sample.num_rows
+
+    prepare.partition_candidates("month", local_storage, sample_users=2)
+    sampled = pa.concat_tables(read("test_sample").values())
+    kept = set(sampled[S.USER_ID].to_pylist())
+    assert len(kept) == 2 and kept <= set(sample[S.USER_ID].to_pylist())
+    assert sampled.num_rows == 2 * 6  # every pair of the kept users
+    assert sum(t.num_rows for t in read("test").values()) == test.num_rows
+
+
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
     ray_session, local_storage, tiny_llama_dir, movie_tables
@@ -102,31 +151,37 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
     assert again["counts"] == {"committed": 0, "skipped": 3, "failed": 0, backfill.NOT_RUN: 0}
     assert iceberg.refresh().current_snapshot().snapshot_id == snapshot  # nothing republished
 
+    # variant B (a looser tau) on one day only: each run costs minutes of Ray on 2 cores
+    variant_b = variant_b.model_copy(
+        update={"backfill": variant_b.backfill.model_copy(update={"partitions": [DAYS[0]]})}
+    )
     second = backfill.run(variant_b)
     version_b = second["model_version"]
-    assert version_b != version_a and second["counts"]["committed"] == 3
+    assert version_b != version_a and second["counts"]["committed"] == 1
 
     scores = A.read_committed_scores(A.scores_location(variant_a), local_storage)
     assert set(scores.column_names) >= {"date", "model", S.SCORE, S.EXIT_LAYER}
-    for day in DAYS:
-        for version in (version_a, version_b):
-            rows = scores.filter(
-                (pa.compute.field("date") == day) & (pa.compute.field("model") == version)
-            )
-            assert rows.num_rows == tables[day].num_rows  # each pair exactly once
-            assert set(rows[S.MODEL_VERSION].to_pylist()) == {version}
-            assert _pairs(rows) == _pairs(tables[day])
+    expected = [(day, version_a) for day in DAYS] + [(DAYS[0], version_b)]
+    slices = zip(scores["date"].to_pylist(), scores["model"].to_pylist(), strict=True)
+    assert set(slices) == set(expected)
+    for day, version in expected:
+        rows = scores.filter(
+            (pa.compute.field("date") == day) & (pa.compute.field("model") == version)
+        )
+        assert rows.num_rows == tables[day].num_rows  # each pair exactly once
+        assert set(rows[S.MODEL_VERSION].to_pylist()) == {version}
+        assert _pairs(rows) == _pairs(tables[day])
     # The Iceberg table holds the same rows, each (date, model) slice whole.
     in_table = iceberg.refresh().scan().to_arrow()
-    for day in DAYS:
-        for version in (version_a, version_b):
-            rows = in_table.filter(
-                (pa.compute.field("date") == day) & (pa.compute.field(S.MODEL_VERSION) == version)
-            )
-            assert _pairs(rows) == _pairs(tables[day])
+    for day, version in expected:
+        rows = in_table.filter(
+            (pa.compute.field("date") == day) & (pa.compute.field(S.MODEL_VERSION) == version)
+        )
+        assert _pairs(rows) == _pairs(tables[day])
     # A tighter tau exits later: the variants really are different models.
+    day0 = scores.filter(pa.compute.field("date") == DAYS[0])
     exits = {
-        v: np.mean(scores.filter(pa.compute.field("model") == v)[S.EXIT_LAYER].to_numpy())
+        v: np.mean(day0.filter(pa.compute.field("model") == v)[S.EXIT_LAYER].to_numpy())
         for v in (version_a, version_b)
     }
     assert exits[version_a] >= exits[version_b]

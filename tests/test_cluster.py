@@ -53,17 +53,10 @@ def test_local_ray_dashboard_binds_loopback(tmp_path):
         "print(ray.worker.get_dashboard_url())"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    for _ in range(3):  # Ray gives its raylet a fixed 30 s to register: a loaded box misses it
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            env=env,
-            cwd=tmp_path,
-        )
-        if "timed out during startup" not in out.stderr:
-            break
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     dashboard = out.stdout.strip().splitlines()[-1]
     assert dashboard.startswith("127.0.0.1:"), dashboard

@@ -109,7 +109,9 @@ def _assert_exactly_once(scores, rejects, candidates):
 
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
-def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables, tmp_path, caplog):
+def test_end_to_end_on_s3(
+    ray_session, s3_storage, tiny_llama_dir, movie_tables, tmp_path, caplog, capsys
+):
     cands = _candidates()
     extra = pa.table(
         {
@@ -138,7 +140,10 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables,
     conf.write_text(yaml.safe_dump(cfg.redacted()))
     with caplog.at_level("DEBUG"):
         assert cli.score(["--config", str(conf)]) == 0
-    assert FAKE_SECRET not in caplog.text and FAKE_KEY_ID not in caplog.text
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") :])
+    for text in (caplog.text, printed):
+        assert FAKE_SECRET not in text and FAKE_KEY_ID not in text
     assert FAKE_SECRET not in conf.read_text() and FAKE_KEY_ID not in conf.read_text()
 
     out, scores, rejects = _read_run(cfg)
@@ -147,7 +152,8 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables,
     )
     assert success["attempt"] == "attempt-0001" and out.endswith("attempt-0001")
     manifest = storage.read_json(storage.join(out, "_manifest.json"), cfg.storage)
-    assert manifest["scored"] == len(cands) - 2
+    assert manifest["scored"] == summary["scored"] == len(cands) - 2
+    assert summary["shards_run"] == summary["shards"]
     assert manifest["rejected"] == {"null_id": 1, "unknown_item": 1}
     assert sorted(rejects[S.REASON].to_pylist()) == ["null_id", "unknown_item"]
     assert "segment" in rejects.column_names
@@ -169,27 +175,23 @@ def test_end_to_end_on_s3(ray_session, s3_storage, tiny_llama_dir, movie_tables,
         scoring.run(cfg)
 
 
-def test_job_with_target_ratings_matches_the_in_process_scorer(
+def test_job_matches_the_in_process_scorer_and_a_rerun_skips_finished_shards(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
-    """The driver's item rating totals reach every actor through Ray Data."""
+    """The driver's item rating totals reach every actor through Ray Data; a rerun of an
+    unfinished run resumes its attempt and scores only the shards without a marker."""
     cands = _candidates()
     _write_inputs(local_storage, movie_tables, cands)
     cfg = _config(local_storage, tiny_llama_dir)
     prompts = cfg.prompts.model_copy(update={"target_ratings": True})
     cfg = cfg.model_copy(update={"prompts": prompts})
-    scoring.run(cfg)
+    first = scoring.run(cfg)
     _, scores, rejects = _read_run(cfg)
     _assert_exactly_once(scores, rejects, cands)
     scorer = _stored_scorer(cfg, ContextStore(*movie_tables, prompts))
     local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
     np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
 
-
-def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir, movie_tables):
-    _write_inputs(local_storage, movie_tables, _candidates())
-    cfg = _config(local_storage, tiny_llama_dir)
-    first = scoring.run(cfg)
     out = Path(cfg.storage.root, "scores", "r1")
     (out / "_SUCCESS").unlink()
     for marker in sorted((out / "attempt-0001" / "_markers").iterdir())[:2]:
@@ -197,6 +199,13 @@ def test_rerun_skips_finished_shards(ray_session, local_storage, tiny_llama_dir,
     second = scoring.run(cfg)
     assert first["shards_run"] == first["shards"] > 2 and second["shards_run"] == 2
     assert second["attempt"] == "attempt-0001"  # resumed, not restarted
+    _, again, rejects = _read_run(cfg)
+    _assert_exactly_once(again, rejects, cands)
+    order = [(S.USER_ID, "ascending"), (S.ITEM_ID, "ascending")]
+    np.testing.assert_allclose(
+        again.sort_by(order)[S.SCORE].to_numpy(), scores.sort_by(order)[S.SCORE].to_numpy(),
+        atol=1e-6,
+    )  # fmt: skip
 
 
 def _kill_when(predicate, match, timeout=SLOW_JOB_S):
@@ -269,6 +278,7 @@ def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables,
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     summary = json.loads(rerun.stdout[rerun.stdout.index("{") :])
     assert 0 < summary["shards_run"] < summary["shards"]
+    assert summary["attempt"] == "attempt-0001"  # resumed, not restarted
     _, scores, rejects = _read_run(cfg)
     _assert_exactly_once(scores, rejects, cands)
     logs = rerun.stdout + rerun.stderr
@@ -335,6 +345,8 @@ def test_failed_replace_keeps_the_published_run(
     summary = scoring.run(_config(local_storage, tiny_llama_dir, replace=True))
     assert summary["attempt"] == "attempt-0002"
     assert sorted(p.name for p in run_root.iterdir()) == ["_SUCCESS", "attempt-0002"]
+    # every shard of the replace was scored in its own attempt, none taken from the old one
+    assert len(list((run_root / "attempt-0002" / "_markers").glob("*.json"))) == summary["shards"]
     _, scores, rejects = _read_run(failing)
     _assert_exactly_once(scores, rejects, cands)
 

@@ -50,15 +50,19 @@ def run(cfg: DataConfig, store: StorageConfig) -> dict[str, int]:
     return counts
 
 
-def partition_candidates(key: str, store: StorageConfig) -> dict[str, int]:
-    """Write the test candidates (and the test sample's, when there is one) again as Hive
-    partitions by the interactions' time (`key`: date or month), for backfills; returns the
-    rows per partition folder."""
+def partition_candidates(
+    key: str, store: StorageConfig, sample_users: int | None = None
+) -> dict[str, int]:
+    """Write the test candidates (and the test sample's, when there is one, or `sample_users`
+    of its users) again as Hive partitions by the interactions' time (`key`: date or month),
+    for backfills; returns the rows per partition folder."""
     test = storage.read_table(A.interactions_uri(store.root, "test"), store)
     splits = {"test": test}
     sample_uri = A.candidates_uri(store.root, "test_sample")
     if storage.exists(sample_uri, store):
         sample = storage.read_table(sample_uri, store)
+        if sample_users:
+            sample = data.sample_users(sample, sample_users, seed=0)
         keys = sample.select([S.USER_ID, S.ITEM_ID])
         splits["test_sample"] = test.join(keys, [S.USER_ID, S.ITEM_ID], join_type="inner")
     counts = {}
