@@ -169,8 +169,10 @@ def rank_agreement(lists: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
             continue  # no ranking on one side: correlation undefined
         rhos.append(stats.spearmanr(sa, sb).statistic)
         # tau-b itself does not depend on `method` (the p-value's, unused here; the
-        # asymptotic one is the cheaper).
-        taus.append(stats.kendalltau(sa, sb, variant="b", method="asymptotic").statistic)
+        # asymptotic one is the cheaper, but scipy's divides by n - 2: two pairs, which
+        # cannot tie here, take the exact one).
+        method = "exact" if hi - lo == 2 else "asymptotic"
+        taus.append(stats.kendalltau(sa, sb, variant="b", method=method).statistic)
     return {
         "users_with_2_pairs": eligible,
         "users_used": len(rhos),

@@ -281,3 +281,18 @@ def test_cli_compare_writes_the_comparison(two_runs, capsys):
     assert json.loads(capsys.readouterr().out)["pairs"] == 8
     assert (Path(store.root) / "compare" / "runA-vs-runB" / "report.md").exists()
     assert cli.compare([f"storage.root={store.root}"]) == 2  # compare.a and .b are required
+
+
+def test_rank_agreement_of_users_with_two_pairs():
+    """Two pairs are enough for a ranking (scipy's asymptotic tau p-value divides by n - 2)."""
+    from optirag.comparison import rank_agreement
+
+    lists = np.array([1, 1, 2, 2, 2])
+    a = np.array([0.1, 0.2, 0.3, 0.2, 0.1])
+    b = np.array([0.2, 0.1, 0.3, 0.2, 0.1])  # user 1 reversed, user 2 in the same order
+    r = rank_agreement(lists, a, b)
+    assert (r["users_with_2_pairs"], r["users_used"]) == (2, 2)
+    assert r["spearman_mean"] == pytest.approx(0.0) and r["kendall_tau_b_mean"] == pytest.approx(
+        0.0
+    )
+    assert rank_agreement(lists[:2], a[:2], b[:2])["kendall_tau_b_mean"] == pytest.approx(-1.0)
