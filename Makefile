@@ -44,7 +44,8 @@ demo: install data smollm2
 	@echo "  evaluation/report.md + sweep.png (sampled users, see conf/demo.yaml);"
 	@echo "  scores of a 50-user test sample under data/demo/scores/demo/"
 
-# Offline A/B after `make demo`: the test sample's last three months as monthly partitions,
+# Offline A/B after `make demo`: AB_USERS of the test sample's users, their pairs of the last
+# three months as monthly partitions (the default 12 users have pairs in two of them),
 # backfilled with the demo heads at full depth (A) and with early exit (B), then compared.
 AB_ROOT := data/demo
 AB_USERS ?= 12

@@ -85,19 +85,36 @@ def _init_ray(cfg: Config) -> None:
         # polls) listens on loopback only. Idle workers are kept for 10 minutes (by default Ray
         # kills those beyond one per CPU after 1 s): a new worker imports torch again.
         os.environ.setdefault(IDLE_WORKERS_ENV, IDLE_WORKERS_MS)
-        for attempt in range(1, RAY_START_ATTEMPTS + 1):
-            try:
-                ray.init(
-                    num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1"
-                )
-                return
-            except Exception as err:  # Ray raises a bare Exception for this one
-                # Ray gives a new raylet a fixed 30 s to register; a loaded machine misses it.
-                if "timed out during startup" not in str(err) or attempt == RAY_START_ATTEMPTS:
-                    raise
-                log.warning("local Ray did not start in time (try %d of %d); again", attempt,
-                            RAY_START_ATTEMPTS)  # fmt: skip
-                ray.shutdown()
+        _start_local_ray(cfg)
+
+
+def _start_local_ray(cfg: Config) -> None:
+    """ray.init of a local cluster, tried again when Ray's fixed 30 s for a new raylet to
+    register runs out (a loaded machine misses it). Ray raises before the half-started
+    node is registered, so ray.shutdown() cannot stop it: the processes that try started
+    (this process's new children) are killed before the next."""
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        before = {child.pid for child in me.children(recursive=True)}
+        try:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+            return
+        except Exception as err:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(err) or attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("local Ray did not start in time (try %d of %d); again", attempt,
+                        RAY_START_ATTEMPTS)  # fmt: skip
+            ray.shutdown()
+            started = [c for c in me.children(recursive=True) if c.pid not in before]
+            for child in started:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    continue
+            psutil.wait_procs(started, timeout=30)
 
 
 def _run(

@@ -292,7 +292,6 @@ def test_rank_agreement_of_users_with_two_pairs():
     b = np.array([0.2, 0.1, 0.3, 0.2, 0.1])  # user 1 reversed, user 2 in the same order
     r = rank_agreement(lists, a, b)
     assert (r["users_with_2_pairs"], r["users_used"]) == (2, 2)
-    assert r["spearman_mean"] == pytest.approx(0.0) and r["kendall_tau_b_mean"] == pytest.approx(
-        0.0
-    )
+    assert r["spearman_mean"] == pytest.approx(0.0)
+    assert r["kendall_tau_b_mean"] == pytest.approx(0.0)
     assert rank_agreement(lists[:2], a[:2], b[:2])["kendall_tau_b_mean"] == pytest.approx(-1.0)

@@ -41,6 +41,30 @@ def test_s3_uses_configured_endpoint(s3_storage):
     assert fs.type_name == "py::fsspec+('s3', 's3a')"
 
 
+def test_one_s3_filesystem_per_settings_and_listings_never_cached(s3_storage):
+    """Building an s3fs filesystem costs seconds, so one is kept per process and settings;
+    what another process writes or deletes after a listing must still show (resume)."""
+    import boto3
+
+    fs, _ = storage.resolve(s3_storage.root, s3_storage)
+    assert storage.resolve(storage.join(s3_storage.root, "x"), s3_storage)[0] is fs
+    other = s3_storage.model_copy(
+        update={"s3": s3_storage.s3.model_copy(update={"region": "eu-west-1"})}
+    )
+    assert storage.resolve(s3_storage.root, other)[0] is not fs
+
+    folder = storage.join(s3_storage.root, "runs")
+    storage.write_json({}, storage.join(folder, "a", "m.json"), s3_storage)
+    assert storage.list_folders(folder, s3_storage) == ["a"]
+    bucket, prefix = s3_storage.root.removeprefix("s3://").split("/", 1)
+    client = boto3.client("s3", endpoint_url=s3_storage.s3.endpoint_url, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key=f"{prefix}/runs/b/m.json", Body=b"{}")
+    assert storage.list_folders(folder, s3_storage) == ["a", "b"]
+    client.delete_object(Bucket=bucket, Key=f"{prefix}/runs/a/m.json")
+    assert not storage.exists(storage.join(folder, "a", "m.json"), s3_storage)
+    assert storage.list_folders(folder, s3_storage) == ["b"]
+
+
 def test_missing_path_is_named(local_storage):
     with pytest.raises(storage.StorageError, match="nope.parquet: no such file"):
         storage.read_table(storage.join(local_storage.root, "nope.parquet"), local_storage)
