@@ -7,7 +7,6 @@ when absent there, from the standard AWS environment variables / instance role, 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import posixpath
@@ -19,7 +18,6 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import SecretStr
 
 from optirag.config import S3Config, StorageConfig
 from optirag.schema import check_columns
@@ -50,41 +48,23 @@ def resolve(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
 
 
 def _s3_filesystem(s3: S3Config) -> pafs.FileSystem:
-    return _cached_s3_filesystem(
-        s3.endpoint_url, s3.region, s3.access_key_id, s3.secret_access_key, s3.session_token
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_s3_filesystem(
-    endpoint_url: str | None,
-    region: str | None,
-    key: SecretStr | None,
-    secret: SecretStr | None,
-    token: SecretStr | None,
-) -> pafs.FileSystem:
-    """One s3fs filesystem per process and S3 settings: building one (a botocore session and
-    client) took 1-2 s on 2 slow cores, more than the requests a small table needs. Listings
-    are never cached, so a resumed run sees the objects other processes wrote. Credentials
-    stay SecretStr (masked in any traceback) until s3fs gets them; ones botocore finds
-    itself (environment, instance role) are refreshed by botocore as before."""
     import s3fs
 
     kwargs: dict[str, Any] = {}
-    if key and secret:
-        kwargs["key"], kwargs["secret"] = key.get_secret_value(), secret.get_secret_value()
-        if token:
-            kwargs["token"] = token.get_secret_value()
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-    if region:
-        kwargs["client_kwargs"] = {"region_name": region}
-    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **kwargs)
+    if s3.access_key_id and s3.secret_access_key:
+        kwargs["key"] = s3.access_key_id.get_secret_value()
+        kwargs["secret"] = s3.secret_access_key.get_secret_value()
+        if s3.session_token:
+            kwargs["token"] = s3.session_token.get_secret_value()
+    if s3.endpoint_url:
+        kwargs["endpoint_url"] = s3.endpoint_url
+    if s3.region:
+        kwargs["client_kwargs"] = {"region_name": s3.region}
+    # fsspec keeps one instance per process and settings (building one, a botocore session
+    # and client, took 1-2 s on 2 slow cores; it builds new ones in a forked child). No
+    # listings cache: a resumed run must see objects written by other processes.
+    fs = s3fs.S3FileSystem(use_listings_cache=False, **kwargs)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-# fsspec's async filesystems refuse to be used in a forked child: build new ones there.
-os.register_at_fork(after_in_child=_cached_s3_filesystem.cache_clear)
 
 
 def exists(uri: str, storage: StorageConfig) -> bool:

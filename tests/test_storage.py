@@ -46,12 +46,15 @@ def test_one_s3_filesystem_per_settings_and_listings_never_cached(s3_storage):
     what another process writes or deletes after a listing must still show (resume)."""
     import boto3
 
-    fs, _ = storage.resolve(s3_storage.root, s3_storage)
-    assert storage.resolve(storage.join(s3_storage.root, "x"), s3_storage)[0] is fs
+    def s3fs_of(uri, store):  # the s3fs instance under pyarrow's wrapper
+        return storage.resolve(uri, store)[0].handler.fs
+
+    fs = s3fs_of(s3_storage.root, s3_storage)
+    assert s3fs_of(storage.join(s3_storage.root, "x"), s3_storage) is fs
     other = s3_storage.model_copy(
         update={"s3": s3_storage.s3.model_copy(update={"region": "eu-west-1"})}
     )
-    assert storage.resolve(s3_storage.root, other)[0] is not fs
+    assert s3fs_of(s3_storage.root, other) is not fs
 
     folder = storage.join(s3_storage.root, "runs")
     storage.write_json({}, storage.join(folder, "a", "m.json"), s3_storage)
