@@ -322,7 +322,9 @@ class BackfillConfig(StrictModel):
     )
     fail_fast: bool = Field(False, description="stop at the first failed partition")
     max_concurrent: int = Field(
-        1, gt=0, description="partitions scored at once; each needs its own actor pool's CPUs/GPUs"
+        1,
+        gt=0,
+        description="partitions staged at once; one actor pool then scores all of them",
     )
     table: TableConfig = TableConfig()
 

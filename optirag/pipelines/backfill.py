@@ -4,11 +4,14 @@
 
 Each partition is an ordinary scoring run (exactly once, resumable, `_SUCCESS` last) whose
 folder names the model version, so two model variants backfill side by side and a warehouse
-reads the output by partition. A partition already committed for the same model version and
+reads the output by partition. The partitions are staged first (`backfill.max_concurrent` at
+a time), then one Ray Data graph scores every staged partition's shards with one actor pool,
+started once for the whole backfill, and each partition commits as soon as its last shard is
+written. A partition already committed for the same model version and
 the same input files is skipped; a failed partition fails the backfill, naming it, after the
 others have finished (or at once with `backfill.fail_fast`). The backfill's manifest
 (`scores/_backfills/<backfill.name>.json`, default name `model=<model_version>`) lists every
-partition's run and status and is rewritten after each partition, so a long backfill shows
+partition's run and status and is rewritten as each partition finishes, so a long backfill shows
 its progress.
 """
 
@@ -18,7 +21,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
 from optirag import artifacts as A
 from optirag import runs, score_table, storage
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 COMMITTED, SKIPPED, FAILED = "committed", "skipped", "failed"
 NOT_RUN = "not run (fail_fast)"
+
+
+_ERRORS = (ValueError, OSError, RuntimeError)
 
 
 class BackfillFailed(RuntimeError):
@@ -85,6 +91,10 @@ def _candidates_root(cfg: Config) -> str:
     return root
 
 
+def _failed(err: Exception) -> dict:
+    return {"status": FAILED, "error": f"{type(err).__name__}: {err}"}
+
+
 def partition_config(cfg: Config, folder: str) -> Config:
     """The scoring config of one partition: its candidates, everything else the backfill's."""
     scoring_cfg = cfg.scoring.model_copy(update={"candidates_uri": folder, "run_id": None})
@@ -123,10 +133,33 @@ def run(cfg: Config) -> dict:
     if cfg.backfill.table.enabled:
         embedded = {} if cfg.backfill.table.catalog else A.embedded_catalog(store)
         table = score_table.open_table(cfg.backfill.table, key, embedded)
+    lock = threading.Lock()  # the manifest is updated from the staging threads
 
-    def score(value: str) -> dict:
+    def record(value: str, entry: dict) -> None:
+        if entry["status"] == FAILED:
+            log.error("backfill: partition %s=%s failed: %s", key, value, entry["error"])
+            if cfg.backfill.fail_fast:
+                stop.set()
+        with lock:
+            manifest["partitions"][value].update(entry)
+            storage.write_json(manifest, manifest_uri, store)
+
+    def publish(value: str, entry: dict, committed_before: bool) -> dict:
+        """The table commit is the last step: a run committed before a failed table commit is
+        skipped on the rerun and published then."""
+        run_root = out.run_root(key, value, version)
+        if table is not None and not (
+            committed_before and score_table.has_slice(table, key, value, version)
+        ):
+            scores = A.read_committed_scores(run_root, store)
+            entry["table_snapshot"] = score_table.publish(table, scores, key, value, version)
+        return entry
+
+    def stage(value: str) -> scoring.Staged | None:
+        """Skip a committed partition, or stage it for scoring; None when nothing is left."""
         if stop.is_set():
-            return {"status": NOT_RUN}
+            record(value, {"status": NOT_RUN})
+            return None
         part_cfg = partition_config(cfg, chosen[value])
         run_root = out.run_root(key, value, version)
         try:
@@ -135,34 +168,37 @@ def run(cfg: Config) -> dict:
                 if cfg.scoring.replace
                 else runs.committed_as_planned(part_cfg, version, run_root)
             )
-            if done is not None:
-                log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
-                entry = {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
-            else:
-                summary = scoring.run(part_cfg, run_root=run_root)
-                entry = {
-                    "status": COMMITTED,
-                    **{k: summary[k] for k in ("scored", "attempt", "wall_s")},
-                }
-            # The table commit is the last step: a run committed before a failed table commit
-            # is skipped on the rerun and published then.
-            if table is not None and (
-                done is None or not score_table.has_slice(table, key, value, version)
-            ):
-                scores = A.read_committed_scores(run_root, store)
-                entry["table_snapshot"] = score_table.publish(table, scores, key, value, version)
-        except (ValueError, OSError, RuntimeError) as err:
-            log.error("backfill: partition %s=%s failed: %s", key, value, err)
-            if cfg.backfill.fail_fast:
-                stop.set()
-            return {"status": FAILED, "error": f"{type(err).__name__}: {err}"}
-        return entry
+            if done is None:
+                return scoring.stage(part_cfg, run_root=run_root)
+            log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
+            entry = {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
+            record(value, publish(value, entry, committed_before=True))
+        except _ERRORS as err:
+            record(value, _failed(err))
+        return None
 
+    # Stage the partitions (max_concurrent at a time), then score every staged partition's
+    # shards in one graph: one actor pool for the whole backfill, not one per partition.
     with ThreadPoolExecutor(cfg.backfill.max_concurrent, "optirag-backfill") as pool:
-        futures = {pool.submit(score, value): value for value in chosen}
-        for future in as_completed(futures):
-            manifest["partitions"][futures[future]].update(future.result())
-            storage.write_json(manifest, manifest_uri, store)
+        staged = {v: s for v, s in zip(chosen, pool.map(stage, chosen), strict=True) if s}
+    values = list(staged)
+
+    def scored(i: int, outcome: dict | Exception) -> None:
+        value = values[i]
+        if isinstance(outcome, Exception):
+            record(value, _failed(outcome))
+            return
+        entry = {"status": COMMITTED, **{k: outcome[k] for k in ("scored", "attempt", "wall_s")}}
+        try:
+            record(value, publish(value, entry, committed_before=False))
+        except _ERRORS as err:
+            record(value, _failed(err))
+
+    if staged and not stop.is_set():
+        scoring.score_staged(list(staged.values()), cfg, on_done=scored)
+    elif staged:  # fail_fast: a partition failed while the others were staged
+        for value in staged:
+            record(value, {"status": NOT_RUN})
     failed = [v for v, e in manifest["partitions"].items() if e["status"] == FAILED]
     manifest["wall_s"] = round(time.time() - started, 2)
     manifest["counts"] = {

@@ -19,6 +19,9 @@ import queue
 import threading
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +39,7 @@ from optirag.pipelines import context
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = [S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE]
+RUN = "_run"  # which of the runs scored together a row belongs to; dropped before writing
 
 
 class ScoreTokens:
@@ -88,9 +92,34 @@ def assemble_shard(
     return _ASSEMBLERS[tables.paths.root].assemble(table, user_rows, item_rows)
 
 
+@dataclass
+class Staged:
+    """A run whose input is staged into shards: what is left to score, then commit."""
+
+    cfg: Config
+    run: runs.Run
+    version: tuple[str, dict]
+    lengths: dict[int, int]  # rows per shard
+    pending: list[int]  # shards without a valid marker
+    started: float
+
+    def commit(self) -> dict:
+        summary = runs.commit(self.run, self.lengths, self.cfg, self.version, self.started)
+        return {**summary, "shards": len(self.lengths), "shards_run": len(self.pending)}
+
+
 def run(cfg: Config, run_root: str | None = None) -> dict:
     """Score the candidates; returns the run summary. Needs ray.init() first. The run's
     folder is `<output>/<run_id>/` unless `run_root` names it (a backfill's partition)."""
+    staged = stage(cfg, run_root)
+    outcome = score_staged([staged], cfg)[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def stage(cfg: Config, run_root: str | None = None) -> Staged:
+    """Start (or resume) a run and stage its candidates by user: a Ray Data task per part."""
     started = time.time()
     store = cfg.storage
     version = runs.model_version(cfg)
@@ -104,60 +133,126 @@ def run(cfg: Config, run_root: str | None = None) -> dict:
         known_items = ray.put(items[S.ITEM_ID].to_numpy())
         fs, _ = storage.resolve(inputs.candidates, store)
 
-        def stage(batch: dict[str, np.ndarray]) -> pa.Table:
+        def stage_one(batch: dict[str, np.ndarray]) -> pa.Table:
             part = parts[int(batch["id"][0])]
             table = runs.read_part(part, fs, ray.get(known_items))
             marker = runs.stage_part(part, table, run.num_shards, paths, cfg)
             return pa.table({"marker": [json.dumps(marker)]})
 
         ds = ray.data.range(len(parts), override_num_blocks=len(parts)).map_batches(
-            stage, batch_size=1, batch_format="numpy"
+            stage_one, batch_size=1, batch_format="numpy"
         )
         _drive(ds, sum(p.length for p in parts), cfg, "staging by user")
 
     lengths = run.shard_lengths(store)
-    pending = run.pending_shards(lengths, store)
-    if pending:
-        tables = context.build(cfg, inputs.history, inputs.items, inputs.neighbors)
-        num_shards = run.num_shards
+    return Staged(cfg, run, version, lengths, run.pending_shards(lengths, store), started)
 
-        def read(batch: dict[str, np.ndarray]) -> pa.Table:
-            shard_id = pending[int(batch["id"][0])]
-            table = runs.read_staged_shard(paths, shard_id, store)
-            return assemble_shard(table, shard_id, num_shards, tables, cfg)
 
-        compute = cfg.compute
-        # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
-        # which it flags as deprecated; the bounds below are deliberate.
-        ds = (
-            ray.data.range(len(pending), override_num_blocks=len(pending))
-            .map_batches(read, batch_size=1, batch_format="numpy")
-            .map_batches(
-                ScoreTokens,
-                fn_constructor_kwargs={"cfg": cfg, "model_version": version[0]},
-                batch_size=None,
-                batch_format="pyarrow",
-                compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
-                num_gpus=compute.num_gpus_per_actor / compute.actors_per_gpu,
-                num_cpus=compute.num_cpus_per_actor,
-                max_restarts=cfg.scoring.max_actor_restarts,
-                max_task_retries=cfg.scoring.max_task_retries,
-            )
-            .map_batches(
-                runs.write_shard,
-                fn_kwargs={"cfg": cfg, "paths": paths, "lengths": lengths},
-                batch_size=None,
-                batch_format="pyarrow",
-            )
+OnDone = Callable[[int, "dict | Exception"], None]
+
+
+def score_staged(
+    staged: list[Staged], cfg: Config, on_done: OnDone | None = None
+) -> list[dict | Exception]:
+    """Score the pending shards of every staged run in one Ray Data graph (one actor pool,
+    started once), committing each run as soon as its last shard is written. Returns each
+    run's summary, or the exception that failed it; `on_done(i, outcome)` is called as each
+    run finishes. The runs must share their history, items and neighbours (a backfill's
+    partitions do); `scoring.timeout_s` applies to each run, so the graph gets that times
+    the number of runs."""
+    outcomes: dict[int, dict | Exception] = {}
+
+    def finish(i: int, error: Exception | None = None) -> None:
+        if error is None:
+            try:
+                outcomes[i] = staged[i].commit()
+            except (ValueError, OSError, RuntimeError) as err:
+                outcomes[i] = err
+        else:
+            outcomes[i] = error
+        if on_done is not None:
+            on_done(i, outcomes[i])
+
+    for i, one in enumerate(staged):
+        if not one.pending:
+            finish(i)
+    work = [(i, shard) for i, one in enumerate(staged) for shard in one.pending]
+    if work:
+        left = Counter(i for i, _ in work)
+        shared = {(one.version[0], one.run.inputs.history, one.run.inputs.items,
+                   one.run.inputs.neighbors) for one in staged}  # fmt: skip
+        if len(shared) != 1:
+            raise ValueError("runs scored together must share the model, history, items and "
+                             "neighbours")  # fmt: skip
+
+        def on_shard(marker: dict) -> None:
+            left[marker[RUN]] -= 1
+            if left[marker[RUN]] == 0:
+                finish(marker[RUN])
+
+        rows = sum(staged[i].lengths[shard] for i, shard in work)
+        timeout = cfg.scoring.timeout_s * len(left)
+        try:
+            _drive(_scoring_graph(staged, work, cfg), rows, cfg, "scoring", on_shard, timeout)
+        except (ValueError, OSError, RuntimeError) as err:  # RunFailed is a RuntimeError
+            for i in left:
+                if i not in outcomes:
+                    finish(i, err)
+    return [outcomes[i] for i in range(len(staged))]
+
+
+def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Config):
+    """read shard + assemble (tasks) -> ScoreTokens (actor pool) -> write shard (tasks)."""
+    first = staged[0].run.inputs
+    tables = context.build(cfg, first.history, first.items, first.neighbors)
+    targets = [(one.cfg, one.run.paths, one.run.num_shards, one.lengths) for one in staged]
+    store = cfg.storage
+
+    def read(batch: dict[str, np.ndarray]) -> pa.Table:
+        i, shard_id = work[int(batch["id"][0])]
+        _, paths, num_shards, _ = targets[i]
+        table = runs.read_staged_shard(paths, shard_id, store)
+        block = assemble_shard(table, shard_id, num_shards, tables, cfg)
+        return block.append_column(RUN, pa.array(np.full(len(block), i, dtype=np.int32)))
+
+    def write(batch: pa.Table) -> pa.Table:
+        i = int(batch[RUN][0].as_py())
+        run_cfg, paths, _, lengths = targets[i]
+        written = runs.write_shard(batch.drop_columns([RUN]), run_cfg, paths, lengths)
+        marker = json.loads(written["marker"][0].as_py())
+        return pa.table({"marker": [json.dumps({**marker, RUN: i})]})
+
+    compute = cfg.compute
+    # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
+    # which it flags as deprecated; the bounds below are deliberate.
+    return (
+        ray.data.range(len(work), override_num_blocks=len(work))
+        .map_batches(read, batch_size=1, batch_format="numpy")
+        .map_batches(
+            ScoreTokens,
+            fn_constructor_kwargs={"cfg": cfg, "model_version": staged[0].version[0]},
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+            num_gpus=compute.num_gpus_per_actor / compute.actors_per_gpu,
+            num_cpus=compute.num_cpus_per_actor,
+            max_restarts=cfg.scoring.max_actor_restarts,
+            max_task_retries=cfg.scoring.max_task_retries,
         )
-        _drive(ds, sum(lengths[s] for s in pending), cfg, "scoring")
-
-    summary = runs.commit(run, lengths, cfg, version, started)
-    return {**summary, "shards": len(lengths), "shards_run": len(pending)}
+        .map_batches(write, batch_size=None, batch_format="pyarrow")
+    )
 
 
-def _drive(ds, pending_rows: int, cfg: Config, desc: str) -> None:
-    """Consume the dataset with a progress bar, a wall-clock limit and a stall watchdog."""
+def _drive(
+    ds,
+    pending_rows: int,
+    cfg: Config,
+    desc: str,
+    on_marker: Callable[[dict], None] | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Consume the dataset with a progress bar, a wall-clock limit (default
+    `scoring.timeout_s`) and a stall watchdog; `on_marker` sees each marker as it arrives."""
     from tqdm.auto import tqdm
 
     events: queue.Queue = queue.Queue()
@@ -172,19 +267,19 @@ def _drive(ds, pending_rows: int, cfg: Config, desc: str) -> None:
             events.put(("error", err))
 
     threading.Thread(target=consume, daemon=True, name="optirag-consume").start()
-    deadline = time.monotonic() + cfg.scoring.timeout_s
+    timeout_s = timeout_s or cfg.scoring.timeout_s
+    deadline = time.monotonic() + timeout_s
+    timed_out = f"timed out after {timeout_s:.0f}s (scoring.timeout_s={cfg.scoring.timeout_s}s)"
     with tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar:
         while True:
             wait = min(cfg.scoring.stall_timeout_s, deadline - time.monotonic())
             if wait <= 0:
-                raise runs.RunFailed(f"timed out after scoring.timeout_s={cfg.scoring.timeout_s}s")
+                raise runs.RunFailed(timed_out)
             try:
                 kind, payload = events.get(timeout=wait)
             except queue.Empty:
                 if time.monotonic() >= deadline:
-                    raise runs.RunFailed(
-                        f"timed out after scoring.timeout_s={cfg.scoring.timeout_s}s"
-                    ) from None
+                    raise runs.RunFailed(timed_out) from None
                 raise runs.RunFailed(
                     f"stalled: no shard finished in scoring.stall_timeout_s="
                     f"{cfg.scoring.stall_timeout_s}s"
@@ -194,3 +289,5 @@ def _drive(ds, pending_rows: int, cfg: Config, desc: str) -> None:
             if kind == "error":
                 raise runs.RunFailed(f"scoring failed: {payload}") from payload
             bar.update(payload["input_rows"])
+            if on_marker is not None:
+                on_marker(payload)
