@@ -46,7 +46,8 @@ demo: install data smollm2
 
 # Offline A/B after `make demo`: AB_USERS of the test sample's users, their pairs of the last
 # three months as monthly partitions (the default 12 users have pairs in two of them),
-# backfilled with the demo heads at full depth (A) and with early exit (B), then compared.
+# backfilled with the demo heads at full depth (A) and with early exit (B), one process and
+# one Ray start for both (conf/ab/*.yaml extend conf/demo.yaml), then compared.
 AB_ROOT := data/demo
 AB_USERS ?= 12
 AB_BACKFILL := backfill.candidates_uri=$(AB_ROOT)/candidates/test_sample_by_month \
@@ -54,9 +55,8 @@ AB_BACKFILL := backfill.candidates_uri=$(AB_ROOT)/candidates/test_sample_by_mont
 ab-demo:
 	$(PYTHON) jobs/partition_candidates.py --config $(CONFIG) backfill.partition_key=month \
 	  backfill.sample_users=$(AB_USERS)
-	$(PYTHON) jobs/backfill.py --config $(CONFIG) $(AB_BACKFILL) backfill.name=full-depth \
-	  exits.rule=none
-	$(PYTHON) jobs/backfill.py --config $(CONFIG) $(AB_BACKFILL) backfill.name=early-exit
+	$(PYTHON) jobs/backfill.py --variant full-depth=conf/ab/full-depth.yaml \
+	  --variant early-exit=conf/ab/early-exit.yaml $(AB_BACKFILL)
 	$(PYTHON) jobs/compare.py --config $(CONFIG) \
 	  compare.a=$(AB_ROOT)/scores/_backfills/full-depth.json \
 	  compare.b=$(AB_ROOT)/scores/_backfills/early-exit.json

@@ -485,17 +485,11 @@ def section_help() -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config file (None: the defaults) with `a.b=c` overrides applied. A file may start
+    from another with `extends: other.yaml` (relative to the file): its keys are merged into
+    the other's, section by section, so a model variant states only what it changes."""
     source = str(path) if path else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping")
+    raw = _read_yaml(Path(path), ()) if path is not None else {}
     for item in overrides:
         _apply_override(raw, item)
     try:
@@ -507,6 +501,35 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append(f"  {key}: {msg}")
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(problems)) from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's mapping, with the file it `extends` merged under it."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: `extends` goes round in a circle: {chain}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected the path of another config file")
+    return _merged(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 SECRET_KEYS = ("secret", "password", "token", "access_key")

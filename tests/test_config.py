@@ -8,7 +8,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 # runtime_env.yaml is a Ray runtime environment, not an optirag config.
-JOB_CONFIGS = sorted(p for p in CONF_DIR.glob("*.yaml") if p.name != "runtime_env.yaml")
+JOB_CONFIGS = sorted(p for p in CONF_DIR.glob("**/*.yaml") if p.name != "runtime_env.yaml")
 
 
 def test_conf_dir_has_configs():
@@ -18,6 +18,32 @@ def test_conf_dir_has_configs():
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_every_conf_file_is_valid(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_extends_merges_sections_and_refuses_a_circle(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "storage: {root: /data}\nexits: {rule: agreement, threshold: 0.1}\nscoring: {run_id: a}\n"
+    )
+    (tmp_path / "variants").mkdir()
+    variant = tmp_path / "variants" / "b.yaml"
+    variant.write_text("extends: ../base.yaml\nexits: {threshold: 0.3}\n")
+    cfg = load_config(variant, ["scoring.run_id=b"])
+    assert cfg.storage.root == "/data"
+    assert (cfg.exits.rule, cfg.exits.threshold) == ("agreement", 0.3)  # merged, not replaced
+    assert cfg.scoring.run_id == "b"  # overrides apply last
+    (tmp_path / "base.yaml").write_text("extends: variants/b.yaml\n")
+    with pytest.raises(ConfigError, match="circle"):
+        load_config(variant)
+    variant.write_text("extends: ../missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(variant)
+
+
+def test_ab_demo_variants_differ_only_in_the_exit_rule():
+    full, early = (load_config(CONF_DIR / "ab" / f"{n}.yaml") for n in ("full-depth", "early-exit"))
+    demo = load_config(CONF_DIR / "demo.yaml")
+    assert full.exits.rule == "none" and early == demo
+    assert full.model_copy(update={"exits": demo.exits}) == demo
 
 
 def test_overrides_are_typed(tmp_path):
