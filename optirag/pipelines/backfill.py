@@ -4,15 +4,17 @@
 
 Each partition is an ordinary scoring run (exactly once, resumable, `_SUCCESS` last) whose
 folder names the model version, so two model variants backfill side by side and a warehouse
-reads the output by partition. The partitions are staged first (`backfill.max_concurrent` at
-a time), then one Ray Data graph scores every staged partition's shards with one actor pool,
-started once for the whole backfill, and each partition commits as soon as its last shard is
-written. A partition already committed for the same model version and
-the same input files is skipped; a failed partition fails the backfill, naming it, after the
-others have finished (or at once with `backfill.fail_fast`). The backfill's manifest
-(`scores/_backfills/<backfill.name>.json`, default name `model=<model_version>`) lists every
-partition's run and status and is rewritten as each partition finishes, so a long backfill shows
-its progress.
+reads the output by partition. A partition already committed for the same model version and
+the same input files is skipped. The others are staged first (`backfill.max_concurrent` at a
+time), then one Ray Data graph scores all their shards with one actor pool, started once for
+the whole backfill, and each partition commits as soon as its last shard is written.
+
+Bad input fails its partition while staging; the backfill fails, naming it, after the others
+have finished (or at once with `backfill.fail_fast`). A failure inside the scoring graph (after
+its retries) fails every partition not committed by then; the rerun resumes them. The
+backfill's manifest (`scores/_backfills/<backfill.name>.json`, default name
+`model=<model_version>`) lists every partition's run and status and is rewritten as each
+partition finishes, so a long backfill shows its progress.
 """
 
 from __future__ import annotations
