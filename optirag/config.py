@@ -248,7 +248,12 @@ class ScoringConfig(StrictModel):
     max_write_retries: int = Field(3, ge=0, description="retries of a shard write on OSError")
     max_actor_restarts: int = Field(2, ge=0)
     max_task_retries: int = Field(2, ge=0)
-    timeout_s: float = Field(6 * 3600, gt=0, description="wall-clock limit of the run")
+    timeout_s: float = Field(
+        6 * 3600,
+        gt=0,
+        description="wall-clock limit of the run (a backfill's one scoring graph: this times "
+        "the partitions it scores)",
+    )
     stall_timeout_s: float = Field(900, gt=0, description="fail when no shard finishes this long")
 
 
@@ -320,7 +325,9 @@ class BackfillConfig(StrictModel):
     name: RunId | None = Field(
         None, description="names the manifest, _backfills/<name>.json; default model=<version>"
     )
-    fail_fast: bool = Field(False, description="stop at the first failed partition")
+    fail_fast: bool = Field(
+        False, description="stage no partition after one fails (those staged are scored)"
+    )
     max_concurrent: int = Field(
         1,
         gt=0,
@@ -516,17 +523,21 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    base = raw.pop("extends", None)
-    if base is None:
+    if "extends" not in raw:
         return raw
-    if not isinstance(base, str):
+    base = raw.pop("extends")
+    if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: extends: expected the path of another config file")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: extends: config file not found: {path.parent / base}")
     return _merged(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
 
 
 def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (`exits:`) changes nothing
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = _merged(out[key], value) if both else value
     return out

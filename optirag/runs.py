@@ -520,6 +520,10 @@ def commit(
         "model_version": version[0],
         "wall_s": round(wall, 2),
         "pairs_per_s": round(total / wall, 2) if wall else None,
+        # runs scored together (a backfill's partitions) overlap: a reader of several runs
+        # takes the union of these spans, not the sum of wall_s
+        "started_at": round(started, 3),
+        "committed_at": round(started + wall, 3),
     }
     manifest = {
         **summary,

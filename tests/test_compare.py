@@ -295,3 +295,20 @@ def test_rank_agreement_of_users_with_two_pairs():
     assert r["spearman_mean"] == pytest.approx(0.0)
     assert r["kendall_tau_b_mean"] == pytest.approx(0.0)
     assert rank_agreement(lists[:2], a[:2], b[:2])["kendall_tau_b_mean"] == pytest.approx(-1.0)
+
+
+def test_speed_of_runs_scored_together_counts_their_overlap_once():
+    from optirag.pipelines.compare import Side
+
+    def side(*manifests):
+        return Side("a", "loc", pa.table({}), list(manifests), set())
+
+    overlapping = side(
+        {"scored": 30, "wall_s": 10.0, "started_at": 100.0, "committed_at": 110.0},
+        {"scored": 10, "wall_s": 8.0, "started_at": 104.0, "committed_at": 112.0},
+        {"scored": 20, "wall_s": 5.0, "started_at": 120.0, "committed_at": 125.0},
+    )
+    assert overlapping.speed()["wall_s"] == 17.0  # [100, 112] and [120, 125]
+    assert overlapping.speed()["pairs_per_s"] == pytest.approx(60 / 17)
+    older = side({"scored": 30, "wall_s": 10.0}, {"scored": 10, "wall_s": 8.0})  # no spans
+    assert older.speed()["wall_s"] == 18.0

@@ -35,7 +35,10 @@ def test_extends_merges_sections_and_refuses_a_circle(tmp_path):
     with pytest.raises(ConfigError, match="circle"):
         load_config(variant)
     variant.write_text("extends: ../missing.yaml\n")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="b.yaml: extends: config file not found"):
+        load_config(variant)
+    variant.write_text('extends: ""\n')
+    with pytest.raises(ConfigError, match="extends: expected"):
         load_config(variant)
 
 

@@ -388,3 +388,45 @@ def test_duplicates_across_files_and_one_output_schema(
     for path in Path(attempt.scores_folder).iterdir():
         schema = pq.read_schema(path)
         assert schema.field(S.USER_ID).type == schema.field(S.ITEM_ID).type == pa.int64()
+
+
+def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
+    """score_staged's bookkeeping, without Ray: a run commits when its last marker arrives, a
+    run with nothing pending commits before the graph, a graph failure fails only the runs
+    not committed by then, and a failing on_done callback is not a run's failure."""
+    inputs = runs.Inputs(candidates="c", history="h", items="i", neighbors=None, output="o")
+
+    def staged(name: str, lengths: dict, pending: list) -> scoring.Staged:
+        run = runs.Run(name, inputs, A.RunPaths(name), A.RunPaths(name).attempt(1), [], 1)
+        return scoring.Staged(Config(), run, ("v", {}), lengths, pending, 0.0)
+
+    together = [staged("a", {0: 3, 1: 2}, [0, 1]), staged("b", {0: 4}, []),
+                staged("c", {0: 1, 1: 1}, [0, 1])]  # fmt: skip
+    committed = []
+    monkeypatch.setattr(
+        runs, "commit", lambda run, *_: committed.append(run.run_id) or {"run_id": run.run_id}
+    )
+    monkeypatch.setattr(scoring, "_scoring_graph", lambda *_: "graph")
+
+    def drive(ds, rows, cfg, desc, on_marker, timeout_s):
+        assert (ds, rows, timeout_s) == ("graph", 7, 2 * cfg.scoring.timeout_s)
+        assert committed == ["b"]  # nothing pending: committed before the graph
+        on_marker({"_run": 0, "shard_id": 1})
+        on_marker({"_run": 2, "shard_id": 0})
+        assert committed == ["b"]  # a and c each have a shard to go
+        on_marker({"_run": 0, "shard_id": 0})
+        assert committed == ["b", "a"]
+        raise runs.RunFailed("stalled")
+
+    monkeypatch.setattr(scoring, "_drive", drive)
+    done = []
+
+    def on_done(i, outcome):
+        done.append(i)
+        if i == 1:
+            raise OSError("the manifest could not be written")
+
+    outcomes = scoring.score_staged(together, on_done)
+    assert committed == ["b", "a"] and done == [1, 0, 2]
+    assert outcomes[0]["run_id"] == "a" and outcomes[1]["shards_run"] == 0
+    assert isinstance(outcomes[2], runs.RunFailed) and "stalled" in str(outcomes[2])

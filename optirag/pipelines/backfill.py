@@ -10,7 +10,8 @@ time), then one Ray Data graph scores all their shards with one actor pool, star
 the whole backfill, and each partition commits as soon as its last shard is written.
 
 Bad input fails its partition while staging; the backfill fails, naming it, after the others
-have finished (or at once with `backfill.fail_fast`). A failure inside the scoring graph (after
+have finished (`backfill.fail_fast`: no partition is staged after the failure; those staged
+before it are scored). A failure inside the scoring graph (after
 its retries) fails every partition not committed by then; the rerun resumes them. The
 backfill's manifest (`scores/_backfills/<backfill.name>.json`, default name
 `model=<model_version>`) lists every partition's run and status and is rewritten as each
@@ -32,7 +33,7 @@ from optirag.pipelines import scoring
 
 log = logging.getLogger(__name__)
 
-COMMITTED, SKIPPED, FAILED = "committed", "skipped", "failed"
+COMMITTED, SKIPPED, FAILED, STAGED = "committed", "skipped", "failed", "staged"
 NOT_RUN = "not run (fail_fast)"
 
 
@@ -171,7 +172,10 @@ def run(cfg: Config) -> dict:
                 else runs.committed_as_planned(part_cfg, version, run_root)
             )
             if done is None:
-                return scoring.stage(part_cfg, run_root=run_root)
+                staged = scoring.stage(part_cfg, run_root=run_root)
+                record(value, {"status": STAGED, "shards": len(staged.lengths),
+                               "shards_pending": len(staged.pending)})  # fmt: skip
+                return staged
             log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
             entry = {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
             record(value, publish(value, entry, committed_before=True))
@@ -196,11 +200,8 @@ def run(cfg: Config) -> dict:
         except _ERRORS as err:
             record(value, _failed(err))
 
-    if staged and not stop.is_set():
-        scoring.score_staged(list(staged.values()), cfg, on_done=scored)
-    elif staged:  # fail_fast: a partition failed while the others were staged
-        for value in staged:
-            record(value, {"status": NOT_RUN})
+    if staged:  # under fail_fast too: what was staged before the failure is scored
+        scoring.score_staged(list(staged.values()), on_done=scored)
     failed = [v for v, e in manifest["partitions"].items() if e["status"] == FAILED]
     manifest["wall_s"] = round(time.time() - started, 2)
     manifest["counts"] = {

@@ -53,10 +53,26 @@ class Side:
         return int(max(layers)) if layers else int(exits.max())
 
     def speed(self) -> dict:
+        """Pairs over the time the side's runs took: the union of their [started_at,
+        committed_at] spans (a backfill's partitions are scored together and overlap), or
+        the sum of wall_s for manifests without the spans."""
         scored = sum(m.get("scored") or 0 for m in self.manifests)
-        wall = sum(m.get("wall_s") or 0.0 for m in self.manifests)
-        return {"runs": len(self.manifests), "scored": scored, "wall_s": wall,
+        spans = [(m.get("started_at"), m.get("committed_at")) for m in self.manifests]
+        if all(a is not None and b is not None for a, b in spans):
+            wall = _union_length(spans)
+        else:
+            wall = sum(m.get("wall_s") or 0.0 for m in self.manifests)
+        return {"runs": len(self.manifests), "scored": scored, "wall_s": round(wall, 2),
                 "pairs_per_s": scored / wall if wall else None}  # fmt: skip
+
+
+def _union_length(spans: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def read_side(location: str, model: str | None, name: str, store: StorageConfig) -> Side:

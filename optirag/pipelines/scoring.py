@@ -13,6 +13,7 @@ table; assembling tokens is CPU work of its own tasks, apart from the model acto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -111,8 +112,7 @@ class Staged:
 def run(cfg: Config, run_root: str | None = None) -> dict:
     """Score the candidates; returns the run summary. Needs ray.init() first. The run's
     folder is `<output>/<run_id>/` unless `run_root` names it (a backfill's partition)."""
-    staged = stage(cfg, run_root)
-    outcome = score_staged([staged], cfg)[0]
+    outcome = score_staged([stage(cfg, run_root)])[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
@@ -151,16 +151,16 @@ def stage(cfg: Config, run_root: str | None = None) -> Staged:
 OnDone = Callable[[int, "dict | Exception"], None]
 
 
-def score_staged(
-    staged: list[Staged], cfg: Config, on_done: OnDone | None = None
-) -> list[dict | Exception]:
+def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[dict | Exception]:
     """Score the pending shards of every staged run in one Ray Data graph (one actor pool,
     started once), committing each run as soon as its last shard is written. Returns each
     run's summary, or the exception that failed it; `on_done(i, outcome)` is called as each
-    run finishes. The runs must share their history, items and neighbours (a backfill's
-    partitions do); `scoring.timeout_s` applies to each run, so the graph gets that times
-    the number of runs."""
+    run finishes (an exception it raises is logged, not the run's). The runs must share their
+    model, history, items and neighbours (a backfill's partitions do) and are scored with
+    the first one's config; the graph's wall-clock limit is `scoring.timeout_s` times the
+    number of runs it scores."""
     outcomes: dict[int, dict | Exception] = {}
+    cfg = staged[0].cfg if staged else None
 
     def finish(i: int, error: Exception | None = None) -> None:
         if error is None:
@@ -171,7 +171,10 @@ def score_staged(
         else:
             outcomes[i] = error
         if on_done is not None:
-            on_done(i, outcomes[i])
+            try:
+                on_done(i, outcomes[i])
+            except Exception:  # a report's failure is not the run's
+                log.exception("after run %s finished", staged[i].run.run_id)
 
     for i, one in enumerate(staged):
         if not one.pending:
@@ -216,7 +219,9 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
         return block.append_column(RUN, pa.array(np.full(len(block), i, dtype=np.int32)))
 
     def write(batch: pa.Table) -> pa.Table:
-        i = int(batch[RUN][0].as_py())
+        i = int(pc.min(batch[RUN]).as_py())
+        if i != pc.max(batch[RUN]).as_py():
+            raise runs.RunFailed("a batch must hold one run's shard")
         run_cfg, paths, _, lengths = targets[i]
         written = runs.write_shard(batch.drop_columns([RUN]), run_cfg, paths, lengths)
         marker = json.loads(written["marker"][0].as_py())
@@ -256,10 +261,13 @@ def _drive(
     from tqdm.auto import tqdm
 
     events: queue.Queue = queue.Queue()
+    given_up = threading.Event()  # the driver failed the graph: stop pulling from it
 
     def consume() -> None:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if given_up.is_set():
+                    break  # leaving the loop closes the iterator, which stops the graph
                 for marker in batch["marker"].to_pylist():
                     events.put(("shard", json.loads(marker)))
             events.put(("done", None))
@@ -270,7 +278,10 @@ def _drive(
     timeout_s = timeout_s or cfg.scoring.timeout_s
     deadline = time.monotonic() + timeout_s
     timed_out = f"timed out after {timeout_s:.0f}s (scoring.timeout_s={cfg.scoring.timeout_s}s)"
-    with tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar:
+    with (
+        tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar,
+        _set_on_exit(given_up),
+    ):
         while True:
             wait = min(cfg.scoring.stall_timeout_s, deadline - time.monotonic())
             if wait <= 0:
@@ -291,3 +302,11 @@ def _drive(
             bar.update(payload["input_rows"])
             if on_marker is not None:
                 on_marker(payload)
+
+
+@contextlib.contextmanager
+def _set_on_exit(event: threading.Event):
+    try:
+        yield
+    finally:
+        event.set()
