@@ -47,7 +47,8 @@ demo: install data smollm2
 # Offline A/B after `make demo`: AB_USERS of the test sample's users, their pairs of the last
 # three months as monthly partitions (the default 12 users have pairs in two of them),
 # backfilled with the demo heads at full depth (A) and with early exit (B), one process and
-# one Ray start for both (conf/ab/*.yaml extend conf/demo.yaml), then compared.
+# one Ray start for both (conf/ab/*.yaml extend conf/demo.yaml, whatever CONFIG says), then
+# compared.
 AB_ROOT := data/demo
 AB_USERS ?= 12
 AB_BACKFILL := backfill.candidates_uri=$(AB_ROOT)/candidates/test_sample_by_month \
