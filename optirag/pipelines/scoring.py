@@ -13,7 +13,7 @@ table; assembling tokens is CPU work of its own tasks, apart from the model acto
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import json
 import logging
 import queue
@@ -258,30 +258,60 @@ def _drive(
 ) -> None:
     """Consume the dataset with a progress bar, a wall-clock limit (default
     `scoring.timeout_s`) and a stall watchdog; `on_marker` sees each marker as it arrives."""
-    from tqdm.auto import tqdm
-
     events: queue.Queue = queue.Queue()
-    given_up = threading.Event()  # the driver failed the graph: stop pulling from it
 
     def consume() -> None:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if given_up.is_set():
-                    break  # leaving the loop closes the iterator, which stops the graph
                 for marker in batch["marker"].to_pylist():
                     events.put(("shard", json.loads(marker)))
             events.put(("done", None))
         except BaseException as err:  # surfaced in the driver thread below
             events.put(("error", err))
 
-    threading.Thread(target=consume, daemon=True, name="optirag-consume").start()
+    consumer = threading.Thread(target=consume, daemon=True, name="optirag-consume")
+    consumer.start()
+    try:
+        _watch(events, pending_rows, cfg, desc, on_marker, timeout_s)
+    except BaseException:
+        _stop_consumer(consumer)
+        raise
+
+
+class _GivenUp(BaseException):
+    """Raised inside the consume thread when the driver has failed the graph."""
+
+
+def _stop_consumer(consumer: threading.Thread) -> None:
+    """Stop pulling from a graph the driver gave up on. Raising inside the consume thread
+    makes Ray Data's iterator shut its executor down, which releases the actors' CPUs/GPUs;
+    left alone, an abandoned graph keeps them and a rerun in the same cluster waits forever.
+    (The thread blocks in Ray Data's polling loop, in Python, so the exception lands.)"""
+    if not consumer.is_alive() or consumer.ident is None:
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(consumer.ident), ctypes.py_object(_GivenUp)
+    )
+    consumer.join(timeout=60)
+    if consumer.is_alive():
+        log.warning("the abandoned scoring graph did not stop within 60 s")
+
+
+def _watch(
+    events: queue.Queue,
+    pending_rows: int,
+    cfg: Config,
+    desc: str,
+    on_marker: Callable[[dict], None] | None,
+    timeout_s: float | None,
+) -> None:
+    """The driver's side of `_drive`: progress, limits, markers."""
+    from tqdm.auto import tqdm
+
     timeout_s = timeout_s or cfg.scoring.timeout_s
     deadline = time.monotonic() + timeout_s
     timed_out = f"timed out after {timeout_s:.0f}s (scoring.timeout_s={cfg.scoring.timeout_s}s)"
-    with (
-        tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar,
-        _set_on_exit(given_up),
-    ):
+    with tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar:
         while True:
             wait = min(cfg.scoring.stall_timeout_s, deadline - time.monotonic())
             if wait <= 0:
@@ -302,11 +332,3 @@ def _drive(
             bar.update(payload["input_rows"])
             if on_marker is not None:
                 on_marker(payload)
-
-
-@contextlib.contextmanager
-def _set_on_exit(event: threading.Event):
-    try:
-        yield
-    finally:
-        event.set()
