@@ -257,10 +257,9 @@ def read_staged_shard(paths: AttemptPaths, shard_id: int, store: StorageConfig) 
 # ----------------------------------------------------------------------------- shards
 
 
-def write_shard(
-    batch: pa.Table, cfg: Config, paths: AttemptPaths, lengths: dict[int, int]
-) -> pa.Table:
-    """Split a scored shard into scores and rejects, validate, write both, then the marker."""
+def write_shard(batch: pa.Table, cfg: Config, paths: AttemptPaths, lengths: dict[int, int]) -> dict:
+    """Split a scored shard into scores and rejects, validate, write both, then the marker;
+    returns the marker."""
     shard_ids = np.unique(batch[SHARD_ID].to_numpy())
     if len(shard_ids) != 1 or len(batch) != lengths[int(shard_ids[0])]:
         raise RunFailed(f"a batch must hold one whole shard, got shards {shard_ids.tolist()}")
@@ -298,7 +297,7 @@ def write_shard(
         storage.write_json(marker, paths.marker(shard_id), cfg.storage)
 
     with_retries(write, f"writing shard {shard_id}", cfg.scoring.max_write_retries)
-    return pa.table({"marker": [json.dumps(marker)]})
+    return marker
 
 
 def _split_duplicates(scored: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -37,9 +37,6 @@ COMMITTED, SKIPPED, FAILED, STAGED = "committed", "skipped", "failed", "staged"
 NOT_RUN = "not run (fail_fast)"
 
 
-_ERRORS = (ValueError, OSError, RuntimeError)
-
-
 class BackfillFailed(RuntimeError):
     """One or more partitions failed; the others are committed."""
 
@@ -179,7 +176,7 @@ def run(cfg: Config) -> dict:
             log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
             entry = {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
             record(value, publish(value, entry, committed_before=True))
-        except _ERRORS as err:
+        except scoring.RUN_ERRORS as err:
             record(value, _failed(err))
         return None
 
@@ -197,7 +194,7 @@ def run(cfg: Config) -> dict:
         entry = {"status": COMMITTED, **{k: outcome[k] for k in ("scored", "attempt", "wall_s")}}
         try:
             record(value, publish(value, entry, committed_before=False))
-        except _ERRORS as err:
+        except scoring.RUN_ERRORS as err:
             record(value, _failed(err))
 
     if staged:  # under fail_fast too: what was staged before the failure is scored

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = [S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE]
 RUN = "_run"  # which of the runs scored together a row belongs to; dropped before writing
+RUN_ERRORS = (ValueError, OSError, RuntimeError)  # what fails a run (RunFailed: RuntimeError)
 
 
 class ScoreTokens:
@@ -166,7 +167,7 @@ def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[di
         if error is None:
             try:
                 outcomes[i] = staged[i].commit()
-            except (ValueError, OSError, RuntimeError) as err:
+            except RUN_ERRORS as err:
                 outcomes[i] = err
         else:
             outcomes[i] = error
@@ -197,7 +198,7 @@ def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[di
         timeout = cfg.scoring.timeout_s * len(left)
         try:
             _drive(_scoring_graph(staged, work, cfg), rows, cfg, "scoring", on_shard, timeout)
-        except (ValueError, OSError, RuntimeError) as err:  # RunFailed is a RuntimeError
+        except RUN_ERRORS as err:
             for i in left:
                 if i not in outcomes:
                     finish(i, err)
@@ -223,8 +224,7 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
         if i != pc.max(batch[RUN]).as_py():
             raise runs.RunFailed("a batch must hold one run's shard")
         run_cfg, paths, _, lengths = targets[i]
-        written = runs.write_shard(batch.drop_columns([RUN]), run_cfg, paths, lengths)
-        marker = json.loads(written["marker"][0].as_py())
+        marker = runs.write_shard(batch.drop_columns([RUN]), run_cfg, paths, lengths)
         return pa.table({"marker": [json.dumps({**marker, RUN: i})]})
 
     compute = cfg.compute
