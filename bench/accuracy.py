@@ -19,7 +19,8 @@ other row is exploratory.
 
 `--curve N ...` also trains frozen-linear and hybrid-linear on N extracted pairs each (AUC
 against training pairs). Features are cached, so variants cost head training and evaluation
-only. Needs prepare_data and train_retriever (conf/demo.yaml) to have run. Each variant writes
+only. Needs prepare_data and train_retriever with the same config to have run (the commands
+are in conf/accuracy.yaml; conf/accuracy-global.yaml is the global time split). Each variant writes
 under <root>/accuracy/<variant>/; results go to bench/results/accuracy.json.
 """
 

@@ -50,6 +50,11 @@ def _side(values: np.ndarray | None, n: int) -> pa.Array:
     ).cast(pa.list_(pa.float32()))
 
 
+# Users per piece of `user_rows`: their token ids are Python lists until they are Arrow, a few
+# KB per user, so a block of hundreds of thousands of users is made in pieces.
+USER_PIECE = 8192
+
+
 def user_rows(
     users: np.ndarray,
     contexts: ContextStore,
@@ -62,7 +67,15 @@ def user_rows(
     hashes = user_hash(users)
     order = np.lexsort((users, hashes))
     users, hashes = users[order], hashes[order]
-    prefixes = [prompts.encode_prefix(contexts.context(int(u))) for u in users]
+    pieces = [
+        _user_piece(users[i : i + USER_PIECE], hashes[i : i + USER_PIECE], contexts, prompts, side)
+        for i in range(0, len(users), USER_PIECE)
+    ]
+    return pa.concat_tables(pieces) if pieces else S.USER_CONTEXT.empty_table()
+
+
+def _user_piece(users, hashes, contexts: ContextStore, prompts: PromptBuilder, side) -> pa.Table:
+    prefixes = prompts.encode_prefixes([contexts.context(int(u)) for u in users])
     rated = [contexts.neighbor_rated(int(u)) for u in users]
     return pa.table(
         [

@@ -56,6 +56,25 @@ def test_token_budget_drops_oldest_history_first(tiny_backbone):
     assert ids == builder.encode_prefix(UserContext(history, ["Neighbour pick"]))
 
 
+def test_batch_encoding_equals_one_by_one(tiny_backbone):
+    """encode_prefixes (one batch call, then trimming the few over budget) gives each
+    context's encode_prefix ids, over and under the token budget, empty and unicode."""
+    cfg = PromptConfig(max_prefix_tokens=330, max_history=30, max_neighbor_items=3)
+    builder = PromptBuilder(tiny_backbone.tokenizer, cfg)
+    contexts = [
+        UserContext(),
+        UserContext([("Amélie (2001)", True), ("Heat", False)], ["Se7en", "Up"]),
+        UserContext([(f"Old movie {i}", i % 2 == 0) for i in range(30)], ["A", "B", "C", "D"]),
+        UserContext([], [f"Pick {i}" for i in range(40)]),
+    ]
+    one_by_one = [builder.encode_prefix(c) for c in contexts]
+    assert len(builder.encode(builder.prefix_text(contexts[2]))) > 330  # trimming runs
+    assert max(len(i) for i in one_by_one) <= 330
+    assert builder.encode_prefixes(contexts) == one_by_one
+    texts = [builder.prefix_text(c) for c in contexts]
+    assert builder.encode_many(texts) == [builder.encode(t) for t in texts]
+
+
 def test_context_has_no_future_interactions(movie_tables):
     interactions, items, neighbors = movie_tables
     store = ContextStore(interactions, items, neighbors, PromptConfig())
