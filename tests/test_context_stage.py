@@ -186,3 +186,19 @@ def test_items_missing_from_the_items_table_are_rejects_and_a_block_of_rejects_s
     out = scoring.ScoreTokens(cfg, "v1")(block)
     assert out[S.REASON].to_pylist() == rejects[S.REASON].to_pylist()
     assert np.isnan(out[S.SCORE].to_numpy()).all()
+
+
+def test_users_table_made_in_pieces_equals_one_piece(monkeypatch, tiny_backbone, movie_tables):
+    """user_rows makes its rows in pieces of USER_PIECE users: the boundaries change nothing."""
+    from optirag import context_tables
+    from optirag.config import PromptConfig
+    from optirag.prompts import PromptBuilder
+
+    prompts_cfg = PromptConfig(target_ratings=True)
+    contexts = ContextStore(*movie_tables, prompts_cfg)
+    prompts = PromptBuilder(tiny_backbone.tokenizer, prompts_cfg)
+    users = np.unique(movie_tables[0][S.USER_ID].to_numpy())
+    whole = context_tables.user_rows(users, contexts, prompts, None)
+    monkeypatch.setattr(context_tables, "USER_PIECE", 2)
+    pieces = context_tables.user_rows(users, contexts, prompts, None)
+    assert len(users) > 4 and pieces.equals(whole)
