@@ -388,3 +388,12 @@ def test_choices_never_read_the_test_labels(ray_session, tmp_path, tiny_llama_di
     roles = {m["model"]: m["role"] for m in metrics_a["models"]}
     assert roles[primary_a["model"]] == "primary"
     assert list(roles.values()).count("primary") == 1
+    # What the LLM adds over the same-information control, on the same pairs
+    auc_of = {m["model"]: m["slices"]["all"]["auc"] for m in metrics_a["models"]}
+    over = {r["model"]: r["slices"]["all"] for r in metrics_a["vs_same_information_control"]}
+    assert "trained heads, full depth" in over and primary_a["model"] in over
+    for name, entry in over.items():
+        assert entry["auc"] == auc_of[name]
+        want = auc_of[name] - auc_of[B.SAME_INFORMATION]
+        assert entry["diff_vs_reference"] == pytest.approx(want)
+        assert entry["diff_ci"][0] <= entry["diff_ci"][1]

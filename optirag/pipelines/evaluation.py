@@ -75,6 +75,12 @@ def run(cfg: Config) -> dict:
                           ec.bootstrap_resamples, groups=pairs.users)  # fmt: skip
     for row in table:
         row["role"] = "primary" if primary and row["model"] == primary["model"] else "exploratory"
+    # What the LLM adds over the same-information control (exploratory): same pairs, paired
+    # user-level intervals of the difference to the control instead of to MF.
+    llm = {k: models[k] for k in models if k.startswith(("trained heads", "early exit"))}
+    over_control = M.model_table({B.SAME_INFORMATION: models[B.SAME_INFORMATION], **llm}, labels,
+                                 masks, B.SAME_INFORMATION, set(), ec.bootstrap_resamples,
+                                 groups=pairs.users)[1:]  # fmt: skip
     rows = M.sweep(probs, labels, heads.layers, n_layers, cfg.heads.tau_grid,
                    cfg.heads.confidence_grid)  # fmt: skip
     speed_rules = [ExitRule("agreement", t) if t > 0 else ExitRule("none") for t in ec.speed_taus]
@@ -90,7 +96,7 @@ def run(cfg: Config) -> dict:
         "primary": primary,
         "intervals": _interval_note(ec.bootstrap_resamples),
         "models": table, "baselines": [t.report(labels, masks) for t in tuned],
-        "controls": {B.SAME_INFORMATION: control},
+        "controls": {B.SAME_INFORMATION: control}, "vs_same_information_control": over_control,
         "sweep": [r.as_dict() for r in rows], "speed": speed,
         "exit_histogram": counts, "mean_exit_layer": float(ee_exits.mean()),
         "compute_vs_full_depth": float(ee_exits.mean()) / n_layers,
@@ -221,18 +227,24 @@ def render_report(metrics: dict) -> str:
                  + " | LogLoss |")  # fmt: skip
     lines.append("|---" * (len(slices) + 2) + "|")
     for row in metrics["models"]:
-        cells = []
-        for name in slices:
-            e = row["slices"][name]
-            cell = f"{e['auc']:.4f}"
-            if "diff_vs_reference" in e:
-                lo, hi = e["diff_ci"]
-                cell += f" ({e['diff_vs_reference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
-            cells.append(cell)
+        cells = [_auc_cell(row["slices"][name]) for name in slices]
         ll = row["slices"]["all"].get("logloss")
         ll_cell = f"{ll:.4f}" if ll is not None else "-"
         name = row["model"] + (" (primary)" if row.get("role") == "primary" else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ll_cell} |")
+    over = metrics.get("vs_same_information_control") or []
+    if over:
+        lines += ["", "What the LLM adds over the same-information control (CF features and the "
+                  "prompt's ratings, no LLM), exploratory:", ""]  # fmt: skip
+        lines.append("| model | " + " | ".join(f"AUC {s} (vs control, 95% CI)" for s in slices)
+                     + " |")  # fmt: skip
+        lines.append("|---" * (len(slices) + 1) + "|")
+        for row in over:
+            lines.append(
+                f"| {row['model']} | "
+                + " | ".join(_auc_cell(row["slices"][s]) for s in slices)
+                + " |"
+            )
     lines += ["", "Pairs per slice: " + ", ".join(
         f"{k} {v['pairs']}" for k, v in metrics["models"][0]["slices"].items())]  # fmt: skip
     for b in metrics.get("baselines", []):
@@ -252,3 +264,11 @@ def render_report(metrics: dict) -> str:
             f"{s['mean_exit_layer']:.2f} | {s['layer_tokens_per_pair']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _auc_cell(entry: dict) -> str:
+    cell = f"{entry['auc']:.4f}"
+    if "diff_vs_reference" in entry:
+        lo, hi = entry["diff_ci"]
+        cell += f" ({entry['diff_vs_reference']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+    return cell
