@@ -138,31 +138,31 @@ class PromptBuilder:
     def encode_prefixes(self, contexts: list[UserContext]) -> list[list[int]]:
         """`encode_prefix` of each context: all encoded in one batch, then the few over the
         token budget trimmed one by one."""
-        trimmed = [self._within_limits(c) for c in contexts]
-        ids = self.encode_many([self.prefix_text(c) for c in trimmed])
-        limit = self.cfg.max_prefix_tokens
-        return [
-            i if len(i) <= limit or not (c.history or c.neighbor_liked) else self.encode_prefix(c)
-            for i, c in zip(ids, trimmed, strict=True)
-        ]
-
-    def _within_limits(self, ctx: UserContext) -> UserContext:
-        history = ctx.history[-self.cfg.max_history :]
-        return UserContext(history, ctx.neighbor_liked[: self.cfg.max_neighbor_items])
+        limited = [self._within_limits(c) for c in contexts]
+        ids = self.encode_many([self.prefix_text(c) for c in limited])
+        return [self._trimmed(c, i) for c, i in zip(limited, ids, strict=True)]
 
     def encode_prefix(self, ctx: UserContext) -> list[int]:
         """Prefix tokens within `max_prefix_tokens`: the oldest history goes first, then the
         last similar-user items. Deterministic for a given context."""
         ctx = self._within_limits(ctx)
+        return self._trimmed(ctx, self.encode(self.prefix_text(ctx)))
+
+    def _within_limits(self, ctx: UserContext) -> UserContext:
+        history = ctx.history[-self.cfg.max_history :]
+        return UserContext(history, ctx.neighbor_liked[: self.cfg.max_neighbor_items])
+
+    def _trimmed(self, ctx: UserContext, ids: list[int]) -> list[int]:
+        """`ids`, the encoded prefix of `ctx`, or while over the token budget the prefix
+        without its oldest history item (then without its last similar-user item)."""
         history, neighbors = ctx.history, ctx.neighbor_liked
-        while True:
-            ids = self.encode(self.prefix_text(UserContext(history, neighbors)))
-            if len(ids) <= self.cfg.max_prefix_tokens or not (history or neighbors):
-                return ids
+        while len(ids) > self.cfg.max_prefix_tokens and (history or neighbors):
             if history:
                 history = history[1:]
             else:
                 neighbors = neighbors[:-1]
+            ids = self.encode(self.prefix_text(UserContext(history, neighbors)))
+        return ids
 
     def encode_suffix(
         self,
