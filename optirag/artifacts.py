@@ -378,6 +378,8 @@ class ContextPaths:
 
         users/part-NNNNN.parquet      USER_CONTEXT rows, sorted by user hash
         items/part-00000.parquet      ITEM_CONTEXT rows, sorted by item
+        routed/block-BBBBB/...        while building: the history rows each block of users
+                                      needs (its users' and their neighbours'), removed after
         _SUCCESS                      written last: the key, the cold-start context, the
                                       side features' combination
     """
@@ -395,6 +397,16 @@ class ContextPaths:
 
     def users_part(self, number: int) -> str:
         return storage.join(self.users, f"part-{number:05d}.parquet")
+
+    @property
+    def routed(self) -> str:
+        return storage.join(self.root, "routed")
+
+    def routed_block(self, block: int) -> str:
+        return storage.join(self.routed, f"block-{block:05d}")
+
+    def routed_part(self, block: int, task: int, chunk: int) -> str:
+        return storage.join(self.routed_block(block), f"from-{task:05d}-{chunk:04d}.parquet")
 
     @property
     def items(self) -> str:

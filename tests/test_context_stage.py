@@ -46,7 +46,8 @@ def test_token_blocks_score_as_the_in_process_scorer(
     _write_inputs(local_storage, movie_tables, cands)
     cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
     prompts = cfg.prompts.model_copy(update={"target_ratings": variant != "plain"})
-    cfg = cfg.model_copy(update={"prompts": prompts})
+    compute = cfg.compute.model_copy(update={"context_users_per_task": 2})  # neighbours cross
+    cfg = cfg.model_copy(update={"prompts": prompts, "compute": compute})
     backbone = load_backbone(cfg.backbone)
     if variant == "hybrid":
         _save_hybrid_heads(cfg, backbone, movie_tables[0])
@@ -202,3 +203,45 @@ def test_users_table_made_in_pieces_equals_one_piece(monkeypatch, tiny_backbone,
     monkeypatch.setattr(context_tables, "USER_PIECE", 2)
     pieces = context_tables.user_rows(users, contexts, prompts, None)
     assert len(users) > 4 and pieces.equals(whole)
+
+
+def test_users_table_is_the_same_for_any_blocks_of_users(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    """The history is routed to each block once (its users' rows and their neighbours'): one
+    block or a block per user, the same rows; the routed copies are removed after."""
+    _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
+    cfg = _config(local_storage, tiny_llama_dir)
+    cfg = cfg.model_copy(
+        update={"prompts": cfg.prompts.model_copy(update={"target_ratings": True})}
+    )
+    inputs = runs.Inputs.from_config(cfg)
+    tables = {}
+    for per_task in (1000, 1):
+        compute = cfg.compute.model_copy(update={"context_users_per_task": per_task})
+        built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
+                              inputs.items, inputs.neighbors)  # fmt: skip
+        assert not storage.exists(built.paths.routed, cfg.storage)
+        tables[per_task] = storage.read_table(built.paths.users, cfg.storage)
+        storage.delete_folder(built.paths.root, cfg.storage)  # the same key: build again
+    one, many = tables[1000], tables[1]
+    assert len(one) == 6 and one.equals(many)
+    assert sum(len(r) for r in one[S.RATED_ITEMS].to_pylist()) > 0  # neighbours' rows arrived
+
+
+def test_history_routes_send_rows_to_their_blocks_and_their_listers_blocks():
+    from optirag.context_tables import HistoryRoutes
+
+    users = np.array([10, 20, 30, 40])  # table order; blocks [10, 20] [30] [40]
+    lists = pa.record_batch({S.USER_ID: [30], S.NEIGHBOR_IDS: [[10, 40, 99]]})
+    routes = HistoryRoutes(users, np.array([0, 2, 3]), [lists])
+    assert routes.block_of(np.array([40, 10, 30])).tolist() == [2, 0, 1]
+    rows = pa.table({S.USER_ID: [10, 20, 40, 10], S.ITEM_ID: [1, 2, 3, 4]})
+    split = routes.split(rows)
+    assert {b: t[S.ITEM_ID].to_pylist() for b, t in split.items()} == {
+        0: [1, 2, 4],
+        1: [1, 3, 4],
+        2: [3],
+    }
+    with pytest.raises(ValueError, match="missing from the users table"):
+        routes.split(pa.table({S.USER_ID: [11], S.ITEM_ID: [1]}))

@@ -1,9 +1,11 @@
 """The context stage on Ray: the per-user and per-item context tables (optirag.context_tables)
 that the scoring job joins its candidates with, made once per set of inputs and reused.
 
-    users of the history and the neighbour table, by user hash
-        -> blocks of users (tasks: their histories and neighbours' histories -> prefix ids,
-           neighbours' ratings, the users' side)  -> users/part-NNNNN.parquet
+    users of the history and the neighbour table, by user hash -> blocks of users
+    history files (tasks: each row to its user's block and to the blocks of the users who
+        list that user as a neighbour)  -> routed/block-BBBBB/ (read once, removed after)
+    blocks of users (tasks: their routed rows and neighbour lists -> prefix ids, neighbours'
+        ratings, the users' side)  -> users/part-NNNNN.parquet
     items (one task: texts and rating totals -> target ids, the items' side)
         -> items/part-00000.parquet
     _SUCCESS last (the key, the cold-start context, the side features' combination)
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import ray
 
 from optirag import artifacts as A
@@ -36,6 +39,7 @@ from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings, user_filter
 from optirag.context_tables import (
     ColdStart,
+    HistoryRoutes,
     SideSpec,
     TokenAssembler,
     item_rows,
@@ -113,32 +117,43 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
             log.info("context tables %s: reused", paths.root)
             return _tables(paths, manifest)
     started = time.time()
+    if storage.exists(paths.root, store):  # an unfinished build's parts, maybe cut otherwise
+        storage.delete_folder(paths.root, store)
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
     users = _all_users(history, neighbors, side, cfg)
-    blocks = np.array_split(users, max(1, -(-len(users) // cfg.compute.context_users_per_task)))
-    side_ref = ray.put(side)
+    n_blocks = max(1, -(-len(users) // cfg.compute.context_users_per_task))
+    size, extra = divmod(len(users), n_blocks)  # block b: users[bounds[b]:bounds[b + 1]]
+    bounds = np.append(0, np.cumsum(np.full(n_blocks, size) + (np.arange(n_blocks) < extra)))
+    routed = _route_history(history, neighbors, users, bounds[:-1], paths, cfg)
+    users_ref, side_ref = ray.put(users), ray.put(side)
 
     def user_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         number = int(batch["id"][0])
-        table = _user_block(blocks[number], cfg, history, items, neighbors, ray.get(side_ref))
+        block = ray.get(users_ref)[bounds[number] : bounds[number + 1]]
+        rows = S.INTERACTIONS.empty_table()
+        if number in routed:
+            rows = storage.read_table(paths.routed_block(number), store, S.INTERACTIONS)
+        table = _user_block(block, rows, cfg, items, neighbors, ray.get(side_ref))
         storage.write_table(table, paths.users_part(number), store, USER_ROW_GROUP)
         return {"rows": np.array([len(table)])}
 
-    ds = ray.data.range(len(blocks), override_num_blocks=len(blocks)).map_batches(
+    ds = ray.data.range(n_blocks, override_num_blocks=n_blocks).map_batches(
         user_block, batch_size=1, batch_format="numpy"
     )
     written = sum(int(b["rows"][0]) for b in ds.iter_batches(batch_size=1))
+    if routed:
+        storage.delete_folder(paths.routed, store)
     item_table = _item_table(cfg, history, items, prompts, side)
     storage.write_table(item_table, paths.items_file, store)
     cold = ColdStart.make(prompts, side)
     spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
     manifest = {"key": key, "cold": asdict(cold), "side": asdict(spec) if spec else None,
-                "users": written, "items": len(item_table), "parts": len(blocks),
+                "users": written, "items": len(item_table), "parts": n_blocks,
                 "build_s": round(time.time() - started, 2)}  # fmt: skip
     storage.write_json(manifest, paths.success, store)
     log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.root, written,
-             len(blocks), len(item_table), time.time() - started)  # fmt: skip
+             n_blocks, len(item_table), time.time() - started)  # fmt: skip
     return _tables(paths, manifest)
 
 
@@ -154,37 +169,92 @@ def _all_users(
     """Every user with a history, a neighbour list or side features (a user known to the
     side features only must get their own, not the cold start's), sorted by user hash (then
     id), so a block of them is one stretch of the table's order."""
-    ids = [storage.read_table(history, cfg.storage, columns=[S.USER_ID])[S.USER_ID].to_numpy()]
-    if neighbors:
-        ids.append(
-            storage.read_table(neighbors, cfg.storage, columns=[S.USER_ID])[S.USER_ID].to_numpy()
-        )
+    ids = []
+    for uri, schema in ((history, S.INTERACTIONS), (neighbors, S.NEIGHBORS)):
+        if uri:  # one batch at a time: memory grows with users, not history rows
+            for batch in storage.open_dataset(uri, cfg.storage, schema).to_batches(
+                columns=[S.USER_ID]
+            ):
+                ids.append(np.unique(batch.column(0).to_numpy()))
     if side is not None:
         ids += [side.mf.user_ids, side.users.ids]
     users = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in ids]))
     return users[np.lexsort((users, user_hash(users)))]
 
 
+# History rows a routing task holds before it writes them to the blocks' folders.
+ROUTE_ROWS = 4_000_000
+
+
+def _route_history(
+    history: str,
+    neighbors: str | None,
+    users: np.ndarray,
+    starts: np.ndarray,
+    paths: A.ContextPaths,
+    cfg: Config,
+) -> set[int]:
+    """Read the history once and send every row to the blocks that need it (`HistoryRoutes`):
+    routed/block-BBBBB/from-TTTTT-CCCC.parquet. Returns the blocks that got rows."""
+    store = cfg.storage
+    batches = ()
+    if neighbors:
+        batches = storage.open_dataset(neighbors, store, S.NEIGHBORS).to_batches(
+            columns=[S.USER_ID, S.NEIGHBOR_IDS]
+        )
+    routes_ref = ray.put(HistoryRoutes(users, starts, batches))
+    files = storage.checked_files(history, store, S.INTERACTIONS)
+    groups = np.array_split(np.array(files, dtype=object), min(len(files), len(starts)))
+
+    def route(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        task, routes = int(batch["id"][0]), ray.get(routes_ref)
+        fs, _ = storage.resolve(history, store)
+        rows = ds.dataset(list(groups[task]), filesystem=fs, format="parquet")
+        held: dict[int, list[pa.Table]] = {}
+        chunks, blocks = [0], set()
+
+        def flush() -> None:
+            for block, parts in held.items():
+                uri = paths.routed_part(block, task, chunks[0])
+                storage.write_table(pa.concat_tables(parts), uri, store)
+                blocks.add(block)
+            held.clear()
+            chunks[0] += 1
+
+        count = 0
+        for part in rows.to_batches(columns=S.INTERACTIONS.names):
+            for block, routed in routes.split(pa.Table.from_batches([part])).items():
+                held.setdefault(block, []).append(routed)
+                count += len(routed)
+            if count >= ROUTE_ROWS:
+                flush()
+                count = 0
+        flush()
+        return {"block": np.array(sorted(blocks), dtype=np.int64)}
+
+    n = len(groups)
+    ds_ = ray.data.range(n, override_num_blocks=n).map_batches(
+        route, batch_size=1, batch_format="numpy"
+    )
+    return {int(b) for batch in ds_.iter_batches(batch_size=None) for b in batch["block"]}
+
+
 def _user_block(
     users: np.ndarray,
+    rows: pa.Table,
     cfg: Config,
-    history: str,
     items: str,
     neighbors: str | None,
     side: SideFeatures | None,
 ) -> pa.Table:
-    """The users table's rows of one block: read its users' neighbour lists, their and their
-    neighbours' histories, render and encode."""
+    """The users table's rows of one block, from the history rows routed to it (its users'
+    and their neighbours'): read the users' neighbour lists, render and encode."""
     store = cfg.storage
-    lists, wanted = None, users
+    lists = None
     if neighbors:
         lists = storage.open_dataset(neighbors, store, S.NEIGHBORS).to_table(
             filter=user_filter(users)
         )
-        wanted = np.union1d(users, pc.list_flatten(lists[S.NEIGHBOR_IDS]).to_numpy())
-    rows = storage.open_dataset(history, store, S.INTERACTIONS).to_table(
-        columns=S.INTERACTIONS.names, filter=user_filter(wanted)
-    )
     item_table = storage.read_table(items, store, S.ITEMS)
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
     prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
