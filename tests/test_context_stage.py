@@ -210,6 +210,8 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
 ):
     """The history is routed to each block once (its users' rows and their neighbours'): one
     block or a block per user, the same rows; the routed copies are removed after."""
+    from optirag.ids import hash_range
+
     _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
     cfg = _config(local_storage, tiny_llama_dir)
     cfg = cfg.model_copy(
@@ -222,7 +224,14 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
                               inputs.items, inputs.neighbors)  # fmt: skip
         assert not storage.exists(built.paths.routed, cfg.storage)
-        tables[per_task] = storage.read_table(built.paths.users, cfg.storage)
+        whole = storage.read_table(built.paths.users, cfg.storage)
+        assert len(built.part_hashes) == -(-len(whole) // per_task)
+        for shard in range(3):  # a shard opens only the parts that meet its hash range
+            low, high = hash_range(shard, 3)
+            got = built.read_users(whole[S.USER_ID].to_numpy(), low, high, cfg.storage)
+            hashes = whole[S.USER_HASH].to_numpy()
+            assert got.equals(whole.filter((hashes >= low) & (hashes < high)))
+        tables[per_task] = whole
         storage.delete_folder(built.paths.root, cfg.storage)  # the same key: build again
     one, many = tables[1000], tables[1]
     assert len(one) == 6 and one.equals(many)

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # Part of the tables' key: bump it when what a row holds or how it is made changes (the rows'
 # schema, neighbour ranking, rating lists), so tables made by older code are not reused.
-CONTEXT_FORMAT = 1
+CONTEXT_FORMAT = 2
 
 # A user's row holds hundreds of prefix ids and their neighbours' ratings: row groups of a few
 # thousand users keep a shard's filtered read (row groups skipped by user_hash) small.
@@ -69,17 +69,25 @@ class ContextTables:
     side: SideSpec | None
     users: int
     items: int
+    part_hashes: list[list[int]]  # per part of the users table: its lowest and highest hash
 
     def assembler(self, cfg: Config) -> TokenAssembler:
         prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
         return TokenAssembler(prompts, self.cold, self.side, cfg.prompts.max_neighbor_ratings)
 
     def read_users(self, users: np.ndarray, low: int, high: int, store) -> pa.Table:
-        """The rows of `users`, whose hashes lie in [low, high): Parquet statistics on the
-        hash skip every row group of other shards."""
+        """The rows of `users`, whose hashes lie in [low, high): only the parts whose hash
+        range meets it are opened, and Parquet statistics on the hash skip every row group
+        of other shards there."""
+        parts = [n for n, (a, b) in enumerate(self.part_hashes) if a < high and b >= low]
+        if not parts:
+            return S.USER_CONTEXT.empty_table()
+        fs, _ = storage.resolve(self.paths.users, store)
+        files = [storage.resolve(self.paths.users_part(n), store)[1] for n in parts]
         field = pc.field(S.USER_HASH)
         rows = (field >= low) & (field < high) & pc.field(S.USER_ID).isin(pa.array(users))
-        return storage.open_dataset(self.paths.users, store).to_table(filter=rows)
+        dataset = ds.dataset(files, schema=S.USER_CONTEXT, filesystem=fs, format="parquet")
+        return dataset.to_table(filter=rows)
 
     def read_items(self, items: np.ndarray, store) -> pa.Table:
         return storage.open_dataset(self.paths.items, store).to_table(
@@ -136,12 +144,17 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
             rows = storage.read_table(paths.routed_block(number), store, S.INTERACTIONS)
         table = _user_block(block, rows, cfg, items, neighbors, ray.get(side_ref))
         storage.write_table(table, paths.users_part(number), store, USER_ROW_GROUP)
-        return {"rows": np.array([len(table)])}
+        hashes = table[S.USER_HASH].to_numpy()  # sorted
+        return {"part": np.array([number]), "low": hashes[:1], "high": hashes[-1:]}
 
-    ds = ray.data.range(n_blocks, override_num_blocks=n_blocks).map_batches(
+    blocks = ray.data.range(n_blocks, override_num_blocks=n_blocks).map_batches(
         user_block, batch_size=1, batch_format="numpy"
     )
-    written = sum(int(b["rows"][0]) for b in ds.iter_batches(batch_size=1))
+    parts = sorted(
+        (int(b["part"][0]), int(b["low"][0]), int(b["high"][0]))
+        for b in blocks.iter_batches(batch_size=1)
+    )
+    part_hashes = [[low, high] for _, low, high in parts]
     if routed:
         storage.delete_folder(paths.routed, store)
     item_table = _item_table(cfg, history, items, prompts, side)
@@ -149,10 +162,10 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     cold = ColdStart.make(prompts, side)
     spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
     manifest = {"key": key, "cold": asdict(cold), "side": asdict(spec) if spec else None,
-                "users": written, "items": len(item_table), "parts": n_blocks,
+                "users": len(users), "items": len(item_table), "part_hashes": part_hashes,
                 "build_s": round(time.time() - started, 2)}  # fmt: skip
     storage.write_json(manifest, paths.success, store)
-    log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.root, written,
+    log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.root, len(users),
              n_blocks, len(item_table), time.time() - started)  # fmt: skip
     return _tables(paths, manifest)
 
@@ -160,7 +173,7 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
 def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
     side = SideSpec(**manifest["side"]) if manifest["side"] else None
     return ContextTables(paths, ColdStart(**manifest["cold"]), side, manifest["users"],
-                         manifest["items"])  # fmt: skip
+                         manifest["items"], manifest["part_hashes"])  # fmt: skip
 
 
 def _all_users(
@@ -233,10 +246,10 @@ def _route_history(
         return {"block": np.array(sorted(blocks), dtype=np.int64)}
 
     n = len(groups)
-    ds_ = ray.data.range(n, override_num_blocks=n).map_batches(
+    tasks = ray.data.range(n, override_num_blocks=n).map_batches(
         route, batch_size=1, batch_format="numpy"
     )
-    return {int(b) for batch in ds_.iter_batches(batch_size=None) for b in batch["block"]}
+    return {int(b) for batch in tasks.iter_batches(batch_size=None) for b in batch["block"]}
 
 
 def _user_block(
