@@ -378,8 +378,9 @@ class ContextPaths:
 
         users/part-NNNNN.parquet      USER_CONTEXT rows, sorted by user hash
         items/part-00000.parquet      ITEM_CONTEXT rows, sorted by item
-        routed/block-BBBBB/...        while building: the history rows each block of users
-                                      needs (its users' and their neighbours'), removed after
+        routed/history/block-BBBBB/   while building: the history rows each block of users
+        routed/neighbors/block-BBBBB/ needs (its users' and their neighbours') and its users'
+                                      neighbour lists; removed when the tables are done
         _SUCCESS                      written last: the key, the cold-start context, the
                                       side features' combination
     """
@@ -402,11 +403,12 @@ class ContextPaths:
     def routed(self) -> str:
         return storage.join(self.root, "routed")
 
-    def routed_block(self, block: int) -> str:
-        return storage.join(self.routed, f"block-{block:05d}")
+    def routed_block(self, table: str, block: int) -> str:
+        return storage.join(self.routed, table, f"block-{block:05d}")
 
-    def routed_part(self, block: int, task: int, chunk: int) -> str:
-        return storage.join(self.routed_block(block), f"from-{task:05d}-{chunk:04d}.parquet")
+    def routed_part(self, table: str, block: int, task: int, chunk: int) -> str:
+        name = f"from-{task:05d}-{chunk:04d}.parquet"
+        return storage.join(self.routed_block(table, block), name)
 
     @property
     def items(self) -> str:

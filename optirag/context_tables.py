@@ -141,15 +141,21 @@ class HistoryRoutes:
             raise ValueError("a user missing from the users table")
         return self._own[pos]
 
-    def split(self, rows: pa.Table) -> dict[int, pa.Table]:
-        """History rows -> {block: the rows it needs}, a row repeated once per block."""
-        pos = lookup(self._ids, rows[S.USER_ID].to_numpy())
-        if (pos < 0).any():
-            raise ValueError("history rows of a user missing from the users table")
-        counts = self._offsets[pos + 1] - self._offsets[pos]
-        take = np.repeat(np.arange(len(rows)), counts)
-        within = np.arange(len(take)) - np.repeat(np.cumsum(counts) - counts, counts)
-        blocks = self._blocks[np.repeat(self._offsets[pos], counts) + within]
+    def split(self, rows: pa.Table, to_listers: bool = True) -> dict[int, pa.Table]:
+        """Rows of a user table -> {block: the rows it needs}: each row to its user's block
+        and (`to_listers`, history rows) to the blocks of those who list the user as a
+        neighbour, a row repeated once per block."""
+        users = rows[S.USER_ID].to_numpy()
+        if not to_listers:
+            take, blocks = np.arange(len(rows)), self.block_of(users)
+        else:
+            pos = lookup(self._ids, users)
+            if (pos < 0).any():
+                raise ValueError("history rows of a user missing from the users table")
+            counts = self._offsets[pos + 1] - self._offsets[pos]
+            take = np.repeat(np.arange(len(rows)), counts)
+            within = np.arange(len(take)) - np.repeat(np.cumsum(counts) - counts, counts)
+            blocks = self._blocks[np.repeat(self._offsets[pos], counts) + within]
         order = np.argsort(blocks, kind="stable")
         take, blocks = take[order], blocks[order]
         cuts = np.flatnonzero(np.diff(blocks)) + 1

@@ -252,5 +252,7 @@ def test_history_routes_send_rows_to_their_blocks_and_their_listers_blocks():
         1: [1, 3, 4],
         2: [3],
     }
+    own = routes.split(rows, to_listers=False)  # neighbour lists: to their user's block only
+    assert {b: t[S.ITEM_ID].to_pylist() for b, t in own.items()} == {0: [1, 2, 4], 2: [3]}
     with pytest.raises(ValueError, match="missing from the users table"):
         routes.split(pa.table({S.USER_ID: [11], S.ITEM_ID: [1]}))

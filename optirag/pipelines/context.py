@@ -2,10 +2,11 @@
 that the scoring job joins its candidates with, made once per set of inputs and reused.
 
     users of the history and the neighbour table, by user hash -> blocks of users
-    history files (tasks: each row to its user's block and to the blocks of the users who
-        list that user as a neighbour)  -> routed/block-BBBBB/ (read once, removed after)
-    blocks of users (tasks: their routed rows and neighbour lists -> prefix ids, neighbours'
-        ratings, the users' side)  -> users/part-NNNNN.parquet
+    history and neighbour files (tasks: a history row to its user's block and to the blocks
+        of the users who list that user as a neighbour, a neighbour list to its user's
+        block)  -> routed/{history,neighbors}/block-BBBBB/ (read once, removed after)
+    blocks of users (tasks: their routed rows -> prefix ids, neighbours' ratings, the users'
+        side)  -> users/part-NNNNN.parquet
     items (one task: texts and rating totals -> target ids, the items' side)
         -> items/part-00000.parquet
     _SUCCESS last (the key, the cold-start context, the side features' combination)
@@ -36,7 +37,7 @@ from optirag import storage
 from optirag.backbone import load_tokenizer, weights_digest
 from optirag.cf import SideFeatures
 from optirag.config import Config
-from optirag.context import ContextStore, ItemRatings, user_filter
+from optirag.context import ContextStore, ItemRatings
 from optirag.context_tables import (
     ColdStart,
     HistoryRoutes,
@@ -133,16 +134,20 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     n_blocks = max(1, -(-len(users) // cfg.compute.context_users_per_task))
     size, extra = divmod(len(users), n_blocks)  # block b: users[bounds[b]:bounds[b + 1]]
     bounds = np.append(0, np.cumsum(np.full(n_blocks, size) + (np.arange(n_blocks) < extra)))
-    routed = _route_history(history, neighbors, users, bounds[:-1], paths, cfg)
+    routed = _route(history, neighbors, users, bounds[:-1], paths, cfg)
     users_ref, side_ref = ray.put(users), ray.put(side)
 
     def user_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         number = int(batch["id"][0])
         block = ray.get(users_ref)[bounds[number] : bounds[number + 1]]
-        rows = S.INTERACTIONS.empty_table()
-        if number in routed:
-            rows = storage.read_table(paths.routed_block(number), store, S.INTERACTIONS)
-        table = _user_block(block, rows, cfg, items, neighbors, ray.get(side_ref))
+        rows, lists = S.INTERACTIONS.empty_table(), None
+        if number in routed["history"]:
+            rows = storage.read_table(paths.routed_block("history", number), store)
+        if neighbors:
+            lists = S.NEIGHBORS.empty_table()
+            if number in routed["neighbors"]:
+                lists = storage.read_table(paths.routed_block("neighbors", number), store)
+        table = _user_block(block, rows, lists, cfg, items, ray.get(side_ref))
         storage.write_table(table, paths.users_part(number), store, USER_ROW_GROUP)
         hashes = table[S.USER_HASH].to_numpy()  # sorted
         return {"part": np.array([number]), "low": hashes[:1], "high": hashes[-1:]}
@@ -155,7 +160,7 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
         for b in blocks.iter_batches(batch_size=1)
     )
     part_hashes = [[low, high] for _, low, high in parts]
-    if routed:
+    if storage.exists(paths.routed, store):
         storage.delete_folder(paths.routed, store)
     item_table = _item_table(cfg, history, items, prompts, side)
     storage.write_table(item_table, paths.items_file, store)
@@ -195,20 +200,22 @@ def _all_users(
     return users[np.lexsort((users, user_hash(users)))]
 
 
-# History rows a routing task holds before it writes them to the blocks' folders.
+# Rows a routing task holds before it writes them to the blocks' folders.
 ROUTE_ROWS = 4_000_000
+ROUTED = ("history", "neighbors")
 
 
-def _route_history(
+def _route(
     history: str,
     neighbors: str | None,
     users: np.ndarray,
     starts: np.ndarray,
     paths: A.ContextPaths,
     cfg: Config,
-) -> set[int]:
-    """Read the history once and send every row to the blocks that need it (`HistoryRoutes`):
-    routed/block-BBBBB/from-TTTTT-CCCC.parquet. Returns the blocks that got rows."""
+) -> dict[str, set[int]]:
+    """Read the history and the neighbour table once and send every row to the blocks that
+    need it (`HistoryRoutes`): routed/<table>/block-BBBBB/from-TTTTT-CCCC.parquet. Returns
+    the blocks that got rows, per table."""
     store = cfg.storage
     batches = ()
     if neighbors:
@@ -216,59 +223,64 @@ def _route_history(
             columns=[S.USER_ID, S.NEIGHBOR_IDS]
         )
     routes_ref = ray.put(HistoryRoutes(users, starts, batches))
-    files = storage.checked_files(history, store, S.INTERACTIONS)
-    groups = np.array_split(np.array(files, dtype=object), min(len(files), len(starts)))
+    work = []  # (table, its files, its schema), a group of files per task
+    for table, uri, schema in (("history", history, S.INTERACTIONS),
+                               ("neighbors", neighbors, S.NEIGHBORS)):  # fmt: skip
+        if uri:
+            files = np.array(storage.checked_files(uri, store, schema), dtype=object)
+            for group in np.array_split(files, min(len(files), len(starts))):
+                work.append((table, list(group), schema))
 
     def route(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         task, routes = int(batch["id"][0]), ray.get(routes_ref)
-        fs, _ = storage.resolve(history, store)
-        rows = ds.dataset(list(groups[task]), filesystem=fs, format="parquet")
+        table, files, schema = work[task]
+        fs, _ = storage.resolve(paths.root, store)
         held: dict[int, list[pa.Table]] = {}
         chunks, blocks = [0], set()
 
         def flush() -> None:
             for block, parts in held.items():
-                uri = paths.routed_part(block, task, chunks[0])
+                uri = paths.routed_part(table, block, task, chunks[0])
                 storage.write_table(pa.concat_tables(parts), uri, store)
                 blocks.add(block)
             held.clear()
             chunks[0] += 1
 
         count = 0
-        for part in rows.to_batches(columns=S.INTERACTIONS.names):
-            for block, routed in routes.split(pa.Table.from_batches([part])).items():
+        rows = ds.dataset(files, filesystem=fs, format="parquet")
+        for part in rows.to_batches(columns=schema.names):
+            split = routes.split(pa.Table.from_batches([part]), to_listers=table == "history")
+            for block, routed in split.items():
                 held.setdefault(block, []).append(routed)
                 count += len(routed)
             if count >= ROUTE_ROWS:
                 flush()
                 count = 0
         flush()
-        return {"block": np.array(sorted(blocks), dtype=np.int64)}
+        code = ROUTED.index(table)
+        return {"table": np.full(len(blocks), code), "block": np.array(sorted(blocks), np.int64)}
 
-    n = len(groups)
-    tasks = ray.data.range(n, override_num_blocks=n).map_batches(
+    tasks = ray.data.range(len(work), override_num_blocks=len(work)).map_batches(
         route, batch_size=1, batch_format="numpy"
     )
-    return {int(b) for batch in tasks.iter_batches(batch_size=None) for b in batch["block"]}
+    routed: dict[str, set[int]] = {table: set() for table in ROUTED}
+    for batch in tasks.iter_batches(batch_size=None):
+        for code, block in zip(batch["table"], batch["block"], strict=True):
+            routed[ROUTED[int(code)]].add(int(block))
+    return routed
 
 
 def _user_block(
     users: np.ndarray,
     rows: pa.Table,
+    lists: pa.Table | None,
     cfg: Config,
     items: str,
-    neighbors: str | None,
     side: SideFeatures | None,
 ) -> pa.Table:
     """The users table's rows of one block, from the history rows routed to it (its users'
-    and their neighbours'): read the users' neighbour lists, render and encode."""
-    store = cfg.storage
-    lists = None
-    if neighbors:
-        lists = storage.open_dataset(neighbors, store, S.NEIGHBORS).to_table(
-            filter=user_filter(users)
-        )
-    item_table = storage.read_table(items, store, S.ITEMS)
+    and their neighbours') and its users' neighbour lists: render and encode."""
+    item_table = storage.read_table(items, cfg.storage, S.ITEMS)
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
     prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
     return user_rows(users, contexts, prompts, side)
