@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -376,32 +377,44 @@ class ContextPaths:
     """The context stage's tables for one set of inputs (optirag.pipelines.context),
     `<storage.root>/context/<key hash>/`:
 
-        users/part-NNNNN.parquet      USER_CONTEXT rows, sorted by user hash
-        items/part-00000.parquet      ITEM_CONTEXT rows, sorted by item
-        routed/history/block-BBBBB/   while building: the history rows each block of users
-        routed/neighbors/block-BBBBB/ needs (its users' and their neighbours') and its users'
-                                      neighbour lists; removed when the tables are done
-        _SUCCESS                      written last: the key, the cold-start context, the
-                                      side features' combination
+        _SUCCESS                      written last: the key, the build whose tables these
+                                      are, each users part's hash range, the cold-start
+                                      context, the side features' combination
+        <build>/users/part-NNNNN.parquet   USER_CONTEXT rows, sorted by user hash
+        <build>/items/part-00000.parquet   ITEM_CONTEXT rows, sorted by item
+        <build>/routed/history/block-BBBBB/    while building: the history rows each block of
+        <build>/routed/neighbors/block-BBBBB/  users needs (its users' and their neighbours')
+                                               and its users' neighbour lists; removed after
+
+    Each build writes into its own folder (a random id), so two jobs building the same
+    tables at once never mix their files; `_SUCCESS` names the one to read.
     """
 
     root: str
+    build: str = ""
 
     @classmethod
     def for_key(cls, store: StorageConfig, key: dict) -> ContextPaths:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return cls(storage.join(store.root, "context", digest))
 
+    def new_build(self) -> ContextPaths:
+        return ContextPaths(self.root, uuid.uuid4().hex[:12])
+
+    @property
+    def folder(self) -> str:
+        return storage.join(self.root, self.build) if self.build else self.root
+
     @property
     def users(self) -> str:
-        return storage.join(self.root, "users")
+        return storage.join(self.folder, "users")
 
     def users_part(self, number: int) -> str:
         return storage.join(self.users, f"part-{number:05d}.parquet")
 
     @property
     def routed(self) -> str:
-        return storage.join(self.root, "routed")
+        return storage.join(self.folder, "routed")
 
     def routed_block(self, table: str, block: int) -> str:
         return storage.join(self.routed, table, f"block-{block:05d}")
@@ -412,7 +425,7 @@ class ContextPaths:
 
     @property
     def items(self) -> str:
-        return storage.join(self.root, "items")
+        return storage.join(self.folder, "items")
 
     @property
     def items_file(self) -> str:

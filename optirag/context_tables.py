@@ -131,8 +131,8 @@ class HistoryRoutes:
         new = np.ones(len(ids), dtype=bool)
         new[1:] = (ids[1:] != ids[:-1]) | (blocks[1:] != blocks[:-1])
         ids, self._blocks = ids[new], blocks[new]
-        self._ids, first = np.unique(ids, return_index=True)
-        self._offsets = np.append(first, len(ids))
+        first = np.flatnonzero(np.append(True, ids[1:] != ids[:-1]))  # ids are sorted
+        self._ids, self._offsets = ids[first], np.append(first, len(ids))
 
     def block_of(self, users: np.ndarray) -> np.ndarray:
         """The block of each of `users` (all in the table)."""

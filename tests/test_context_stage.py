@@ -218,7 +218,7 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         update={"prompts": cfg.prompts.model_copy(update={"target_ratings": True})}
     )
     inputs = runs.Inputs.from_config(cfg)
-    tables = {}
+    tables, folders = {}, []
     for per_task in (1000, 1):
         compute = cfg.compute.model_copy(update={"context_users_per_task": per_task})
         built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
@@ -232,9 +232,15 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
             hashes = whole[S.USER_HASH].to_numpy()
             assert got.equals(whole.filter((hashes >= low) & (hashes < high)))
         tables[per_task] = whole
-        storage.delete_folder(built.paths.root, cfg.storage)  # the same key: build again
+        fs, success = storage.resolve(built.paths.success, cfg.storage)
+        fs.delete_file(success)  # the same key: built again
+        folders.append(built.paths.users)
     one, many = tables[1000], tables[1]
     assert len(one) == 6 and one.equals(many)
+    # Each build wrote into a folder of its own: a second build of one key (another job at
+    # the same time) never touched the first one's files.
+    assert folders[0] != folders[1]
+    assert storage.read_table(folders[0], cfg.storage).equals(one)
     assert sum(len(r) for r in one[S.RATED_ITEMS].to_pylist()) > 0  # neighbours' rows arrived
 
 

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # Part of the tables' key: bump it when what a row holds or how it is made changes (the rows'
 # schema, neighbour ranking, rating lists), so tables made by older code are not reused.
-CONTEXT_FORMAT = 2
+CONTEXT_FORMAT = 3
 
 # A user's row holds hundreds of prefix ids and their neighbours' ratings: row groups of a few
 # thousand users keep a shard's filtered read (row groups skipped by user_hash) small.
@@ -115,8 +115,8 @@ def context_key(cfg: Config, history: str, items: str, neighbors: str | None) ->
 
 
 def build(cfg: Config, history: str, items: str, neighbors: str | None) -> ContextTables:
-    """The context tables of these inputs: reused when built before, else built now.
-    Needs ray.init() first."""
+    """The context tables of these inputs: reused when built before, else built now (in a
+    folder of this build's own, named by `_SUCCESS` once done). Needs ray.init() first."""
     store = cfg.storage
     key = context_key(cfg, history, items, neighbors)
     paths = A.ContextPaths.for_key(store, key)
@@ -126,11 +126,44 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
             log.info("context tables %s: reused", paths.root)
             return _tables(paths, manifest)
     started = time.time()
-    if storage.exists(paths.root, store):  # an unfinished build's parts, maybe cut otherwise
-        storage.delete_folder(paths.root, store)
+    paths = paths.new_build()
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
     users = _all_users(history, neighbors, side, cfg)
+    if len(users) == 0:
+        raise ValueError(f"{history}: no users in the history, neighbour table or side features")
+    try:
+        part_hashes = _users_table(users, history, items, neighbors, side, paths, cfg)
+    finally:  # the routed copies of the history are only for this build
+        if storage.exists(paths.routed, store):
+            storage.delete_folder(paths.routed, store)
+    item_table = _item_table(cfg, history, items, prompts, side)
+    storage.write_table(item_table, paths.items_file, store)
+    cold = ColdStart.make(prompts, side)
+    spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
+    manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
+                "side": asdict(spec) if spec else None, "users": len(users),
+                "items": len(item_table), "part_hashes": part_hashes,
+                "build_s": round(time.time() - started, 2)}  # fmt: skip
+    storage.write_json(manifest, paths.success, store)
+    log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.folder,
+             len(users), len(part_hashes), len(item_table), time.time() - started)  # fmt: skip
+    return _tables(paths, manifest)
+
+
+def _users_table(
+    users: np.ndarray,
+    history: str,
+    items: str,
+    neighbors: str | None,
+    side: SideFeatures | None,
+    paths: A.ContextPaths,
+    cfg: Config,
+) -> list[list[int]]:
+    """Write the users table in blocks of `compute.context_users_per_task` users (in table
+    order): route the history and neighbour lists to the blocks, then a task per block.
+    Returns each part's lowest and highest user hash."""
+    store = cfg.storage
     n_blocks = max(1, -(-len(users) // cfg.compute.context_users_per_task))
     size, extra = divmod(len(users), n_blocks)  # block b: users[bounds[b]:bounds[b + 1]]
     bounds = np.append(0, np.cumsum(np.full(n_blocks, size) + (np.arange(n_blocks) < extra)))
@@ -159,23 +192,11 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
         (int(b["part"][0]), int(b["low"][0]), int(b["high"][0]))
         for b in blocks.iter_batches(batch_size=1)
     )
-    part_hashes = [[low, high] for _, low, high in parts]
-    if storage.exists(paths.routed, store):
-        storage.delete_folder(paths.routed, store)
-    item_table = _item_table(cfg, history, items, prompts, side)
-    storage.write_table(item_table, paths.items_file, store)
-    cold = ColdStart.make(prompts, side)
-    spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
-    manifest = {"key": key, "cold": asdict(cold), "side": asdict(spec) if spec else None,
-                "users": len(users), "items": len(item_table), "part_hashes": part_hashes,
-                "build_s": round(time.time() - started, 2)}  # fmt: skip
-    storage.write_json(manifest, paths.success, store)
-    log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.root, len(users),
-             n_blocks, len(item_table), time.time() - started)  # fmt: skip
-    return _tables(paths, manifest)
+    return [[low, high] for _, low, high in parts]
 
 
 def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
+    paths = A.ContextPaths(paths.root, manifest["build"])
     side = SideSpec(**manifest["side"]) if manifest["side"] else None
     return ContextTables(paths, ColdStart(**manifest["cold"]), side, manifest["users"],
                          manifest["items"], manifest["part_hashes"])  # fmt: skip
@@ -203,6 +224,8 @@ def _all_users(
 # Rows a routing task holds before it writes them to the blocks' folders.
 ROUTE_ROWS = 4_000_000
 ROUTED = ("history", "neighbors")
+# Routing tasks per table, at most: each writes a file per block it sends rows to.
+ROUTE_TASKS = 64
 
 
 def _route(
@@ -228,7 +251,7 @@ def _route(
                                ("neighbors", neighbors, S.NEIGHBORS)):  # fmt: skip
         if uri:
             files = np.array(storage.checked_files(uri, store, schema), dtype=object)
-            for group in np.array_split(files, min(len(files), len(starts))):
+            for group in np.array_split(files, min(len(files), len(starts), ROUTE_TASKS)):
                 work.append((table, list(group), schema))
 
     def route(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
