@@ -41,16 +41,6 @@ class ItemTexts:
         )
 
 
-def user_filter(users: np.ndarray) -> pc.Expression:
-    """Rows of these users. The min/max bounds let Parquet statistics skip whole row groups
-    of a table sorted by user, so a shard reads about its own users' rows only."""
-    field = pc.field(S.USER_ID)
-    if len(users) == 0:
-        return pc.scalar(False)
-    bounds = (field >= int(users.min())) & (field <= int(users.max()))
-    return bounds & field.isin(pa.array(users, pa.int64()))
-
-
 class ItemRatings:
     """Each item's mean rating and rating count, optionally over ratings before a time only
     (a training prompt must not see its target's own rating).
