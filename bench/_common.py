@@ -43,10 +43,20 @@ class PeakMemory:
     """Samples the memory of this process and its descendants (Ray's raylet, GCS and workers
     when Ray was started here) in a background thread. `.peak` is the maximum summed RSS;
     `.peak_pss` the maximum summed PSS, which counts a page shared by several processes (Ray's
-    object store, the model files) once in all rather than once per process."""
+    object store, the model files) once in all rather than once per process.
 
-    def __init__(self, interval_s: float = 0.1) -> None:
+    Per kind it also keeps the peak of the anonymous (private heap) part of RSS, `RssAnon` in
+    /proc/PID/status, and of its shared-memory part, `RssShmem`: a Ray worker that reads a
+    block from the object store maps the store's pages, and those count in its RSS as shmem
+    although the store, not the worker, holds them. `.trace` has, every `trace_every_s`, the
+    model actors' summed RSS, anon and shmem (GiB) by seconds since the first sample."""
+
+    def __init__(self, interval_s: float = 0.1, trace_every_s: float = 5.0) -> None:
         self.interval_s = interval_s
+        self.trace_every_s = trace_every_s
+        self.trace: list[dict] = []
+        self.peak_anon_by_kind: dict[str, int] = {}
+        self.peak_shmem_by_kind: dict[str, int] = {}
         self.peak = 0
         self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
@@ -64,26 +74,55 @@ class PeakMemory:
 
     def _run(self) -> None:
         me = psutil.Process()
+        start = last_trace = time.monotonic()
         while not self._stop.is_set():
             by_kind: dict[str, int] = {}
+            anon: dict[str, int] = {}
+            shmem: dict[str, int] = {}
             count: dict[str, int] = {}
             pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
                     info = proc.memory_full_info()
                     kind = "driver" if proc.pid == me.pid else _kind(proc.name())
-                except psutil.Error:
+                    status = _rss_parts(proc.pid)
+                except (psutil.Error, OSError):
                     continue
                 by_kind[kind] = by_kind.get(kind, 0) + info.rss
+                anon[kind] = anon.get(kind, 0) + status.get("RssAnon", 0)
+                shmem[kind] = shmem.get(kind, 0) + status.get("RssShmem", 0)
                 count[kind] = count.get(kind, 0) + 1
                 pss += info.pss
             self.peak = max(self.peak, sum(by_kind.values()))
             self.peak_pss = max(self.peak_pss, pss)
             for kind, rss in by_kind.items():
                 self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), rss)
+                self.peak_anon_by_kind[kind] = max(self.peak_anon_by_kind.get(kind, 0), anon[kind])
+                self.peak_shmem_by_kind[kind] = max(self.peak_shmem_by_kind.get(kind, 0),
+                                                    shmem[kind])  # fmt: skip
                 self.peak_count_by_kind[kind] = max(self.peak_count_by_kind.get(kind, 0),
                                                     count[kind])  # fmt: skip
+            now = time.monotonic()
+            if "model_actors" in by_kind and now - last_trace >= self.trace_every_s:
+                last_trace = now
+                self.trace.append({"s": round(now - start), "rss": gib(by_kind["model_actors"]),
+                                   "anon": gib(anon["model_actors"]),
+                                   "shmem": gib(shmem["model_actors"])})  # fmt: skip
             time.sleep(self.interval_s)
+
+
+def _rss_parts(pid: int) -> dict[str, int]:
+    """RssAnon, RssFile and RssShmem of a process in bytes (Linux; empty elsewhere)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    parts = {}
+    for line in lines:
+        if line.startswith("Rss"):
+            key, value = line.split(":")
+            parts[key] = int(value.split()[0]) * 1024
+    return parts
 
 
 def _kind(name: str) -> str:

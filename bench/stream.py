@@ -67,6 +67,9 @@ def run_once(
         "pairs_per_s": round(pairs / wall, 1), "peak_rss_gib_total": gib(mem.peak),
         "peak_pss_gib_total": gib(mem.peak_pss), "peak_processes_by_kind": mem.peak_count_by_kind,
         "peak_rss_gib_by_kind": {k: gib(v) for k, v in mem.peak_by_kind.items()},
+        "peak_anon_gib_by_kind": {k: gib(v) for k, v in mem.peak_anon_by_kind.items()},
+        "peak_shmem_gib_by_kind": {k: gib(v) for k, v in mem.peak_shmem_by_kind.items()},
+        "model_actor_trace": mem.trace,
         "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
         "context_build_s": _context_build_s(workdir),
     }  # fmt: skip
@@ -122,21 +125,23 @@ def main() -> None:
             result[f"peak_{metric}_ratio_largest_vs_smallest"] = round(
                 runs[-1][f"peak_{metric}_gib_total"] / runs[0][f"peak_{metric}_gib_total"], 3
             )
-        actors = [r["peak_rss_gib_by_kind"].get("model_actors") for r in runs]
-        if all(actors):
-            result["model_actor_peak_rss_ratio_largest_vs_smallest"] = round(
-                actors[-1] / actors[0], 3
-            )
+        for metric in ("rss", "anon"):
+            actors = [r.get(f"peak_{metric}_gib_by_kind", {}).get("model_actors") for r in runs]
+            if all(actors):
+                result[f"model_actor_peak_{metric}_ratio_largest_vs_smallest"] = round(
+                    actors[-1] / actors[0], 3
+                )
     write_results(
         args.name, result,
         [(f"{r['pairs']:,}", f"{r['users']:,}", r["shards"], r["wall_s"], r["pairs_per_s"],
           r["context_build_s"], r["peak_rss_gib_total"], r["peak_pss_gib_total"],
           r["peak_rss_gib_by_kind"].get("model_actors", 0),
+          r.get("peak_anon_gib_by_kind", {}).get("model_actors", "-"),
           r["peak_rss_gib_by_kind"].get("ray_workers", 0))
          for r in runs],
         ("pairs", "users", "shards", "wall s", "pairs/s", "context build s",
          "peak RSS GiB (all)", "peak PSS GiB (all)", "peak RSS GiB (model actors)",
-         "peak RSS GiB (other workers)"),
+         "peak anon GiB (model actors)", "peak RSS GiB (other workers)"),
     )  # fmt: skip
 
 
