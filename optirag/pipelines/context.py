@@ -175,11 +175,13 @@ def _users_table(
         block = ray.get(users_ref)[bounds[number] : bounds[number + 1]]
         rows, lists = S.INTERACTIONS.empty_table(), None
         if number in routed["history"]:
-            rows = storage.read_table(paths.routed_block("history", number), store)
+            uri = paths.routed_block("history", number)
+            rows = storage.read_own_table(uri, store, S.INTERACTIONS)
         if neighbors:
             lists = S.NEIGHBORS.empty_table()
             if number in routed["neighbors"]:
-                lists = storage.read_table(paths.routed_block("neighbors", number), store)
+                uri = paths.routed_block("neighbors", number)
+                lists = storage.read_own_table(uri, store, S.NEIGHBORS)
         table = _user_block(block, rows, lists, cfg, items, ray.get(side_ref))
         storage.write_table(table, paths.users_part(number), store, USER_ROW_GROUP)
         hashes = table[S.USER_HASH].to_numpy()  # sorted
@@ -259,15 +261,17 @@ def _route(
         table, files, schema = work[task]
         fs, _ = storage.resolve(paths.root, store)
         held: dict[int, list[pa.Table]] = {}
-        chunks, blocks = [0], set()
+        blocks: set[int] = set()
+        chunk = 0
 
         def flush() -> None:
+            nonlocal chunk
             for block, parts in held.items():
-                uri = paths.routed_part(table, block, task, chunks[0])
+                uri = paths.routed_part(table, block, task, chunk)
                 storage.write_table(pa.concat_tables(parts), uri, store)
                 blocks.add(block)
             held.clear()
-            chunks[0] += 1
+            chunk += 1
 
         count = 0
         rows = ds.dataset(files, filesystem=fs, format="parquet")
