@@ -196,9 +196,10 @@ class ExitConfig(StrictModel):
     heads_uri: Location | None = Field(None, description="trained heads directory")
     compaction: bool = True
     engine: Literal["packed", "reference"] = Field(
-        "reference",
-        description="reference: the padded engine; packed: each prefix once, cascade "
-        "attention, refilled batches (optirag.packed; becomes the default once measured on a GPU)",
+        "packed",
+        description="packed: each prefix once in a flat token stream, cascade attention, "
+        "refilled early-exit batches (optirag.packed); reference: the padded engine the "
+        "tests hold it to (optirag.early_exit). Same scores within float rounding",
     )
 
 

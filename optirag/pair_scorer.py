@@ -60,7 +60,7 @@ class TokenScorer:
         share_prefixes: bool = True,
         compaction: bool = True,
         batch_rows: int = 64,
-        engine: EngineKind = "reference",
+        engine: EngineKind = "packed",
     ) -> None:
         self.engine = make_engine(engine, backbone, heads, rule, compaction=compaction)
         self.share_prefixes = share_prefixes
@@ -133,7 +133,7 @@ class PairScorer:
         compaction: bool = True,
         batch_rows: int = 64,
         side_features: SideFeatures | None = None,
-        engine: EngineKind = "reference",
+        engine: EngineKind = "packed",
     ) -> None:
         self.tokens = TokenScorer(
             backbone, heads, rule, share_prefixes, compaction, batch_rows, engine
