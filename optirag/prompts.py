@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from optirag.config import PromptConfig
 
 _TARGET = "\x00TARGET\x00"
@@ -136,33 +138,50 @@ class PromptBuilder:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
     def encode_prefixes(self, contexts: list[UserContext]) -> list[list[int]]:
-        """`encode_prefix` of each context: all encoded in one batch, then the few over the
-        token budget trimmed one by one."""
+        """Each context's prefix ids within `max_prefix_tokens`: a context over the budget
+        loses its oldest history items, then its last similar-user items, the fewest that
+        make it fit. All contexts are encoded in one batch call; those over the budget are
+        then trimmed by a search over how many items to drop, one batch call per round
+        (rounds: ~2 when the first guess, from the items' lengths, is right). The search
+        assumes a prompt with more items has at least as many tokens; tests hold it to
+        dropping one item at a time."""
         limited = [self._within_limits(c) for c in contexts]
         ids = self.encode_many([self.prefix_text(c) for c in limited])
-        return [self._trimmed(c, i) for c, i in zip(limited, ids, strict=True)]
+        over = [n for n, i in enumerate(ids) if len(i) > self.cfg.max_prefix_tokens]
+        if over:
+            trimmed = self._trim([limited[n] for n in over], [len(ids[n]) for n in over])
+            for n, i in zip(over, trimmed, strict=True):
+                ids[n] = i
+        return ids
 
     def encode_prefix(self, ctx: UserContext) -> list[int]:
-        """Prefix tokens within `max_prefix_tokens`: the oldest history goes first, then the
-        last similar-user items. Deterministic for a given context."""
-        ctx = self._within_limits(ctx)
-        return self._trimmed(ctx, self.encode(self.prefix_text(ctx)))
+        """`encode_prefixes` of one context. Deterministic for a given context."""
+        return self.encode_prefixes([ctx])[0]
 
     def _within_limits(self, ctx: UserContext) -> UserContext:
         history = ctx.history[-self.cfg.max_history :]
         return UserContext(history, ctx.neighbor_liked[: self.cfg.max_neighbor_items])
 
-    def _trimmed(self, ctx: UserContext, ids: list[int]) -> list[int]:
-        """`ids`, the encoded prefix of `ctx`, or while over the token budget the prefix
-        without its oldest history item (then without its last similar-user item)."""
-        history, neighbors = ctx.history, ctx.neighbor_liked
-        while len(ids) > self.cfg.max_prefix_tokens and (history or neighbors):
-            if history:
-                history = history[1:]
-            else:
-                neighbors = neighbors[:-1]
-            ids = self.encode(self.prefix_text(UserContext(history, neighbors)))
-        return ids
+    @staticmethod
+    def _dropped(ctx: UserContext, k: int) -> UserContext:
+        """`ctx` without k items: its oldest history first, then its last similar-user items."""
+        history, neighbors = ctx.history[k:], ctx.neighbor_liked
+        if k > len(ctx.history):
+            neighbors = neighbors[: len(neighbors) - (k - len(ctx.history))]
+        return UserContext(history, neighbors)
+
+    def _trim(self, contexts: list[UserContext], lengths: list[int]) -> list[list[int]]:
+        """Prefix ids of contexts over the budget (`lengths`: their untrimmed token counts),
+        each with the fewest items dropped (`_dropped`) that fit, or every item dropped.
+        Each round encodes one probe per unsettled context (`_Trim`)."""
+        bare = len(self.encode(self.prefix_text(UserContext())))  # every item dropped
+        trims = [_Trim.start(c, n, bare, self.cfg.max_prefix_tokens)
+                 for c, n in zip(contexts, lengths, strict=True)]  # fmt: skip
+        while todo := [t for t in trims if not t.settled]:
+            texts = [self.prefix_text(self._dropped(t.ctx, t.next_probe())) for t in todo]
+            for t, ids in zip(todo, self.encode_many(texts), strict=True):
+                t.record(ids, self.cfg.max_prefix_tokens)
+        return [t.ids[t.high] for t in trims]
 
     def encode_suffix(
         self,
@@ -211,3 +230,45 @@ class PromptBuilder:
     def tail_ids(self) -> list[int]:
         """The last piece: the rating note's close (with `target_ratings`), the answer cue."""
         return self.encode((")" if self.cfg.target_ratings else "") + self._tail)
+
+
+@dataclass
+class _Trim:
+    """The search for one context's number of dropped items: `low` is the fewest drops not
+    yet known to be too few, `high` the fewest known to fit (dropping every item counts as
+    fitting), `ids` the encodings seen. Probes: a guess from the items' lengths first, then
+    next to the bounds, then bisection once the guess proves far off."""
+
+    ctx: UserContext
+    low: int
+    high: int
+    probe: int
+    ids: dict[int, list[int]] = field(default_factory=dict)
+    steps: int = 0
+
+    @classmethod
+    def start(cls, ctx: UserContext, tokens: int, bare: int, budget: int) -> _Trim:
+        items = [t for t, _ in ctx.history] + ctx.neighbor_liked[::-1]  # in drop order
+        chars = np.cumsum([len(t) + 2 for t in items] or [0])  # "; " between items
+        per_char = max(tokens - bare, 1) / max(int(chars[-1]), 1)
+        guess = int(np.searchsorted(chars * per_char, tokens - budget)) + 1
+        return cls(ctx, low=min(1, len(items)), high=len(items), probe=guess)
+
+    @property
+    def settled(self) -> bool:
+        return self.low >= self.high and self.high in self.ids
+
+    def next_probe(self) -> int:
+        self.probe = min(max(self.probe, self.low), self.high)
+        return self.probe
+
+    def record(self, ids: list[int], budget: int) -> None:
+        k = self.probe
+        self.ids[k] = ids
+        self.steps += 1
+        if len(ids) <= budget or k == self.high:
+            self.high, self.probe = k, k - 1  # is one drop fewer enough too?
+        else:
+            self.low, self.probe = k + 1, k + 1
+        if self.steps > 2:
+            self.probe = (self.low + self.high) // 2

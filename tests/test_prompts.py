@@ -75,6 +75,44 @@ def test_batch_encoding_equals_one_by_one(tiny_backbone):
     assert builder.encode_many(texts) == [builder.encode(t) for t in texts]
 
 
+def _stepwise_prefix(builder: PromptBuilder, ctx: UserContext) -> list[int]:
+    """The budget rule spelled out: drop the oldest history item, one at a time, then the
+    last similar-user item, re-encoding each time, until the prefix fits or nothing is left."""
+    cfg = builder.cfg
+    history, neighbors = (
+        ctx.history[-cfg.max_history :],
+        ctx.neighbor_liked[: cfg.max_neighbor_items],
+    )
+    ids = builder.encode(builder.prefix_text(UserContext(history, neighbors)))
+    while len(ids) > cfg.max_prefix_tokens and (history or neighbors):
+        history, neighbors = (history[1:], neighbors) if history else (history, neighbors[:-1])
+        ids = builder.encode(builder.prefix_text(UserContext(history, neighbors)))
+    return ids
+
+
+@pytest.mark.parametrize("budget", [120, 200, 330])
+def test_trimming_search_equals_dropping_one_item_at_a_time(tiny_backbone, budget):
+    """encode_prefixes' search for the number of items to drop gives the stepwise rule's ids
+    on contexts of ragged lengths: short and long titles, history only, neighbours only,
+    nothing to drop, and a budget below the bare prompt (everything dropped, still over)."""
+    rng = np.random.default_rng(budget)
+    words = ["Heat", "Amélie", "(1995)", "The", "Night", "of", "a", "very", "long", "title", "II"]
+
+    def title() -> str:
+        return " ".join(rng.choice(words, size=rng.integers(1, 12)))
+
+    contexts = [UserContext(), UserContext([], [title()]), UserContext([(title(), True)], [])]
+    for _ in range(60):
+        history = [(title(), bool(rng.random() < 0.7)) for _ in range(rng.integers(0, 30))]
+        contexts.append(UserContext(history, [title() for _ in range(rng.integers(0, 8))]))
+    cfg = PromptConfig(max_prefix_tokens=budget, max_history=30, max_neighbor_items=8)
+    builder = PromptBuilder(tiny_backbone.tokenizer, cfg)
+    expected = [_stepwise_prefix(builder, c) for c in contexts]
+    assert sum(len(builder.encode(builder.prefix_text(c))) > budget for c in contexts) > 20
+    assert builder.encode_prefixes(contexts) == expected
+    assert [builder.encode_prefix(c) for c in contexts[:10]] == expected[:10]
+
+
 def test_context_has_no_future_interactions(movie_tables):
     interactions, items, neighbors = movie_tables
     store = ContextStore(interactions, items, neighbors, PromptConfig())

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # Part of the tables' key: bump it when what a row holds or how it is made changes (the rows'
 # schema, neighbour ranking, rating lists), so tables made by older code are not reused.
-CONTEXT_FORMAT = 3
+CONTEXT_FORMAT = 4
 
 # A user's row holds hundreds of prefix ids and their neighbours' ratings: row groups of a few
 # thousand users keep a shard's filtered read (row groups skipped by user_hash) small.
