@@ -2,16 +2,17 @@
 
   full depth | early exit at the calibrated tau (trained heads) | early exit at tau 0.1
   x  old engine (optirag.early_exit) | new engine (optirag.packed)
-  x  the scorer's batches (compute.batch_rows) | every pair in one call (the packed engine
-     then cuts its own launches of max_tokens and refills them after each exit)
+  x  the calls the scorer makes for that engine ("job calls": compute.batch_rows rows for
+     the old one; 4 launches of compute.batch_tokens prompt tokens for the new one, which
+     cuts its launches and refills them after each exit) | every pair in one call
 
     python bench/engine.py --config conf/demo.yaml [--users 10 --per-user 20]
     python bench/engine.py --backbone tiny          # the tiny random Llama, untrained heads
     python bench/engine.py --users 200 --per-user 50 --one-call   # on a GPU
 
 The pairs are bench/early_exit.py's (same seed, users, items and prompts). The pair scorer
-builds each batch's engine inputs once (recorded, not timed); only the engines' `score`
-calls are timed. Reports pairs/s, layer-tokens per pair, the model FLOPs the rows needed
+builds each call's engine inputs once per engine (recorded, not timed); only the engines'
+`score` calls are timed. Reports pairs/s, layer-tokens per pair, the model FLOPs the rows needed
 (counted from the model config: q/k/v/o, MLP, attention over the real causal context, for
 the layers each row and each prefix ran; padding is not counted), achieved FLOP/s and its
 fraction of the device's peak (a table of known GPUs; on a CPU, or a GPU not in the table,
@@ -196,7 +197,6 @@ def main() -> None:
     parser.add_argument("--per-user", type=int, default=20)
     parser.add_argument("--tau", type=float, default=0.1, help="early exit tau besides the "
                         "calibrated one (agreement rule)")  # fmt: skip
-    parser.add_argument("--max-tokens", type=int, default=None, help="packed engine launch size")
     parser.add_argument("--one-call", action="store_true",
                         help="also score every pair in one engine call")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
@@ -229,14 +229,19 @@ def main() -> None:
     pair_users = np.repeat(users, args.per_user)
     pair_items = np.concatenate([rng.choice(catalog, args.per_user, replace=False)
                                  for _ in users])  # fmt: skip
-    recorder = _Recorder(len(heads.layers))
-    scorer = _pair_scorer_class()(backbone, heads, ExitRule("none"), contexts, prompts,
-                                  share_prefixes=True, batch_rows=cfg.compute.batch_rows,
-                                  side_features=side_features)  # fmt: skip
-    scorer.engine = recorder
-    scorer.score(pair_users, pair_items)
-    batched = recorder.calls
-    one_call = merge_calls(batched)
+
+    def record(engine: str) -> list[tuple]:
+        """The engine inputs of each call the pair scorer makes for this engine kind."""
+        scorer = _pair_scorer_class()(
+            backbone, heads, ExitRule("none"), contexts, prompts, share_prefixes=True,
+            batch_rows=cfg.compute.batch_rows, side_features=side_features, engine=engine,
+            batch_tokens=cfg.compute.batch_tokens,
+        )  # fmt: skip
+        scorer.engine = recorder = _Recorder(len(heads.layers))
+        scorer.score(pair_users, pair_items)
+        return recorder.calls
+
+    job_calls = {"old": record("reference"), "new": record("packed")}
     n = len(pair_users)
 
     rules = [("full depth", ExitRule("none"))]
@@ -245,22 +250,26 @@ def main() -> None:
         rules.append((f"calibrated {kind} {exit_config['threshold']}",
                       ExitRule(kind, float(exit_config["threshold"]))))  # fmt: skip
     rules.append((f"agreement tau={args.tau}", ExitRule("agreement", args.tau)))
-    packed_kw = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    max_tokens = cfg.compute.batch_tokens
     engines = {
         "old": lambda rule: EarlyExitScorer(backbone, heads, rule),
-        "new": lambda rule: PackedEarlyExitScorer(backbone, heads, rule, **packed_kw),
+        "new": lambda rule: PackedEarlyExitScorer(backbone, heads, rule, max_tokens=max_tokens),
     }
+    suf, pre, of, side = job_calls["old"][0]
+    warm = [(suf[:2], pre, of[:2] if of else None, None if side is None else side[:2])]
     for make in engines.values():  # warm-up: lazy initialisation is not timed
-        run(make(ExitRule("none")), [(c[0][:2], c[1], c[2][:2] if c[2] else None,
-                                      None if c[3] is None else c[3][:2]) for c in batched[:1]],
-            dev)  # fmt: skip
+        run(make(ExitRule("none")), warm, dev)
 
     peak = device_peak(dev, backbone.dtype)
     rows, reference = [], {}
-    batchings = [("batch_rows", batched)] + ([("one call", one_call)] if args.one_call else [])
-    for batching, calls in batchings:
+    one_call = merge_calls(job_calls["old"])
+    batchings = [("job calls", job_calls)]
+    if args.one_call:
+        batchings.append(("one call", {"old": one_call, "new": one_call}))
+    for batching, calls_of in batchings:
         for rule_name, rule in rules:
             for engine_name, make in engines.items():
+                calls = calls_of[engine_name]
                 cpu = time.process_time()
                 seconds, out = run(make(rule), calls, dev)
                 cpu = time.process_time() - cpu
@@ -299,7 +308,7 @@ def main() -> None:
             summary[f"{engine}: {tau_name} / full depth, {batching}"] = round(
                 speed(engine, batching, tau_name) / speed(engine, batching, "full depth"), 2
             )
-    prompt_tokens = [(sum(map(len, c[0])), sum(map(len, c[1] or []))) for c in batched]
+    prompt_tokens = [(sum(map(len, c[0])), sum(map(len, c[1] or []))) for c in one_call]
     result = {
         "machine": machine(), "backbone": backbone.version, "dtype": str(backbone.dtype),
         "device": str(dev),
@@ -307,9 +316,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "peak_flops": peak, "trained_heads": trained is not None, "layers": heads.layers,
         "side_features": list(heads.side_names), "batch_rows": cfg.compute.batch_rows,
-        "packed_max_tokens": PackedEarlyExitScorer(backbone, heads, ExitRule()).max_tokens
-        if not args.max_tokens else args.max_tokens,
-        "users": args.users, "candidates_per_user": args.per_user, "batches": len(batched),
+        "batch_tokens": max_tokens,
+        "engine_calls": {k: len(v) for k, v in job_calls.items()},
+        "users": args.users, "candidates_per_user": args.per_user,
         "suffix_tokens_per_pair": round(sum(s for s, _ in prompt_tokens) / n, 1),
         "prefix_tokens_per_user": round(sum(p for _, p in prompt_tokens) / args.users, 1),
         "timed": "engine.score calls only (prompts built once beforehand)",

@@ -206,7 +206,14 @@ class ExitConfig(StrictModel):
 class ComputeConfig(StrictModel):
     """Resource and speed decisions; none of them changes a score."""
 
-    batch_rows: int = Field(64, gt=0, description="pairs per model forward")
+    batch_rows: int = Field(64, gt=0, description="pairs per model forward of the reference engine")
+    batch_tokens: int = Field(
+        32_768,
+        gt=0,
+        description="prompt tokens per model launch of the packed engine (each prefix once, "
+        "plus every suffix); an engine call holds 4 launches' worth, and the rows that "
+        "survive a block of layers refill the next block's launches from the whole call",
+    )
     share_prefixes: bool = True
     min_actors: int = Field(1, gt=0, description="scoring actors, one model replica each")
     max_actors: int = Field(1, gt=0)

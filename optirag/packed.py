@@ -43,11 +43,19 @@ EngineKind = Literal["packed", "reference"]
 
 
 def make_engine(
-    kind: EngineKind, backbone: Backbone, heads: ExitHeads, rule: ExitRule, compaction: bool = True
+    kind: EngineKind,
+    backbone: Backbone,
+    heads: ExitHeads,
+    rule: ExitRule,
+    compaction: bool = True,
+    max_tokens: int = 32_768,
 ):
-    """The engine behind a config key (`exits.engine: packed | reference`)."""
+    """The engine behind a config key (`exits.engine: packed | reference`); `max_tokens` is
+    the packed engine's launch size (`compute.batch_tokens`)."""
     if kind == "packed":
-        return PackedEarlyExitScorer(backbone, heads, rule, compaction=compaction)
+        return PackedEarlyExitScorer(
+            backbone, heads, rule, compaction=compaction, max_tokens=max_tokens
+        )
     if kind == "reference":
         return EarlyExitScorer(backbone, heads, rule, compaction=compaction)
     raise ValueError(f"unknown engine {kind!r}: packed or reference")

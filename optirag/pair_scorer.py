@@ -6,7 +6,7 @@ a prompt prefix; with `share_prefixes` each prefix runs once per model batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +50,12 @@ class TokenScorer:
     in-process `PairScorer` feeds it from a `ContextStore`.
 
     Rows name their prefix by a slot; rows of one slot run next to each other, and with
-    `share_prefixes` each prefix runs once per model batch."""
+    `share_prefixes` each prefix runs once per engine call. Calls hold at most `batch_rows`
+    rows (reference engine) or `CALL_LAUNCHES` x `batch_tokens` prompt tokens (packed engine:
+    one launch is at most `batch_tokens`, and the rows that survive a block refill the next
+    block's launches from the whole call)."""
+
+    CALL_LAUNCHES = 4
 
     def __init__(
         self,
@@ -61,10 +66,22 @@ class TokenScorer:
         compaction: bool = True,
         batch_rows: int = 64,
         engine: EngineKind = "packed",
+        batch_tokens: int = 32_768,
     ) -> None:
-        self.engine = make_engine(engine, backbone, heads, rule, compaction=compaction)
+        self.engine = make_engine(
+            engine, backbone, heads, rule, compaction=compaction, max_tokens=batch_tokens
+        )
         self.share_prefixes = share_prefixes
-        self.batch_rows = batch_rows
+        self.by_tokens = engine == "packed"
+        self.call_limit = self.CALL_LAUNCHES * batch_tokens if self.by_tokens else batch_rows
+
+    def _cost(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[int, list[int]]:
+        """What a prefix group takes of a call: (once for its prefix, per row)."""
+        if not self.by_tokens:
+            return 0, [1] * len(suffixes)
+        if self.share_prefixes:
+            return len(prefix), [len(s) for s in suffixes]
+        return 0, [len(prefix) + len(s) for s in suffixes]
 
     def score(
         self,
@@ -76,32 +93,45 @@ class TokenScorer:
         desc: str | None = None,
     ) -> PairScores:
         """Scores of rows 0..N-1 in that order. `slots[r]`: row r's prefix; `prefix(slot)`,
-        `suffix(row)`: token ids, asked for batch by batch; `side(rows)`: their side
-        features. Rows run in slot order (a stable sort keeps it deterministic)."""
+        `suffix(row)`: token ids, asked for group by group as the calls fill; `side(rows)`:
+        their side features. Rows run in slot order (a stable sort keeps it deterministic)."""
         n = len(slots)
         order = np.argsort(slots, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, slots[order][1:] != slots[order][:-1], True])
+        groups: list = []  # (rows, prefix ids, suffix ids) of each slot, freed once scored
+
+        def costs():
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                rows = order[a:b]
+                ids = prefix(int(slots[rows[0]])), [suffix(int(r)) for r in rows]
+                groups.append((rows, *ids))
+                yield self._cost(*ids)
+
         result_parts: list[ScoreResult] = []
-        chunks = prefix_batches(slots[order], np.zeros(n, np.int64), self.batch_rows)
-        for chunk in tqdm(
-            [order[c] for c in chunks], desc=desc, disable=desc is None, unit="batch"
-        ):
-            keys = slots[chunk].tolist()
-            unique = list(dict.fromkeys(keys))  # rows are sorted: a prefix never comes back
-            prefixes = [prefix(k) for k in unique]
-            suffixes = [suffix(int(r)) for r in chunk]
+        bar = tqdm(total=n, desc=desc, disable=desc is None, unit="pair")
+        for call in pack_calls(costs(), self.call_limit):
+            rows, prefixes, prefix_of, suffixes = [], [], [], []
+            for g, a, b in call:
+                group_rows, pre, sufs = groups[g]
+                rows.append(group_rows[a:b])
+                prefix_of += [len(prefixes)] * (b - a)
+                prefixes.append(pre)
+                suffixes += sufs[a:b]
+                if b == len(group_rows):
+                    groups[g] = None
+            chunk = np.concatenate(rows)
             features = torch.from_numpy(side(chunk)) if side is not None else None
-            at = {k: j for j, k in enumerate(unique)}
             if self.share_prefixes:
-                result = self.engine.score(
-                    suffixes, prefixes, [at[k] for k in keys], keep_hidden, features
-                )
+                result = self.engine.score(suffixes, prefixes, prefix_of, keep_hidden, features)
             else:
                 result = self.engine.score(
-                    [prefixes[at[k]] + s for k, s in zip(keys, suffixes, strict=True)],
+                    [prefixes[j] + s for j, s in zip(prefix_of, suffixes, strict=True)],
                     keep_hidden=keep_hidden,
                     side=features,
                 )
             result_parts.append(result)
+            bar.update(len(chunk))
+        bar.close()
         inverse = np.empty(n, dtype=np.int64)
         inverse[order] = np.arange(n)
 
@@ -134,9 +164,10 @@ class PairScorer:
         batch_rows: int = 64,
         side_features: SideFeatures | None = None,
         engine: EngineKind = "packed",
+        batch_tokens: int = 32_768,
     ) -> None:
         self.tokens = TokenScorer(
-            backbone, heads, rule, share_prefixes, compaction, batch_rows, engine
+            backbone, heads, rule, share_prefixes, compaction, batch_rows, engine, batch_tokens
         )
         self.contexts = contexts
         self.prompts = prompts
@@ -192,24 +223,34 @@ class PairScorer:
         )
 
 
-def prefix_batches(users: np.ndarray, cutoffs: np.ndarray, batch_rows: int) -> list[slice]:
-    """Slices of rows (sorted by prefix) of at most `batch_rows`, never cutting a prefix's
-    rows in two unless they alone exceed a batch: a prefix split across batches runs twice."""
-    n = len(users)
-    starts = np.flatnonzero(np.r_[True, (users[1:] != users[:-1]) | (cutoffs[1:] != cutoffs[:-1])])
-    bounds = np.r_[starts, n]
-    batches, begin = [], 0
-    for g in range(len(starts)):
-        end = int(bounds[g + 1])
-        if end - begin > batch_rows and int(starts[g]) > begin:
-            batches.append(slice(begin, int(starts[g])))  # close before this group
-            begin = int(starts[g])
-        while end - begin > batch_rows:  # a group larger than a batch
-            batches.append(slice(begin, begin + batch_rows))
-            begin += batch_rows
-    if begin < n:
-        batches.append(slice(begin, n))
-    return batches
+def pack_calls(
+    groups: Iterable[tuple[int, list[int]]], limit: int
+) -> Iterator[list[tuple[int, int, int]]]:
+    """Cuts consecutive groups of rows that share a prefix into calls of at most `limit`.
+    `groups` yields (cost of the group's prefix, cost of each row) and is read lazily: a call
+    is yielded as soon as the next group does not fit in it. Each call is a list of
+    (group index, first row, end row). A group is cut only when it alone exceeds a call
+    (each piece pays its prefix again); a row over the limit gets a call of its own."""
+    call: list[tuple[int, int, int]] = []
+    used = 0
+    for g, (pre, rows) in enumerate(groups):
+        if call and used + pre + sum(rows) > limit:
+            yield call
+            call, used = [], 0
+        start = 0
+        while start < len(rows):
+            end, take = start, pre
+            while end < len(rows) and (end == start or used + take + rows[end] <= limit):
+                take += rows[end]
+                end += 1
+            call.append((g, start, end))
+            used += take
+            start = end
+            if start < len(rows):  # the group goes on in the next call
+                yield call
+                call, used = [], 0
+    if call:
+        yield call
 
 
 def resolve_rule(cfg: ExitConfig, trained: dict) -> ExitRule:
@@ -242,6 +283,7 @@ def make_token_scorer(
         compaction=cfg.exits.compaction,
         batch_rows=cfg.compute.batch_rows,
         engine=cfg.exits.engine,
+        batch_tokens=cfg.compute.batch_tokens,
     )
 
 
@@ -266,4 +308,5 @@ def make_pair_scorer(
         batch_rows=cfg.compute.batch_rows,
         side_features=model.side_features,
         engine=cfg.exits.engine,
+        batch_tokens=cfg.compute.batch_tokens,
     )

@@ -107,16 +107,26 @@ def test_shared_prefix_extraction_equals_plain_extraction(
     assert torch.equal(feats[True]["cutoff"], torch.from_numpy(pairs.cutoff))
 
 
-def test_prefix_batches_keep_a_prefix_together():
-    from optirag.pair_scorer import prefix_batches
+def test_pack_calls_keep_a_prefix_together_and_respect_the_limit():
+    from optirag.pair_scorer import pack_calls
 
-    users = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4])
-    cuts = np.zeros_like(users)
-    batches = prefix_batches(users, cuts, 4)
-    covered = np.concatenate([np.arange(len(users))[b] for b in batches])
-    assert np.array_equal(covered, np.arange(len(users)))
-    assert all(b.stop - b.start <= 4 for b in batches)
-    assert [users[b].tolist() for b in batches][:2] == [[1, 1, 1], [2, 2]]  # not [1,1,1,2]
+    # rows of one slot per group: the reference engine's row limit (prefix costs nothing)
+    sizes = [3, 2, 7, 1]
+    calls = list(pack_calls(((0, [1] * k) for k in sizes), 4))
+    # groups 0 and 1 are not mixed (3 + 2 > 4); group 2 alone exceeds a call: cut, and its
+    # last piece is joined by group 3
+    assert calls == [[(0, 0, 3)], [(1, 0, 2)], [(2, 0, 4)], [(2, 4, 7), (3, 0, 1)]]
+
+    # tokens (the packed engine): each piece of a cut group pays its prefix again
+    groups = [(5, [2, 2, 2]), (3, [1]), (4, [3, 3, 3, 3]), (1, [20])]
+    calls = list(pack_calls(iter(groups), 12))
+    rows = [(g, r) for c in calls for g, a, b in c for r in range(a, b)]
+    assert rows == [(g, r) for g, (_, k) in enumerate(groups) for r in range(len(k))]
+    for c in calls:
+        cost = sum(groups[g][0] + sum(groups[g][1][a:b]) for g, a, b in c)
+        assert cost <= 12 or (len(c) == 1 and c[0][2] - c[0][1] == 1)  # a lone big row
+    # 11 + 4 > 12: group 1 waits; 4 + 12 > 12: group 2 is cut, 4 + 3 + 3 per piece
+    assert calls == [[(0, 0, 3)], [(1, 0, 1)], [(2, 0, 2)], [(2, 2, 4)], [(3, 0, 1)]]
 
 
 def test_before_cutoffs_hides_each_users_targets(movie_tables):

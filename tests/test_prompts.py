@@ -155,17 +155,28 @@ def test_unknown_user_gets_empty_context(movie_tables):
     assert 999 not in store.users and 3 in store.item_texts and 99 not in store.item_texts
 
 
+@pytest.mark.parametrize("engine", ["packed", "reference"])
 @pytest.mark.parametrize("share", [True, False])
-def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables, share):
+def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables, share, engine):
+    # small calls (5 rows; 4 launches of 60 tokens, below one user's prompts, so a user's
+    # rows are cut across calls and each call re-runs the prefix)
     store = ContextStore(*movie_tables, PromptConfig())
     builder = PromptBuilder(tiny_backbone.tokenizer, PromptConfig())
     heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
     scorer = PairScorer(
-        tiny_backbone, heads, ExitRule("none"), store, builder, share_prefixes=share, batch_rows=5
-    )
+        tiny_backbone, heads, ExitRule("none"), store, builder, share_prefixes=share,
+        batch_rows=5, engine=engine, batch_tokens=60,
+    )  # fmt: skip
     users = np.array([3, 1, 1, 2, 3, 1, 999, 2])
     items = np.array([5, 6, 7, 8, 9, 10, 11, 12])
+    calls = []
+    engine_score = scorer.engine.score
+    scorer.engine.score = lambda suffixes, *a, **k: (
+        calls.append(len(suffixes)) or engine_score(suffixes, *a, **k)
+    )
     out = scorer.score(users, items)
+    assert sum(calls) == 8 and max(calls) <= 5
+    assert engine == "reference" or len(calls) > 4  # more calls than users: users are cut
     one_by_one = [
         scorer.engine.score(
             [
