@@ -554,12 +554,20 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 SECRET_KEYS = ("secret", "password", "token", "access_key")
 
 
+def _names_a_secret(leaf: str) -> bool:
+    """A key whose words (split at _ and -) include a SECRET_KEYS entry: session_token and
+    secret_access_key do, batch_tokens does not."""
+    words = re.split(r"[_\-]", leaf.lower())
+    runs = {"_".join(words[i : i + n]) for n in (1, 2) for i in range(len(words) - n + 1)}
+    return any(word in runs for word in SECRET_KEYS)
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form a.b=c")
     *parents, leaf = key.split(".")
-    if any(word in leaf.lower() for word in SECRET_KEYS):
+    if _names_a_secret(leaf):
         # A command line is stored in plain text by shells and by Ray's job table and log.
         raise ConfigError(
             f"override {key}=...: secrets are not accepted on the command line; set "

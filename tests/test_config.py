@@ -122,11 +122,16 @@ def test_default_local_paths_are_absolute_too():
 
 
 @pytest.mark.parametrize("key", ["storage.s3.secret_access_key", "storage.s3.access_key_id",
-                                 "storage.s3.session_token"])  # fmt: skip
+                                 "storage.s3.session_token", "storage.s3.api-token",
+                                 "storage.s3.password"])  # fmt: skip
 def test_secret_overrides_are_refused(key):
     with pytest.raises(ConfigError, match="environment") as err:
         load_config(None, [f"{key}=hunter2-secret"])
     assert "hunter2-secret" not in str(err.value)
+
+
+def test_a_key_that_only_contains_a_secret_word_is_an_override():
+    assert load_config(None, ["compute.batch_tokens=4096"]).compute.batch_tokens == 4096
 
 
 @pytest.mark.parametrize("run_id", ["../bad/rid/evil", "/abs/path", "a/b", "a..b", ".hidden", ""])
