@@ -75,6 +75,16 @@ class TokenScorer:
         self.by_tokens = engine == "packed"
         self.call_limit = self.CALL_LAUNCHES * batch_tokens if self.by_tokens else batch_rows
 
+    def _no_rows(self, keep_hidden: bool) -> PairScores:
+        heads, hidden = len(self.engine.heads.layers), self.engine.backbone.hidden_size
+        return PairScores(
+            scores=np.zeros(0, np.float32),
+            exit_layers=np.zeros(0, np.int16),
+            head_probs=np.zeros((0, heads), np.float32),
+            layer_tokens=0,
+            hidden=np.zeros((0, heads, hidden), np.float32) if keep_hidden else None,
+        )
+
     def _cost(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[int, list[int]]:
         """What a prefix group takes of a call: (once for its prefix, per row)."""
         if not self.by_tokens:
@@ -96,6 +106,8 @@ class TokenScorer:
         `suffix(row)`: token ids, asked for group by group as the calls fill; `side(rows)`:
         their side features. Rows run in slot order (a stable sort keeps it deterministic)."""
         n = len(slots)
+        if n == 0:
+            return self._no_rows(keep_hidden)
         order = np.argsort(slots, kind="stable")
         bounds = np.flatnonzero(np.r_[True, slots[order][1:] != slots[order][:-1], True])
         groups: list = []  # (rows, prefix ids, suffix ids) of each slot, freed once scored

@@ -188,6 +188,9 @@ def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables
     ]
     np.testing.assert_allclose(out.scores, one_by_one, atol=1e-4)
     assert out.scores.dtype == np.float32 and (out.exit_layers == 6).all()
+    none = scorer.score(users[:0], items[:0], keep_hidden=True)
+    assert none.scores.shape == (0,) and none.head_probs.shape == (0, 3)
+    assert none.hidden.shape == (0, 3, tiny_backbone.hidden_size)
 
 
 def test_item_ratings_before_a_time_and_streamed_totals(movie_tables, tmp_path):
