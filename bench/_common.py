@@ -93,10 +93,11 @@ class PeakMemory:
                 try:
                     kind = "driver" if proc.pid == me.pid else _kind(proc.name())
                     status = _rss_parts(proc.pid)
+                    rss = sum(status.values()) or proc.memory_info().rss  # no /proc: psutil's
                     pss += proc.memory_full_info().pss if with_pss else 0
                 except (psutil.Error, OSError):
                     continue
-                by_kind[kind] = by_kind.get(kind, 0) + sum(status.values())
+                by_kind[kind] = by_kind.get(kind, 0) + rss
                 anon[kind] = anon.get(kind, 0) + status.get("RssAnon", 0)
                 shmem[kind] = shmem.get(kind, 0) + status.get("RssShmem", 0)
                 count[kind] = count.get(kind, 0) + 1

@@ -9,7 +9,7 @@ features) when present, else untrained heads, for which the exit rates mean litt
 bench/results/<name>.json (default early_exit, or early_exit_gpu on a GPU, with the card's
 name) and prints a markdown table. On a GPU, bf16 (backbone.dtype=auto) and larger batches:
 
-    python bench/early_exit.py --users 200 --per-user 50 compute.batch_rows=2000
+    python bench/early_exit.py --users 200 --per-user 50 compute.batch_tokens=32768
 """
 
 from __future__ import annotations

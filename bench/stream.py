@@ -48,7 +48,7 @@ def run_once(
         f"scoring.candidates_uri={workdir}/synthetic/candidates",
         f"scoring.history_uri={workdir}/synthetic/interactions/train",
         f"scoring.items_uri={workdir}/synthetic/items.parquet",
-        "scoring.rows_per_shard=20000", "scoring.run_id=bench", "compute.batch_rows=256",
+        "scoring.rows_per_shard=20000", "scoring.run_id=bench",
         f"compute.min_actors={actors}", f"compute.max_actors={actors}",
         "exits.rule=agreement", "exits.threshold=0.01", *extra,
     ]  # fmt: skip

@@ -554,12 +554,22 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 SECRET_KEYS = ("secret", "password", "token", "access_key")
 
 
-def _names_a_secret(leaf: str) -> bool:
-    """A key whose words (split at _ and -) include a SECRET_KEYS entry: session_token and
-    secret_access_key do, batch_tokens does not."""
-    words = re.split(r"[_\-]", leaf.lower())
+def _names_a_secret(key: str) -> bool:
+    """A key whose words (split at _, -, spaces and camelCase humps) include a SECRET_KEYS
+    entry: session_token, secret_access_key and apiToken do, batch_tokens does not."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key.strip()).lower()
+    words = [w for w in re.split(r"[_\-\s]+", spaced) if w]
     runs = {"_".join(words[i : i + n]) for n in (1, 2) for i in range(len(words) - n + 1)}
     return any(word in runs for word in SECRET_KEYS)
+
+
+def _holds_a_secret(value: Any) -> bool:
+    """A parsed override value (a whole section given inline) with a secret key inside."""
+    if isinstance(value, dict):
+        return any(_names_a_secret(str(k)) or _holds_a_secret(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_a_secret(v) for v in value)
+    return False
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -567,13 +577,20 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form a.b=c")
     *parents, leaf = key.split(".")
-    if _names_a_secret(leaf):
+    as_text = _is_string_field(key.split(".")) and value not in ("null", "~")
+    try:
+        parsed, bad_yaml = (value if as_text else yaml.safe_load(value)), False
+    except yaml.YAMLError:
+        parsed, bad_yaml = None, True
+    if _names_a_secret(leaf) or _holds_a_secret(parsed):
         # A command line is stored in plain text by shells and by Ray's job table and log.
         raise ConfigError(
             f"override {key}=...: secrets are not accepted on the command line; set "
             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment "
             "(or use the instance role)"
         )
+    if bad_yaml:  # the value is not echoed: it may hold what the checks above could not see
+        raise ConfigError(f"override {key}=...: the value is not valid YAML")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
@@ -581,8 +598,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
     # A string field keeps the text as given (a run id 2026-11-25 is not a date).
-    as_text = _is_string_field(key.split(".")) and value not in ("null", "~")
-    node[leaf] = value if as_text else yaml.safe_load(value)
+    node[leaf] = parsed
 
 
 def _is_string_field(path: list[str]) -> bool:

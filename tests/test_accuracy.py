@@ -101,7 +101,7 @@ def test_shared_prefix_extraction_equals_plain_extraction(
         contexts = ContextStore(*movie_tables, cfg)
         scorer = PairScorer(tiny_backbone, heads, ExitRule("none"), contexts,
                             PromptBuilder(tiny_backbone.tokenizer, cfg), share_prefixes=shared,
-                            batch_rows=7)  # fmt: skip
+                            batch_rows=7, batch_tokens=100)  # small calls: users cut  # fmt: skip
         feats[shared] = F.extract_states(scorer, pairs, None)
     torch.testing.assert_close(feats[True]["states"], feats[False]["states"], atol=1e-5, rtol=1e-4)
     assert torch.equal(feats[True]["cutoff"], torch.from_numpy(pairs.cutoff))

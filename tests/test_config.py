@@ -123,7 +123,8 @@ def test_default_local_paths_are_absolute_too():
 
 @pytest.mark.parametrize("key", ["storage.s3.secret_access_key", "storage.s3.access_key_id",
                                  "storage.s3.session_token", "storage.s3.api-token",
-                                 "storage.s3.password"])  # fmt: skip
+                                 "storage.s3.password", "storage.s3.apiToken",
+                                 "storage.s3.clientSecret"])  # fmt: skip
 def test_secret_overrides_are_refused(key):
     with pytest.raises(ConfigError, match="environment") as err:
         load_config(None, [f"{key}=hunter2-secret"])
@@ -132,6 +133,20 @@ def test_secret_overrides_are_refused(key):
 
 def test_a_key_that_only_contains_a_secret_word_is_an_override():
     assert load_config(None, ["compute.batch_tokens=4096"]).compute.batch_tokens == 4096
+
+
+@pytest.mark.parametrize("item", ["storage.s3={secret_access_key: hunter2-secret}",
+                                  "storage={s3: {session_token: hunter2-secret}}"])  # fmt: skip
+def test_a_section_given_inline_with_a_secret_inside_is_refused(item):
+    with pytest.raises(ConfigError, match="environment") as err:
+        load_config(None, [item])
+    assert "hunter2-secret" not in str(err.value)
+
+
+def test_an_override_that_is_not_yaml_names_the_key_not_the_value():
+    with pytest.raises(ConfigError, match="compute.batch_rows=...: the value is not valid") as err:
+        load_config(None, ["compute.batch_rows=[hunter2-secret"])
+    assert "hunter2-secret" not in str(err.value)
 
 
 @pytest.mark.parametrize("run_id", ["../bad/rid/evil", "/abs/path", "a/b", "a..b", ".hidden", ""])

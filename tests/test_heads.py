@@ -103,6 +103,7 @@ def test_heads_read_the_extracted_states(tiny_backbone, movie_tables):
         ContextStore(*movie_tables, cfg),
         PromptBuilder(tiny_backbone.tokenizer, cfg),
         batch_rows=4,
+        batch_tokens=100,  # small calls: a user's rows are cut across them
     )
     pairs = F.training_pairs(movie_tables[0], None, 0.5, 2, seed=0)
     feats = F.extract_states(scorer, pairs, "test")

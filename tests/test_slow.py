@@ -49,7 +49,7 @@ def test_smollm2_scores_movielens_prompts(movielens):
     assert heads.layers == [5, 10, 15, 20, 25, 30]
     builder = PromptBuilder(backbone.tokenizer, cfg.prompts)
     contexts = ContextStore(train, items, None, cfg.prompts)
-    scorer = PairScorer(backbone, heads, ExitRule("none"), contexts, builder, batch_rows=3)
+    scorer = PairScorer(backbone, heads, ExitRule("none"), contexts, builder, batch_tokens=128)
     users, item_ids = test["user_id"].to_numpy(), test["item_id"].to_numpy()
     out = scorer.score(users, item_ids)
     assert np.all((out.scores > 0) & (out.scores < 1)) and (out.exit_layers == 30).all()
