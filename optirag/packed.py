@@ -40,6 +40,7 @@ from optirag.backbone import Backbone
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, ScoreResult, prob_yes
 
 EngineKind = Literal["packed", "reference"]
+LAUNCH_TOKENS = 32_768  # a launch's prompt tokens by default (`compute.batch_tokens`)
 
 
 def make_engine(
@@ -48,7 +49,7 @@ def make_engine(
     heads: ExitHeads,
     rule: ExitRule,
     compaction: bool = True,
-    max_tokens: int = 32_768,
+    max_tokens: int = LAUNCH_TOKENS,
 ):
     """The engine behind a config key (`exits.engine: packed | reference`); `max_tokens` is
     the packed engine's launch size (`compute.batch_tokens`)."""
@@ -148,7 +149,7 @@ class PackedEarlyExitScorer:
         heads: ExitHeads,
         rule: ExitRule,
         compaction: bool = True,
-        max_tokens: int = 32_768,
+        max_tokens: int = LAUNCH_TOKENS,
         group_tokens: int = 2_048,
         attention: Literal["auto", "fused", "explicit"] = "auto",
     ) -> None:

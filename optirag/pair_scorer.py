@@ -18,7 +18,7 @@ from optirag.cf import SideFeatures
 from optirag.config import Config, ExitConfig
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule, ScoreResult
-from optirag.packed import EngineKind, make_engine
+from optirag.packed import LAUNCH_TOKENS, EngineKind, make_engine
 from optirag.prompts import PromptBuilder
 
 NO_CUTOFF = -1  # a row whose prompt may see the whole history (scoring, evaluation)
@@ -66,7 +66,7 @@ class TokenScorer:
         compaction: bool = True,
         batch_rows: int = 64,
         engine: EngineKind = "packed",
-        batch_tokens: int = 32_768,
+        batch_tokens: int = LAUNCH_TOKENS,
     ) -> None:
         self.engine = make_engine(
             engine, backbone, heads, rule, compaction=compaction, max_tokens=batch_tokens
@@ -109,13 +109,14 @@ class TokenScorer:
         if n == 0:
             return self._no_rows(keep_hidden)
         order = np.argsort(slots, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, slots[order][1:] != slots[order][:-1], True])
+        ordered = slots[order]
+        bounds = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])
         groups: list = []  # (rows, prefix ids, suffix ids) of each slot, freed once scored
 
         def costs():
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 rows = order[a:b]
-                ids = prefix(int(slots[rows[0]])), [suffix(int(r)) for r in rows]
+                ids = prefix(int(ordered[a])), [suffix(int(r)) for r in rows]
                 groups.append((rows, *ids))
                 yield self._cost(*ids)
 
@@ -176,7 +177,7 @@ class PairScorer:
         batch_rows: int = 64,
         side_features: SideFeatures | None = None,
         engine: EngineKind = "packed",
-        batch_tokens: int = 32_768,
+        batch_tokens: int = LAUNCH_TOKENS,
     ) -> None:
         self.tokens = TokenScorer(
             backbone, heads, rule, share_prefixes, compaction, batch_rows, engine, batch_tokens

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from optirag.config import ComputeConfig
 from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, default_exit_layers, prob_yes
-from optirag.packed import PackedEarlyExitScorer, make_engine
+from optirag.packed import LAUNCH_TOKENS, PackedEarlyExitScorer, make_engine
 
 ATOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +221,8 @@ def test_inputs_and_factory(tiny_backbone, heads):
         PackedEarlyExitScorer(tiny_backbone, heads, rule, attention="flash")
     with pytest.raises(ValueError, match="unknown engine"):
         make_engine("fast", tiny_backbone, heads, rule)
+    # the config (a leaf module, so it cannot import the engine) states the same default
+    assert ComputeConfig().batch_tokens == LAUNCH_TOKENS == engine.max_tokens
 
 
 @pytest.mark.slow
