@@ -27,7 +27,7 @@ from _common import machine, write_results  # noqa: E402
 
 from optirag import artifacts as A  # noqa: E402
 from optirag import schema as S  # noqa: E402
-from optirag.backbone import load_backbone  # noqa: E402
+from optirag.backbones import load_backbone  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore  # noqa: E402
 from optirag.early_exit import ExitRule  # noqa: E402

@@ -1,7 +1,7 @@
 """Reference engine vs packed engine, on the same pairs, in one run:
 
   full depth | early exit at the calibrated tau (trained heads) | early exit at tau 0.1
-  x  old engine (optirag.early_exit) | new engine (optirag.packed)
+  x  old engine (optirag.early_exit) | new engine (optirag.engine.packed)
   x  the calls the scorer makes for that engine ("job calls": compute.batch_rows rows for
      the old one; 4 launches of compute.batch_tokens prompt tokens for the new one, which
      cuts its launches and refills them after each exit) | every pair in one call
@@ -35,17 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
 from optirag import schema as S  # noqa: E402
-from optirag.backbone import load_backbone  # noqa: E402
+from optirag.backbones import load_backbone  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore  # noqa: E402
 from optirag.early_exit import (  # noqa: E402
-    EarlyExitScorer,
     ExitHeads,
     ExitRule,
     ScoreResult,
     default_exit_layers,
 )
-from optirag.packed import PackedEarlyExitScorer  # noqa: E402
+from optirag.engine import PackedEngine, ReferenceEngine  # noqa: E402
 from optirag.prompts import PromptBuilder  # noqa: E402
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; SXM parts).
@@ -252,8 +251,8 @@ def main() -> None:
     rules.append((f"agreement tau={args.tau}", ExitRule("agreement", args.tau)))
     max_tokens = cfg.compute.batch_tokens
     engines = {
-        "old": lambda rule: EarlyExitScorer(backbone, heads, rule),
-        "new": lambda rule: PackedEarlyExitScorer(backbone, heads, rule, max_tokens=max_tokens),
+        "old": lambda rule: ReferenceEngine(backbone, heads, rule),
+        "new": lambda rule: PackedEngine(backbone, heads, rule, max_tokens=max_tokens),
     }
     suf, pre, of, side = job_calls["old"][0]
     warm = [(suf[:2], pre, of[:2] if of else None, None if side is None else side[:2])]

@@ -35,7 +35,7 @@ from _common import machine, write_results  # noqa: E402
 from optirag import artifacts as A  # noqa: E402
 from optirag import schema as S  # noqa: E402
 from optirag import storage  # noqa: E402
-from optirag.backbone import load_tokenizer  # noqa: E402
+from optirag.backbones import load_tokenizer  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore, ItemRatings  # noqa: E402
 from optirag.context_tables import ColdStart, TokenAssembler, item_rows, user_rows  # noqa: E402

@@ -24,7 +24,7 @@ from optirag import artifacts as A  # noqa: E402
 from optirag import retriever as R  # noqa: E402
 from optirag import schema as S  # noqa: E402
 from optirag import storage, text_embed  # noqa: E402
-from optirag.backbone import model_dir  # noqa: E402
+from optirag.backbones import model_dir  # noqa: E402
 from optirag.baselines import lightgcn_scores  # noqa: E402
 from optirag.cli import _init_ray  # noqa: E402
 from optirag.config import load_config  # noqa: E402

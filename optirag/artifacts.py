@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # torch and the model modules load only where tensors are (de
     # the job's staging and writing tasks read paths from here and never import torch
     import torch
 
-    from optirag.backbone import Backbone
+    from optirag.backbones import Backbone
     from optirag.cf import SideFeatures
     from optirag.pair_scorer import ScoringModel
 

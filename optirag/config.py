@@ -198,7 +198,7 @@ class ExitConfig(StrictModel):
     engine: Literal["packed", "reference"] = Field(
         "packed",
         description="packed: each prefix once in a flat token stream, cascade attention, "
-        "refilled early-exit batches (optirag.packed); reference: the padded engine the "
+        "refilled early-exit batches (optirag.engine.packed); reference: the padded engine the "
         "tests hold it to (optirag.early_exit). Same scores within float rounding",
     )
 

@@ -1,10 +1,9 @@
-"""Multi-head early exit: exit heads, exit rules and batched scoring with compaction.
+"""Multi-head early exit: exit heads, exit rules and what the engines return.
 
-A batch runs block by block (the layers between two heads). After each head, rows whose exit
-rule fired are removed from the batch, so compute falls with the exit rate. With shared
-prefixes, each distinct prompt prefix (a user's context) runs once, block by block alongside
-its candidates, and the candidates' suffix tokens attend to its keys and values; a prefix
-stops running as soon as none of its candidates is still active.
+An untrained head is the model's own answer: the family's final norm (its kind and eps),
+the Yes/No rows of the LM head with the family's logit scale and bias folded in, and the
+family's final logit soft-cap, so the last head at full depth gives exactly the model's
+P(Yes | Yes or No). The engines that run them are in optirag.engine.
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from optirag.backbone import Backbone
+from optirag.backbones import Backbone
+from optirag.backbones.families import NormKind
 
 RuleKind = Literal["agreement", "confidence", "none"]
 
@@ -27,28 +27,37 @@ def default_exit_layers(num_layers: int, num_heads: int) -> list[int]:
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm (computed in float32, cast back), owned by each exit head."""
+    """RMSNorm computed in float32, owned by each exit head: Llama's `w * x` ('rms', cast
+    back before the weight) or Gemma's `(1 + w) * x` ('rms_1p', cast back after it)."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, kind: NormKind = "rms") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
+        if kind not in ("rms", "rms_1p"):
+            raise ValueError(f"norm kind {kind!r}: rms or rms_1p")
+        self.weight = nn.Parameter(
+            torch.ones(hidden_size) if kind == "rms" else torch.zeros(hidden_size)
+        )
+        self.eps, self.kind = eps, kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "rms_1p":
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
 class ExitHead(nn.Module):
     """Final norm + a map to (Yes, No) logits of the last-token state: linear, or one hidden
-    layer (`mlp_size`). A hybrid head also reads `side_size` CF features concatenated to the
-    normalised state."""
+    layer (`mlp_size`), then the family's logit soft-cap if it has one. A hybrid head also
+    reads `side_size` CF features concatenated to the normalised state."""
 
-    def __init__(self, hidden_size: int, eps: float, side_size: int = 0, mlp_size: int = 0):
+    def __init__(self, hidden_size: int, eps: float, side_size: int = 0, mlp_size: int = 0,
+                 norm: NormKind = "rms", softcap: float | None = None):  # fmt: skip
         super().__init__()
-        self.norm = RMSNorm(hidden_size, eps)
+        self.norm = RMSNorm(hidden_size, eps, norm)
+        self.softcap = softcap
         inputs = hidden_size + side_size
         self.proj = (
             nn.Sequential(nn.Linear(inputs, mlp_size), nn.GELU(), nn.Linear(mlp_size, 2))
@@ -60,7 +69,8 @@ class ExitHead(nn.Module):
         x = self.norm(hidden)  # (B, H)
         if side is not None:
             x = torch.cat([x, side.to(device=x.device, dtype=x.dtype)], dim=-1)  # (B, H + K)
-        return self.proj(x)  # (B, 2): Yes, No logits
+        logits = self.proj(x)  # (B, 2): Yes, No logits
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
 def prob_yes(logits: torch.Tensor) -> torch.Tensor:
@@ -78,17 +88,20 @@ class HeadsSpec:
     eps: float
     side_features: tuple[str, ...] = ()  # CF features hybrid heads read (optirag.cf), in order
     mlp_size: int = 0  # hidden units of MLP heads; 0: linear heads
+    norm: NormKind = "rms"  # the family's final norm kind
+    softcap: float | None = None  # the family's final logit soft-cap
 
     @classmethod
     def from_dict(cls, d: dict) -> HeadsSpec:
-        """From an exit config (older ones lack the hybrid/MLP keys)."""
+        """From an exit config (older ones lack the hybrid/MLP and family keys)."""
         return cls(tuple(d["layers"]), d["hidden_size"], d["eps"],
-                   tuple(d.get("side_features", ())), d.get("mlp_size", 0))  # fmt: skip
+                   tuple(d.get("side_features", ())), d.get("mlp_size", 0),
+                   d.get("norm", "rms"), d.get("softcap"))  # fmt: skip
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, layers, side_features=(), mlp_size: int = 0):
-        eps = backbone.final_norm.variance_epsilon
-        return cls(tuple(layers), backbone.hidden_size, eps, tuple(side_features), mlp_size)
+        return cls(tuple(layers), backbone.hidden_size, backbone.norm_eps, tuple(side_features),
+                   mlp_size, backbone.family.head_norm, backbone.logits_softcap)  # fmt: skip
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -109,6 +122,8 @@ class ExitHeads(nn.Module):
         eps: float,
         side_names: list[str] | tuple[str, ...] = (),
         mlp_size: int = 0,
+        norm: NormKind = "rms",
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         if not layers or layers != sorted(set(layers)) or layers[0] <= 0:
@@ -116,19 +131,28 @@ class ExitHeads(nn.Module):
         self.layers = list(layers)
         self.hidden_size, self.eps = hidden_size, eps
         self.side_names, self.mlp_size = list(side_names), mlp_size
+        self.norm, self.softcap = norm, softcap
         self.heads = nn.ModuleList(
-            ExitHead(hidden_size, eps, len(self.side_names), mlp_size) for _ in layers
+            ExitHead(hidden_size, eps, len(self.side_names), mlp_size, norm, softcap)
+            for _ in layers
         )
 
     @classmethod
     def from_spec(cls, spec: HeadsSpec) -> ExitHeads:
         return cls(list(spec.layers), spec.hidden_size, spec.eps, spec.side_features,
-                   spec.mlp_size)  # fmt: skip
+                   spec.mlp_size, spec.norm, spec.softcap)  # fmt: skip
 
     @property
     def spec(self) -> HeadsSpec:
-        return HeadsSpec(tuple(self.layers), self.hidden_size, self.eps,
-                         tuple(self.side_names), self.mlp_size)  # fmt: skip
+        return HeadsSpec(
+            tuple(self.layers),
+            self.hidden_size,
+            self.eps,
+            tuple(self.side_names),
+            self.mlp_size,
+            self.norm,
+            self.softcap,
+        )
 
     @classmethod
     def from_backbone(
@@ -142,14 +166,17 @@ class ExitHeads(nn.Module):
             raise ValueError(f"last exit layer must be {backbone.num_layers}, got {layers[-1]}")
         norm = backbone.final_norm
         heads = cls.from_spec(HeadsSpec.for_backbone(backbone, layers, side_names, mlp_size))
-        rows = backbone.model.lm_head.weight[[backbone.yes_id, backbone.no_id]]  # (2, H)
+        answers = [backbone.yes_id, backbone.no_id]
+        lm_head = backbone.model.lm_head
+        rows = lm_head.weight[answers] * backbone.logits_scale  # (2, H)
+        bias = None if lm_head.bias is None else lm_head.bias[answers] * backbone.logits_scale
         with torch.no_grad():
             for head in heads.heads:
                 head.norm.weight.copy_(norm.weight)
                 if not mlp_size:  # an MLP head has no zero-shot equivalent: random init
                     head.proj.weight.zero_()
                     head.proj.weight[:, : rows.shape[1]].copy_(rows)
-                    head.proj.bias.zero_()
+                    head.proj.bias.zero_() if bias is None else head.proj.bias.copy_(bias)
         return heads.to(device=backbone.device, dtype=backbone.dtype)
 
     def forward(self, states: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,173 +224,6 @@ class ScoreResult:
     head_probs: torch.Tensor  # (N, num_heads) float32, NaN for heads a row never reached
     layer_tokens: int = 0  # sum over layers of the tokens that went through it (compute)
     hidden: torch.Tensor | None = None  # (N, num_heads, H) float32 when asked for
-
-
-class EarlyExitScorer:
-    """Scores token sequences with early exit. Inputs are lists of token ids:
-
-    - plain: `score(suffixes)`, each suffix a whole prompt;
-    - shared prefixes: `score(suffixes, prefixes, prefix_of)`, row i's prompt being
-      prefixes[prefix_of[i]] + suffixes[i].
-    """
-
-    def __init__(
-        self, backbone: Backbone, heads: ExitHeads, rule: ExitRule, compaction: bool = True
-    ) -> None:
-        self.backbone = backbone
-        self.heads = heads
-        self.rule = rule
-        self.compaction = compaction
-
-    @torch.inference_mode()
-    def score(
-        self,
-        suffixes: list[list[int]],
-        prefixes: list[list[int]] | None = None,
-        prefix_of: list[int] | None = None,
-        keep_hidden: bool = False,
-        side: torch.Tensor | None = None,
-    ) -> ScoreResult:
-        """`side`: (N, K) CF features for hybrid heads. `keep_hidden` also returns each
-        head's input, the last-token state (N, heads, H), for head training; it needs the
-        'none' rule so every row reaches every head."""
-        if keep_hidden and self.rule.kind != "none":
-            raise ValueError("keep_hidden needs ExitRule('none')")
-        self.heads.check_side(side)
-        bb, dev = self.backbone, self.backbone.device
-        n = len(suffixes)
-        suffix_ids, suffix_len = pad_tokens(suffixes, dev)  # (N, S), (N,)
-        rows = torch.arange(n, device=dev)  # original index of each active row
-        if side is not None:
-            side = side.to(dev)
-        ctx = _PrefixContext.build(bb, prefixes, prefix_of, dev) if prefixes else None
-
-        hidden = bb.embed(suffix_ids)  # (N, S, H)
-        offset = (
-            ctx.lengths[ctx.row_prefix] if ctx else torch.zeros(n, dtype=torch.long, device=dev)
-        )
-        positions = offset[:, None] + torch.arange(suffix_ids.shape[1], device=dev)  # (N, S)
-
-        scores = torch.full((n,), float("nan"), device=dev)
-        exit_layers = torch.zeros(n, dtype=torch.int16, device=dev)
-        head_probs = torch.full((n, len(self.heads.layers)), float("nan"), device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        states = [] if keep_hidden else None
-        p_prev: torch.Tensor | None = None
-        layer_tokens, start = 0, 0
-
-        for h, end in enumerate(self.heads.layers):
-            if ctx is not None:
-                layer_tokens += ctx.run_block(start, end)
-            mask = _suffix_mask(suffix_ids.shape[1], offset, ctx, dev)  # (Na, 1, S, P + S)
-            layer_tokens += int(suffix_len.sum()) * (end - start)
-            hidden = bb.run_layers(
-                hidden, start, end, mask, bb.rotary(hidden, positions), ctx.cache if ctx else None
-            )
-            start = end
-            last = hidden[torch.arange(len(rows), device=dev), suffix_len - 1]  # (Na, H)
-            if states is not None:
-                states.append(last.float().cpu())
-            p = prob_yes(self.heads.heads[h](last, None if side is None else side[rows]))
-            head_probs[rows, h] = torch.where(done[rows], head_probs[rows, h], p)
-            fire = self.rule.fires(p, p_prev) | (h == len(self.heads.layers) - 1)
-            newly = fire & ~done[rows]
-            scores[rows[newly]] = p[newly]
-            exit_layers[rows[newly]] = end
-            done[rows[newly]] = True
-            if self.compaction:
-                keep = ~fire
-                rows, hidden, positions = rows[keep], hidden[keep], positions[keep]
-                suffix_ids, suffix_len, offset = suffix_ids[keep], suffix_len[keep], offset[keep]
-                p = p[keep]
-                if ctx is not None:
-                    ctx.keep_rows(keep)
-            if bool(done.all()):
-                break
-            p_prev = p
-
-        return ScoreResult(
-            scores=scores.float().cpu(),
-            exit_layers=exit_layers.cpu(),
-            head_probs=head_probs.float().cpu(),
-            layer_tokens=layer_tokens,
-            hidden=torch.stack(states, dim=1) if states is not None else None,
-        )
-
-
-class _BlockKV:
-    """A duck-typed transformers Cache for one block of layers.
-
-    During the prefix pass (`rows is None`) it records each layer's keys/values; during the
-    suffix pass it prepends the recorded prefix keys/values of each row's own prefix.
-    """
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.rows: torch.Tensor | None = None  # (Na,) prefix index of each suffix row
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.rows is None:
-            self.kv[layer_idx] = (key, value)  # (U, KVH, P, D)
-            return key, value
-        pk, pv = self.kv[layer_idx]
-        return (
-            torch.cat([pk[self.rows], key], dim=2),  # (Na, KVH, P + S, D)
-            torch.cat([pv[self.rows], value], dim=2),
-        )
-
-
-@dataclass
-class _PrefixContext:
-    """The shared prefixes of a batch, advanced block by block with their candidates."""
-
-    backbone: Backbone
-    hidden: torch.Tensor  # (U, P, H) prefix states after the last block run
-    lengths: torch.Tensor  # (U,) real tokens per prefix (right-padded)
-    row_prefix: torch.Tensor  # (Na,) prefix of each active suffix row
-    cache: _BlockKV
-
-    @classmethod
-    def build(cls, bb: Backbone, prefixes, prefix_of, dev) -> _PrefixContext:
-        if prefix_of is None or len(prefix_of) == 0:
-            raise ValueError("shared prefixes need prefix_of, one prefix index per row")
-        ids, lengths = pad_tokens(prefixes, dev)
-        row_prefix = torch.as_tensor(prefix_of, dtype=torch.long, device=dev)
-        return cls(bb, bb.embed(ids), lengths, row_prefix, _BlockKV())
-
-    def run_block(self, start: int, end: int) -> int:
-        """Advance the prefixes through layers [start, end); returns tokens x layers run."""
-        p = self.hidden.shape[1]
-        positions = torch.arange(p, device=self.hidden.device).expand(len(self.lengths), p)
-        keys = torch.arange(p, device=self.hidden.device)
-        causal = keys[None, :] <= keys[:, None]  # (P, P)
-        valid = keys[None, :] < self.lengths[:, None]  # (U, P)
-        mask = (causal[None] & valid[:, None, :])[:, None]  # (U, 1, P, P)
-        self.cache.kv.clear()
-        self.cache.rows = None
-        self.hidden = self.backbone.run_layers(
-            self.hidden, start, end, mask, self.backbone.rotary(self.hidden, positions), self.cache
-        )
-        self.cache.rows = self.row_prefix
-        return int(self.lengths.sum()) * (end - start)
-
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Drop exited rows, then every prefix no remaining row uses."""
-        used, self.row_prefix = torch.unique(self.row_prefix[keep], return_inverse=True)
-        self.hidden, self.lengths = self.hidden[used], self.lengths[used]
-        self.cache.rows = self.row_prefix
-
-
-def _suffix_mask(s: int, offset, ctx: _PrefixContext | None, dev) -> torch.Tensor:
-    """(Na, 1, S, P + S) bool: a suffix token sees its prefix's real tokens and earlier
-    suffix tokens. Right padding needs no key mask: pads come after every real token."""
-    causal = causal_mask(len(offset), s, dev)[:, 0]  # (Na, S, S)
-    if ctx is None:
-        return causal[:, None]
-    p = ctx.hidden.shape[1]
-    prefix_keys = torch.arange(p, device=dev)[None, :] < ctx.lengths[ctx.row_prefix][:, None]
-    prefix = prefix_keys[:, None, :].expand(len(offset), s, p)  # (Na, S, P)
-    return torch.cat([prefix, causal], dim=2)[:, None]
 
 
 def causal_mask(b: int, t: int, dev) -> torch.Tensor:

@@ -14,7 +14,8 @@ import re
 import torch
 from torch import nn
 
-from optirag.backbone import Backbone
+from optirag.backbones import Backbone
+from optirag.backbones.attention import Positions
 from optirag.config import LoraConfig
 from optirag.early_exit import ExitHeads, causal_mask
 
@@ -75,9 +76,10 @@ class LoraExitModel(nn.Module):
         mask = causal_mask(b, t, ids.device)
         hidden = bb.embed(ids)
         rotary = bb.rotary(hidden, positions)
+        where = Positions(positions, positions)  # the window, where the family has one
         states, start = [], 0
         for end in self.heads.layers:
-            hidden = bb.run_layers(hidden, start, end, mask, rotary)
+            hidden = bb.run_layers(hidden, start, end, rotary, mask=mask, attention=where)
             states.append(hidden[torch.arange(b, device=ids.device), lengths - 1])
             start = end
         return self.heads(torch.stack(states, dim=1).float(), side)

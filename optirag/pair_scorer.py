@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from optirag.backbone import Backbone
+from optirag.backbones import Backbone
 from optirag.cf import SideFeatures
 from optirag.config import Config, ExitConfig
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule, ScoreResult
-from optirag.packed import LAUNCH_TOKENS, EngineKind, make_engine
+from optirag.engine import LAUNCH_TOKENS, EngineKind, make_engine
 from optirag.prompts import PromptBuilder
 
 NO_CUTOFF = -1  # a row whose prompt may see the whole history (scoring, evaluation)

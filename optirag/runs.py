@@ -336,7 +336,7 @@ def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
     """What decides a score, hashed: the backbone's weights, the heads, the exit rule as it
     will run (config over trained), the adapter, the side features and the prompt settings.
     Returns (`<backbone>-<hash>` for the scores' model_version column, the parts)."""
-    from optirag.backbone import weights_digest  # torch: the driver's, not every task's
+    from optirag.backbones import weights_digest  # torch: the driver's, not every task's
     from optirag.pair_scorer import resolve_rule
     from optirag.prompts import PromptBuilder
 

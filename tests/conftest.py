@@ -79,7 +79,7 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_llama_dir):
-    from optirag.backbone import load_backbone
+    from optirag.backbones import load_backbone
     from optirag.config import BackboneConfig
 
     return load_backbone(BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu"))

@@ -12,10 +12,11 @@ from optirag import cf, storage
 from optirag import metrics as M
 from optirag import pairs as F
 from optirag import schema as S
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.config import Config, PromptConfig, StorageConfig
 from optirag.context import ContextStore
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
+from optirag.early_exit import ExitHeads, ExitRule
+from optirag.engine import ReferenceEngine
 from optirag.pair_scorer import PairScorer, make_pair_scorer
 from optirag.pipelines import evaluation, train_exits
 from optirag.prompts import PromptBuilder
@@ -80,8 +81,8 @@ def test_engine_feeds_each_row_its_own_side_features_through_compaction(tiny_bac
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 300, size=rng.integers(3, 12)).tolist() for _ in range(12)]
     side = torch.linspace(-2, 2, 12)[:, None]
-    full = EarlyExitScorer(tiny_backbone, heads, ExitRule("none")).score(rows, side=side)
-    early = EarlyExitScorer(tiny_backbone, heads, ExitRule("confidence", 0.7)).score(
+    full = ReferenceEngine(tiny_backbone, heads, ExitRule("none")).score(rows, side=side)
+    early = ReferenceEngine(tiny_backbone, heads, ExitRule("confidence", 0.7)).score(
         rows, side=side
     )
     assert len(set(early.exit_layers.tolist())) > 1  # some rows left early

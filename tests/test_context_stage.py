@@ -9,7 +9,7 @@ import torch
 from optirag import artifacts as A
 from optirag import cf, runs, storage
 from optirag import schema as S
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads
 from optirag.pair_scorer import make_pair_scorer

@@ -5,12 +5,12 @@ import torch
 from optirag import artifacts
 from optirag.config import Config
 from optirag.early_exit import (
-    EarlyExitScorer,
     ExitHeads,
     ExitRule,
     default_exit_layers,
     prob_yes,
 )
+from optirag.engine import ReferenceEngine
 
 PROMPTS = [
     "The user liked: Toy Story (1995). Will the user like Heat? Answer Yes or No.",
@@ -49,7 +49,7 @@ def test_default_exit_layers():
 
 def test_exits_disabled_equals_full_model(tiny_backbone, heads):
     ids = _ids(tiny_backbone, PROMPTS)
-    result = EarlyExitScorer(tiny_backbone, heads, ExitRule("none")).score(ids)
+    result = ReferenceEngine(tiny_backbone, heads, ExitRule("none")).score(ids)
     expected = [_full_model_p_yes(tiny_backbone, x) for x in ids]
     np.testing.assert_allclose(result.scores.numpy(), expected, atol=1e-5)
     assert (result.exit_layers == tiny_backbone.num_layers).all()
@@ -57,7 +57,7 @@ def test_exits_disabled_equals_full_model(tiny_backbone, heads):
 
 def test_score_independent_of_batch_mates_and_padding(tiny_backbone, heads):
     ids = _ids(tiny_backbone, PROMPTS)
-    engine = EarlyExitScorer(tiny_backbone, heads, ExitRule("none"))
+    engine = ReferenceEngine(tiny_backbone, heads, ExitRule("none"))
     together = engine.score(ids).scores
     alone = torch.cat([engine.score([x]).scores for x in ids])
     reversed_ = engine.score(ids[::-1]).scores.flip(0)
@@ -73,10 +73,10 @@ def _random_rows(backbone, n, seed):
 
 def test_compaction_gives_identical_results(tiny_backbone, heads):
     rows = _random_rows(tiny_backbone, 24, seed=1)
-    tau = _tau_for_mixed_exits(EarlyExitScorer(tiny_backbone, heads, ExitRule("none")), rows)
+    tau = _tau_for_mixed_exits(ReferenceEngine(tiny_backbone, heads, ExitRule("none")), rows)
     rule = ExitRule("agreement", tau)
-    on = EarlyExitScorer(tiny_backbone, heads, rule, compaction=True).score(rows)
-    off = EarlyExitScorer(tiny_backbone, heads, rule, compaction=False).score(rows)
+    on = ReferenceEngine(tiny_backbone, heads, rule, compaction=True).score(rows)
+    off = ReferenceEngine(tiny_backbone, heads, rule, compaction=False).score(rows)
     assert set(on.exit_layers.tolist()) == {4, 6}  # the test exercises real exits
     assert torch.equal(on.exit_layers, off.exit_layers)
     torch.testing.assert_close(on.scores, off.scores, atol=1e-6, rtol=0)
@@ -89,9 +89,9 @@ def test_shared_prefix_equals_plain(tiny_backbone, heads):
     suffixes = _random_rows(tiny_backbone, 10, seed=3)
     prefix_of = [0, 0, 1, 2, 2, 2, 0, 1, 1, 2]
     plain_rows = [prefixes[p] + s for p, s in zip(prefix_of, suffixes, strict=True)]
-    tau = _tau_for_mixed_exits(EarlyExitScorer(tiny_backbone, heads, ExitRule("none")), plain_rows)
+    tau = _tau_for_mixed_exits(ReferenceEngine(tiny_backbone, heads, ExitRule("none")), plain_rows)
     for rule in (ExitRule("none"), ExitRule("agreement", tau)):
-        engine = EarlyExitScorer(tiny_backbone, heads, rule)
+        engine = ReferenceEngine(tiny_backbone, heads, rule)
         shared = engine.score(suffixes, prefixes, prefix_of)
         plain = engine.score(plain_rows)
         torch.testing.assert_close(shared.scores, plain.scores, atol=1e-4, rtol=0)

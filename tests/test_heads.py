@@ -14,7 +14,8 @@ from optirag import pairs as F
 from optirag import schema as S
 from optirag.config import ComputeConfig, Config, HeadTrainingConfig, PromptConfig, StorageConfig
 from optirag.context import ContextStore
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule
+from optirag.early_exit import ExitHeads, ExitRule
+from optirag.engine import ReferenceEngine
 from optirag.head_training import depth_decayed_lrs, head_optimizer
 from optirag.pair_scorer import PairScorer
 from optirag.pipelines.ray_train import fit
@@ -84,10 +85,10 @@ def test_simulated_exits_equal_the_engine(tiny_backbone):
     heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
     rng = np.random.default_rng(4)
     rows = [rng.integers(0, 300, size=rng.integers(3, 15)).tolist() for _ in range(30)]
-    full = EarlyExitScorer(tiny_backbone, heads, ExitRule("none")).score(rows)
+    full = ReferenceEngine(tiny_backbone, heads, ExitRule("none")).score(rows)
     tau = float(np.median(np.abs(np.diff(full.head_probs.numpy(), axis=1)[:, 0])))
     for rule in (ExitRule("agreement", tau), ExitRule("confidence", 0.505)):
-        engine = EarlyExitScorer(tiny_backbone, heads, rule).score(rows)
+        engine = ReferenceEngine(tiny_backbone, heads, rule).score(rows)
         scores, exits = M.simulate_exits(full.head_probs.numpy(), heads.layers, rule)
         np.testing.assert_allclose(engine.scores.numpy(), scores, atol=1e-6)
         assert np.array_equal(engine.exit_layers.numpy(), exits)

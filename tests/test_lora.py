@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from optirag import artifacts, lora, storage
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.config import BackboneConfig, ComputeConfig, Config, HeadTrainingConfig, LoraConfig
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, pad_tokens
+from optirag.early_exit import ExitHeads, ExitRule, pad_tokens
+from optirag.engine import ReferenceEngine
 from optirag.head_training import lora_optimizer
 from optirag.pipelines import evaluation, train_exits
 from optirag.pipelines.ray_train import fit
@@ -26,7 +27,7 @@ def test_untrained_adapter_forward_equals_the_scoring_engine(tiny_llama_dir):
     heads = ExitHeads.from_backbone(backbone, [2, 4, 6])
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 300, size=rng.integers(3, 12)).tolist() for _ in range(8)]
-    engine = EarlyExitScorer(backbone, heads, ExitRule("none")).score(prompts)
+    engine = ReferenceEngine(backbone, heads, ExitRule("none")).score(prompts)
     lora.add_lora(backbone, LoraConfig(enabled=True))  # B = 0: the adapter starts as a no-op
     model = lora.LoraExitModel(backbone, heads).eval()
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
             *pad_tokens(prompts[64:])))  # fmt: skip
     merged = _backbone(tiny_llama_dir)
     lora.load_lora(merged, hc.lora, adapter)
-    got = EarlyExitScorer(merged, heads, ExitRule("none")).score(prompts[64:]).head_probs
+    got = ReferenceEngine(merged, heads, ExitRule("none")).score(prompts[64:]).head_probs
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
     assert merged.version != _backbone(tiny_llama_dir).version  # features are not shared
 

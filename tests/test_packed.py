@@ -1,4 +1,4 @@
-"""The packed engine (optirag.packed) against the reference engine (optirag.early_exit).
+"""The packed engine (optirag.engine.packed) against the reference engine (optirag.early_exit).
 
 The reference scores whole, unshared prompts (prefix + suffix, right-padded, dense mask); the
 packed engine scores the same rows with each prefix once. Scores, exit layers and head
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from optirag.config import ComputeConfig
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, default_exit_layers, prob_yes
-from optirag.packed import LAUNCH_TOKENS, PackedEarlyExitScorer, make_engine
+from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_yes
+from optirag.engine import LAUNCH_TOKENS, PackedEngine, ReferenceEngine, make_engine
 
 ATOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def _assert_same(new, ref, atol=ATOL):
 
 def _mixed_rules(backbone, heads, plain, side=None):
     """Rules at which some rows exit early and others run on (so exits are exercised)."""
-    probs = EarlyExitScorer(backbone, heads, ExitRule("none")).score(plain, side=side).head_probs
+    probs = ReferenceEngine(backbone, heads, ExitRule("none")).score(plain, side=side).head_probs
     tau = float((probs[:, 1] - probs[:, 0]).abs().median()) + 1e-6
     conf = float(torch.maximum(probs[:, 0], 1 - probs[:, 0]).median()) + 1e-6
     return [ExitRule("none"), ExitRule("agreement", tau), ExitRule("confidence", conf)]
@@ -77,8 +77,8 @@ ENGINE_SIZES = [{}, SMALL, {**SMALL, "attention": "explicit"}]
 def test_shared_prefixes_match_reference_every_rule(tiny_backbone, heads, sizes):
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 6, 36, seed=1)
     for rule in _mixed_rules(tiny_backbone, heads, plain):
-        ref = EarlyExitScorer(tiny_backbone, heads, rule).score(plain)
-        new = PackedEarlyExitScorer(tiny_backbone, heads, rule, **sizes)
+        ref = ReferenceEngine(tiny_backbone, heads, rule).score(plain)
+        new = PackedEngine(tiny_backbone, heads, rule, **sizes)
         _assert_same(new.score(suffixes, prefixes, prefix_of), ref)
         if rule.kind != "none":
             assert len(set(ref.exit_layers.tolist())) > 1  # rows really exit at several heads
@@ -88,8 +88,8 @@ def test_shared_prefixes_match_reference_every_rule(tiny_backbone, heads, sizes)
 def test_plain_prompts_match_reference(tiny_backbone, heads, sizes):
     rows = _tokens(tiny_backbone, 30, 1, 50, np.random.default_rng(2))
     for rule in _mixed_rules(tiny_backbone, heads, rows):
-        ref = EarlyExitScorer(tiny_backbone, heads, rule).score(rows)
-        new = PackedEarlyExitScorer(tiny_backbone, heads, rule, **sizes).score(rows)
+        ref = ReferenceEngine(tiny_backbone, heads, rule).score(rows)
+        new = PackedEngine(tiny_backbone, heads, rule, **sizes).score(rows)
         _assert_same(new, ref)
         assert new.layer_tokens == ref.layer_tokens  # both count each real token per layer
 
@@ -97,7 +97,7 @@ def test_plain_prompts_match_reference(tiny_backbone, heads, sizes):
 def test_rule_none_is_full_depth(tiny_backbone, heads):
     """With exits disabled every row runs every layer and the score is the model's own."""
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 3, 8, seed=3)
-    result = PackedEarlyExitScorer(tiny_backbone, heads, ExitRule("none")).score(
+    result = PackedEngine(tiny_backbone, heads, ExitRule("none")).score(
         suffixes, prefixes, prefix_of
     )
     assert (result.exit_layers == tiny_backbone.num_layers).all()
@@ -120,8 +120,8 @@ def test_users_with_one_and_500_candidates(tiny_backbone, heads, sizes):
     suffixes = _tokens(tiny_backbone, len(prefix_of), 1, 12, rng)
     plain = [prefixes[p] + s for p, s in zip(prefix_of, suffixes, strict=True)]
     rule = _mixed_rules(tiny_backbone, heads, plain)[1]
-    ref = EarlyExitScorer(tiny_backbone, heads, rule).score(plain)
-    new = PackedEarlyExitScorer(tiny_backbone, heads, rule, **sizes)
+    ref = ReferenceEngine(tiny_backbone, heads, rule).score(plain)
+    new = PackedEngine(tiny_backbone, heads, rule, **sizes)
     _assert_same(new.score(suffixes, prefixes, prefix_of), ref)
 
 
@@ -129,14 +129,14 @@ def test_hybrid_heads_with_side_features(tiny_backbone, hybrid_heads):
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 5, 30, seed=5)
     side = torch.randn(len(suffixes), 2, generator=torch.Generator().manual_seed(5))
     for rule in _mixed_rules(tiny_backbone, hybrid_heads, plain, side)[1:]:
-        ref = EarlyExitScorer(tiny_backbone, hybrid_heads, rule).score(plain, side=side)
-        new = PackedEarlyExitScorer(tiny_backbone, hybrid_heads, rule)
+        ref = ReferenceEngine(tiny_backbone, hybrid_heads, rule).score(plain, side=side)
+        new = PackedEngine(tiny_backbone, hybrid_heads, rule)
         _assert_same(new.score(suffixes, prefixes, prefix_of, side=side), ref)
         # the side features matter: zeroing them changes scores
         zero = new.score(suffixes, prefixes, prefix_of, side=torch.zeros_like(side))
         assert (zero.head_probs[:, 0] - ref.head_probs[:, 0]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="side features"):
-        PackedEarlyExitScorer(tiny_backbone, hybrid_heads, ExitRule("none")).score(suffixes)
+        PackedEngine(tiny_backbone, hybrid_heads, ExitRule("none")).score(suffixes)
 
 
 def test_mlp_heads(tiny_backbone):
@@ -144,24 +144,22 @@ def test_mlp_heads(tiny_backbone):
     mlp_heads = ExitHeads.from_backbone(tiny_backbone, [3, 6], mlp_size=16)
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 4, 20, seed=6)
     rule = _mixed_rules(tiny_backbone, mlp_heads, plain)[2]
-    ref = EarlyExitScorer(tiny_backbone, mlp_heads, rule).score(plain)
-    _assert_same(PackedEarlyExitScorer(tiny_backbone, mlp_heads, rule).score(
+    ref = ReferenceEngine(tiny_backbone, mlp_heads, rule).score(plain)
+    _assert_same(PackedEngine(tiny_backbone, mlp_heads, rule).score(
         suffixes, prefixes, prefix_of), ref)  # fmt: skip
 
 
 def test_keep_hidden(tiny_backbone, heads):
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 4, 12, seed=7)
     rule = ExitRule("none")
-    ref = EarlyExitScorer(tiny_backbone, heads, rule).score(plain, keep_hidden=True)
-    new = PackedEarlyExitScorer(tiny_backbone, heads, rule).score(
+    ref = ReferenceEngine(tiny_backbone, heads, rule).score(plain, keep_hidden=True)
+    new = PackedEngine(tiny_backbone, heads, rule).score(
         suffixes, prefixes, prefix_of, keep_hidden=True
     )
     assert new.hidden.shape == (12, 3, tiny_backbone.hidden_size)
     torch.testing.assert_close(new.hidden, ref.hidden, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="keep_hidden"):
-        PackedEarlyExitScorer(tiny_backbone, heads, ExitRule("agreement")).score(
-            plain, keep_hidden=True
-        )
+        PackedEngine(tiny_backbone, heads, ExitRule("agreement")).score(plain, keep_hidden=True)
 
 
 @pytest.mark.parametrize("sizes", [{}, SMALL])
@@ -169,7 +167,7 @@ def test_score_independent_of_batch_mates_and_order(tiny_backbone, heads, sizes)
     """A row's result is the same alone, among other users' rows, and in any order."""
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 6, 30, seed=8)
     rule = _mixed_rules(tiny_backbone, heads, plain)[1]
-    engine = PackedEarlyExitScorer(tiny_backbone, heads, rule, **sizes)
+    engine = PackedEngine(tiny_backbone, heads, rule, **sizes)
     together = engine.score(suffixes, prefixes, prefix_of)
 
     perm = np.random.default_rng(9).permutation(len(suffixes))
@@ -196,10 +194,10 @@ def _assert_same_rows(part, whole, index):
 def test_layer_tokens_count_each_prefix_once_per_block(tiny_backbone, heads):
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 5, 30, seed=10)
     for rule in _mixed_rules(tiny_backbone, heads, plain):
-        ref_shared = EarlyExitScorer(tiny_backbone, heads, rule).score(
+        ref_shared = ReferenceEngine(tiny_backbone, heads, rule).score(
             suffixes, prefixes, prefix_of
         )
-        new = PackedEarlyExitScorer(tiny_backbone, heads, rule).score(suffixes, prefixes, prefix_of)
+        new = PackedEngine(tiny_backbone, heads, rule).score(suffixes, prefixes, prefix_of)
         assert new.layer_tokens == ref_shared.layer_tokens
         if rule.kind == "none":
             full = sum(len(prefixes[p]) for p in set(prefix_of)) + sum(map(len, suffixes))
@@ -207,7 +205,7 @@ def test_layer_tokens_count_each_prefix_once_per_block(tiny_backbone, heads):
 
 
 def test_inputs_and_factory(tiny_backbone, heads):
-    engine = PackedEarlyExitScorer(tiny_backbone, heads, ExitRule("none"))
+    engine = PackedEngine(tiny_backbone, heads, ExitRule("none"))
     with pytest.raises(ValueError, match="empty"):
         engine.score([[1, 2], []])
     with pytest.raises(ValueError, match="prefix_of"):
@@ -215,10 +213,10 @@ def test_inputs_and_factory(tiny_backbone, heads):
     empty = engine.score([])
     assert empty.scores.shape == (0,) and empty.head_probs.shape == (0, 3)
     rule = ExitRule("none")
-    assert isinstance(make_engine("packed", tiny_backbone, heads, rule), PackedEarlyExitScorer)
-    assert isinstance(make_engine("reference", tiny_backbone, heads, rule), EarlyExitScorer)
+    assert isinstance(make_engine("packed", tiny_backbone, heads, rule), PackedEngine)
+    assert isinstance(make_engine("reference", tiny_backbone, heads, rule), ReferenceEngine)
     with pytest.raises(ValueError, match="attention"):
-        PackedEarlyExitScorer(tiny_backbone, heads, rule, attention="flash")
+        PackedEngine(tiny_backbone, heads, rule, attention="flash")
     with pytest.raises(ValueError, match="unknown engine"):
         make_engine("fast", tiny_backbone, heads, rule)
     # the config (a leaf module, so it cannot import the engine) states the same default
@@ -228,7 +226,7 @@ def test_inputs_and_factory(tiny_backbone, heads):
 @pytest.mark.slow
 def test_smollm2_packed_matches_reference():
     """The real backbone (30 layers, GQA 9/3), fp32: ragged prefixes of up to 200 tokens."""
-    from optirag.backbone import load_backbone
+    from optirag.backbones import load_backbone
     from optirag.config import BackboneConfig
 
     cfg = BackboneConfig(source="smollm2", cache_dir=str(ROOT / "data/cache/models"),
@@ -238,7 +236,7 @@ def test_smollm2_packed_matches_reference():
     suffixes, prefixes, prefix_of, plain = _shared_batch(bb, 4, 24, seed=11, prefix_len=(40, 200),
                                                          suffix_len=(5, 40))  # fmt: skip
     for rule in _mixed_rules(bb, heads, plain):
-        ref = EarlyExitScorer(bb, heads, rule).score(plain)
+        ref = ReferenceEngine(bb, heads, rule).score(plain)
         for sizes in ({}, {"max_tokens": 400, "group_tokens": 64, "attention": "explicit"}):
-            new = PackedEarlyExitScorer(bb, heads, rule, **sizes)
+            new = PackedEngine(bb, heads, rule, **sizes)
             _assert_same(new.score(suffixes, prefixes, prefix_of), ref)

@@ -19,7 +19,7 @@ import yaml
 from optirag import artifacts as A
 from optirag import runs, storage
 from optirag import schema as S
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.pair_scorer import make_pair_scorer

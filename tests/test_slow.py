@@ -17,7 +17,7 @@ import torch
 
 from optirag import artifacts as A
 from optirag import storage
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.config import load_config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_yes

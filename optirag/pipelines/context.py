@@ -34,7 +34,7 @@ import ray
 from optirag import artifacts as A
 from optirag import schema as S
 from optirag import storage
-from optirag.backbone import load_tokenizer, weights_digest
+from optirag.backbones import load_tokenizer, weights_digest
 from optirag.cf import SideFeatures
 from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings

@@ -15,7 +15,7 @@ from optirag import cf, storage
 from optirag import metrics as M
 from optirag import pairs as P
 from optirag import schema as S
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitRule

@@ -52,7 +52,7 @@ class ScoreTokens:
         import torch
 
         from optirag import artifacts as A
-        from optirag.backbone import load_backbone
+        from optirag.backbones import load_backbone
         from optirag.pair_scorer import make_token_scorer
 
         if cfg.compute.torch_threads:

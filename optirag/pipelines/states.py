@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from optirag import artifacts as A
-from optirag.backbone import Backbone
+from optirag.backbones import Backbone
 from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule

