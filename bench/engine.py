@@ -216,7 +216,9 @@ def main() -> None:
         heads, exit_config, side_features = trained
     else:
         layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
-        heads, exit_config, side_features = ExitHeads.from_backbone(backbone, layers), {}, None
+        answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
+        heads = ExitHeads.from_backbone(backbone, layers, answers=answers)
+        exit_config, side_features = {}, None
     train, items, neighbors = _prompt_tables(cfg)
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     prompts = PromptBuilder(backbone.tokenizer, cfg.prompts)

@@ -265,6 +265,7 @@ def load_scoring_model(cfg: Config, backbone: Backbone, side_features: bool = Tr
     from optirag.early_exit import ExitHeads, HeadsSpec, default_exit_layers
     from optirag.lora import load_lora
     from optirag.pair_scorer import ScoringModel
+    from optirag.prompts import PromptBuilder
 
     if has_trained_heads(cfg):
         stored = load_heads(cfg, side_features)
@@ -282,7 +283,8 @@ def load_scoring_model(cfg: Config, backbone: Backbone, side_features: bool = Tr
     log.warning("no trained heads under %s: scoring with untrained (zero-shot) heads",
                 heads_location(cfg))  # fmt: skip
     layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
-    return ScoringModel(ExitHeads.from_backbone(backbone, layers), {})
+    answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
+    return ScoringModel(ExitHeads.from_backbone(backbone, layers, answers=answers), {})
 
 
 def save_init_heads(tensors: dict[str, torch.Tensor], cfg: Config) -> str:

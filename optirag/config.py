@@ -186,6 +186,17 @@ class PromptConfig(StrictModel):
         "rating count, and similar users' ratings of it",
     )
     max_neighbor_ratings: int = Field(5, ge=0, description="similar users' ratings shown")
+    answer_words: tuple[str, str] = Field(
+        ("Yes", "No"),
+        description="the positive and negative answer; each must be one token where the "
+        "prompt ends (' Yes' after 'Answer:', 'Yes' after a chat template's turn header)",
+    )
+
+    @model_validator(mode="after")
+    def _answers_distinct(self) -> PromptConfig:
+        if len({w.strip() for w in self.answer_words}) != 2 or not all(self.answer_words):
+            raise ValueError(f"prompts.answer_words: two distinct words, got {self.answer_words}")
+        return self
 
 
 class ExitConfig(StrictModel):
@@ -387,7 +398,9 @@ class LoraConfig(StrictModel):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    target_modules: list[str] | None = Field(
+        None, description="modules to adapt; default: the family's (q_proj, v_proj; Phi-3 qkv_proj)"
+    )
     lr: float = Field(1e-3, gt=0, description="lr_0 of the LoRA weights")
     epochs: int = Field(2, gt=0)
     batch_size: int = Field(16, gt=0, description="prompts per step, all workers")

@@ -161,12 +161,16 @@ class ExitHeads(nn.Module):
         layers: list[int],
         side_names: list[str] | tuple[str, ...] = (),
         mlp_size: int = 0,
+        *,
+        answers: tuple[int, int],
     ) -> ExitHeads:
+        """`answers`: the (positive, negative) token ids, as the prompts end
+        (optirag.prompts.PromptBuilder.answer_ids)."""
         if layers[-1] != backbone.num_layers:
             raise ValueError(f"last exit layer must be {backbone.num_layers}, got {layers[-1]}")
         norm = backbone.final_norm
         heads = cls.from_spec(HeadsSpec.for_backbone(backbone, layers, side_names, mlp_size))
-        answers = [backbone.yes_id, backbone.no_id]
+        answers = list(answers)
         lm_head = backbone.model.lm_head
         rows = lm_head.weight[answers] * backbone.logits_scale  # (2, H)
         bias = None if lm_head.bias is None else lm_head.bias[answers] * backbone.logits_scale

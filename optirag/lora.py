@@ -23,13 +23,15 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def add_lora(backbone: Backbone, cfg: LoraConfig) -> None:
-    """Inject trainable LoRA weights into the backbone's `target_modules` (default: the
-    attention's q and v projections), in place; everything else stays frozen."""
+    """Inject trainable LoRA weights into the backbone's `target_modules` (default: its
+    family's, the attention's q and v projections or Phi-3's fused qkv_proj), in place;
+    everything else stays frozen."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules))  # fmt: skip
+                              target_modules=list(cfg.target_modules or
+                                                  backbone.family.lora_targets))  # fmt: skip
     inject_adapter_in_model(peft_cfg, backbone.model)
     for name, param in backbone.model.named_parameters():
         param.requires_grad_("lora_" in name)

@@ -83,21 +83,48 @@ class UserContext:
 
 
 class PromptBuilder:
+    """Renders and encodes prompts. With `use_chat_template` and a tokenizer that has one,
+    the prompt is the template's: thinking turned off where the template supports it
+    (Qwen3's `enable_thinking`), the instruction folded into the user turn where the
+    template refuses a system role (Gemma); otherwise it ends in `Answer:`. `answer_ids`
+    are the answer words' tokens as they follow the prompt's end."""
+
     def __init__(self, tokenizer: Any, cfg: PromptConfig) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
-        body = f"{_CONTEXT}Will the user like this item: {_TARGET}? Answer Yes or No."
+        yes, no = cfg.answer_words
+        body = f"{_CONTEXT}Will the user like this item: {_TARGET}? Answer {yes} or {no}."
         instruction = f"{cfg.instruction} {UNTRUSTED_NOTE}"
         if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "system", "content": instruction}, {"role": "user", "content": body}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+            rendered = _render_chat(tokenizer, instruction, body)
         else:
             rendered = f"{instruction}\n\n{body}\nAnswer:"
         self._head, rest = rendered.split(_CONTEXT)
         self._question, self._tail = rest.split(_TARGET)
+
+    @functools.cached_property
+    def answer_ids(self) -> tuple[int, int]:
+        """(positive, negative) token ids: each answer word as the tokenizer encodes it
+        right after the prompt's end (with a space after text such as `Answer:`, none after
+        a line break), checked to be one token each and distinct."""
+        tail = (")" if self.cfg.target_ratings else "") + self._tail
+        tail_ids = self.encode(tail)
+        sep = "" if tail[-1:].isspace() else " "
+        ids = []
+        for word in self.cfg.answer_words:
+            after = self.encode(tail + sep + word)
+            answer = after[len(tail_ids) :]
+            if after[: len(tail_ids)] != tail_ids or len(answer) != 1:
+                pieces = [self.tokenizer.decode([i]) for i in answer]
+                raise ValueError(
+                    f"the answer {sep + word!r} after the prompt's end {tail[-20:]!r} is not one "
+                    f"token for this tokenizer ({pieces}); set prompts.answer_words to words "
+                    "that are"
+                )
+            ids.append(answer[0])
+        if ids[0] == ids[1]:
+            raise ValueError(f"prompts.answer_words {self.cfg.answer_words} encode to one token")
+        return ids[0], ids[1]
 
     def context_text(self, ctx: UserContext) -> str:
         lines = []
@@ -230,6 +257,21 @@ class PromptBuilder:
     def tail_ids(self) -> list[int]:
         """The last piece: the rating note's close (with `target_ratings`), the answer cue."""
         return self.encode((")" if self.cfg.target_ratings else "") + self._tail)
+
+
+def _render_chat(tokenizer: Any, instruction: str, body: str) -> str:
+    """The chat template's prompt with the generation cue, thinking off (templates without
+    the switch ignore it); a template that refuses a system role gets the instruction at the
+    head of the user turn."""
+    system = [{"role": "system", "content": instruction}, {"role": "user", "content": body}]
+    folded = [{"role": "user", "content": f"{instruction}\n\n{body}"}]
+    kwargs = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    try:
+        return tokenizer.apply_chat_template(system, **kwargs)
+    except Exception as err:  # jinja2's TemplateError, raised by the template itself
+        if "system" not in str(err).lower():
+            raise
+        return tokenizer.apply_chat_template(folded, **kwargs)
 
 
 @dataclass

@@ -336,7 +336,7 @@ def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
     """What decides a score, hashed: the backbone's weights, the heads, the exit rule as it
     will run (config over trained), the adapter, the side features and the prompt settings.
     Returns (`<backbone>-<hash>` for the scores' model_version column, the parts)."""
-    from optirag.backbones import weights_digest  # torch: the driver's, not every task's
+    from optirag.backbones import ENGINE_FORMAT, weights_digest  # torch: the driver's
     from optirag.pair_scorer import resolve_rule
     from optirag.prompts import PromptBuilder
 
@@ -347,6 +347,7 @@ def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
     layers = trained.get("layers") or cfg.exits.layers or f"{cfg.exits.num_heads} evenly"
     parts = {
         "backbone": weights,
+        "engine_format": ENGINE_FORMAT,  # scores of an engine that got a family wrong: stale
         "heads": stored.get("heads", "untrained (zero-shot)"),
         "exits": {
             "rule": rule.kind,

@@ -1,7 +1,8 @@
 """A tiny random Llama and tokenizer, for tests and pipeline benchmarks (no hub, no weights).
 
 The tokenizer is a byte-level BPE trained on a few sentences with the `tokenizers` library,
-so any text tokenizes; `Yes` and `No` are added as single tokens, as in SmolLM2.
+so any text tokenizes; ` Yes` and ` No` are added as single tokens, as they follow the
+prompt's `Answer:` (the tiny tokenizer has no chat template).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_tiny_llama(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<pad>"
     )
-    tokenizer.add_tokens(["Yes", "No"])
+    tokenizer.add_tokens([" Yes", " No"])
     tokenizer.save_pretrained(directory)
 
     torch.manual_seed(seed)

@@ -121,3 +121,11 @@ def movie_tables():
         schema=S.NEIGHBORS,
     )
     return interactions, catalog, neighbors
+
+
+def default_answers(backbone) -> tuple[int, int]:
+    """The answer ids of the default prompt settings for a backbone's tokenizer."""
+    from optirag.config import PromptConfig
+    from optirag.prompts import PromptBuilder
+
+    return PromptBuilder(backbone.tokenizer, PromptConfig()).answer_ids

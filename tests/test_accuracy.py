@@ -20,6 +20,7 @@ from optirag.engine import ReferenceEngine
 from optirag.pair_scorer import PairScorer, make_pair_scorer
 from optirag.pipelines import evaluation, train_exits
 from optirag.prompts import PromptBuilder
+from tests.conftest import default_answers
 
 
 def test_side_features_are_exactly_the_configured_columns(movie_tables):
@@ -48,7 +49,9 @@ def test_side_features_round_trip(movie_tables, local_storage):
 @pytest.mark.parametrize("mlp_size", [0, 8])
 def test_hybrid_heads_read_the_side_features(tiny_backbone, mlp_size):
     names = ["mf", "item_rate"]
-    heads = ExitHeads.from_backbone(tiny_backbone, [3, 6], names, mlp_size)
+    heads = ExitHeads.from_backbone(
+        tiny_backbone, [3, 6], names, mlp_size, answers=default_answers(tiny_backbone)
+    )
     states = torch.randn(5, 2, tiny_backbone.hidden_size)
     side = torch.randn(5, 2)
     with torch.no_grad():
@@ -66,15 +69,19 @@ def test_hybrid_heads_read_the_side_features(tiny_backbone, mlp_size):
 
 
 def test_untrained_hybrid_linear_heads_are_the_zero_shot_model(tiny_backbone):
-    plain = ExitHeads.from_backbone(tiny_backbone, [3, 6])
-    hybrid = ExitHeads.from_backbone(tiny_backbone, [3, 6], ["mf", "user_count"])
+    plain = ExitHeads.from_backbone(tiny_backbone, [3, 6], answers=default_answers(tiny_backbone))
+    hybrid = ExitHeads.from_backbone(
+        tiny_backbone, [3, 6], ["mf", "user_count"], answers=default_answers(tiny_backbone)
+    )
     states = torch.randn(4, 2, tiny_backbone.hidden_size)
     with torch.no_grad():
         assert torch.allclose(plain(states), hybrid(states, torch.randn(4, 2)), atol=1e-6)
 
 
 def test_engine_feeds_each_row_its_own_side_features_through_compaction(tiny_backbone):
-    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6], ["mf"])
+    heads = ExitHeads.from_backbone(
+        tiny_backbone, [2, 4, 6], ["mf"], answers=default_answers(tiny_backbone)
+    )
     with torch.no_grad():
         for head in heads.heads:
             head.proj.weight[0, -1] = 3.0
@@ -95,7 +102,9 @@ def test_shared_prefix_extraction_equals_plain_extraction(
     tiny_backbone, movie_tables, target_ratings
 ):
     cfg = PromptConfig(target_ratings=target_ratings)
-    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
+    heads = ExitHeads.from_backbone(
+        tiny_backbone, [2, 4, 6], answers=default_answers(tiny_backbone)
+    )
     pairs = F.training_pairs(movie_tables[0], None, 0.4, 4, seed=0)
     feats = {}
     for shared in (True, False):

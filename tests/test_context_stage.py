@@ -14,6 +14,7 @@ from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads
 from optirag.pair_scorer import make_pair_scorer
 from optirag.pipelines import context, scoring
+from tests.conftest import default_answers
 from tests.test_scoring import _candidates, _config, _write_inputs
 
 SIDE = ["mf", "user_rate", "user_count", "item_rate", "item_count"]
@@ -29,7 +30,9 @@ def _with_cold_user(cands: pa.Table) -> pa.Table:
 def _save_hybrid_heads(cfg, backbone, interactions):
     """Hybrid heads whose side weights matter, with side features fitted on the history."""
     side = cf.SideFeatures.fit(SIDE, interactions)
-    heads = ExitHeads.from_backbone(backbone, [2, 4, 6], side_names=SIDE)
+    heads = ExitHeads.from_backbone(
+        backbone, [2, 4, 6], side_names=SIDE, answers=default_answers(backbone)
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for head in heads.heads:

@@ -11,6 +11,7 @@ from optirag.early_exit import (
     prob_yes,
 )
 from optirag.engine import ReferenceEngine
+from tests.conftest import default_answers
 
 PROMPTS = [
     "The user liked: Toy Story (1995). Will the user like Heat? Answer Yes or No.",
@@ -22,7 +23,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def heads(tiny_backbone):
-    return ExitHeads.from_backbone(tiny_backbone, default_exit_layers(tiny_backbone.num_layers, 3))
+    return ExitHeads.from_backbone(
+        tiny_backbone,
+        default_exit_layers(tiny_backbone.num_layers, 3),
+        answers=default_answers(tiny_backbone),
+    )
 
 
 def _ids(backbone, texts):
@@ -32,7 +37,7 @@ def _ids(backbone, texts):
 def _full_model_p_yes(backbone, ids):
     with torch.no_grad():
         logits = backbone.model(torch.tensor([ids])).logits[0, -1]
-    return prob_yes(logits[[backbone.yes_id, backbone.no_id]][None])[0].item()
+    return prob_yes(logits[list(default_answers(backbone))][None])[0].item()
 
 
 def _tau_for_mixed_exits(engine_none, rows):
@@ -123,6 +128,6 @@ def test_heads_roundtrip_and_validation(tiny_backbone, heads, tmp_path):
     with torch.no_grad():
         heads.heads[0].proj.bias.zero_()
     with pytest.raises(ValueError, match="last exit layer"):
-        ExitHeads.from_backbone(tiny_backbone, [2, 4])
+        ExitHeads.from_backbone(tiny_backbone, [2, 4], answers=default_answers(tiny_backbone))
     with pytest.raises(ValueError, match="increasing"):
         ExitHeads([4, 2, 6], 32, 1e-6)

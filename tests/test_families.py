@@ -19,6 +19,7 @@ from optirag.backbones import FAMILIES, family_of, load_backbone
 from optirag.config import BackboneConfig
 from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_yes
 from optirag.engine import PackedEngine, ReferenceEngine
+from tests.conftest import default_answers
 
 ATOL = 1e-5
 WINDOW = 16
@@ -121,13 +122,16 @@ def test_both_engines_equal_hugging_face_for_every_family(family_dir, name):
                                       dtype="float32"))  # fmt: skip
     assert bb.family.name == name
     suffixes, prefixes, prefix_of, plain = _prompts(len(bb.tokenizer))
-    golden = _hf_p_yes(path, plain, bb.yes_id, bb.no_id)
+    heads_answers = default_answers(bb)
+    golden = _hf_p_yes(path, plain, *heads_answers)
     assert float(golden.max() - golden.min()) > 0.01, "too little spread: the check lacks power"
     if getattr(bb.config, "sliding_window", None):  # the window must matter on these prompts
-        unwindowed = _hf_p_yes(path, plain, bb.yes_id, bb.no_id, sliding_window=4096)
+        unwindowed = _hf_p_yes(path, plain, *heads_answers, sliding_window=4096)
         assert float((unwindowed - golden).abs().max()) > 1e-3
 
-    heads = ExitHeads.from_backbone(bb, default_exit_layers(bb.num_layers, 2))
+    heads = ExitHeads.from_backbone(
+        bb, default_exit_layers(bb.num_layers, 2), answers=default_answers(bb)
+    )
     full = ExitRule("none")
     engines = {
         "reference": ReferenceEngine(bb, heads, full),
@@ -161,3 +165,42 @@ def test_an_unregistered_architecture_is_refused_at_load_naming_the_families(tmp
     assert all(f.name in str(err.value) for f in FAMILIES)
     with pytest.raises(ValueError, match="linear-attention"):
         family_of(T.Qwen3_5TextConfig())
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_lora_trains_on_the_computation_it_is_scored_with(family_dir, name):
+    """Non-zero A and B on the family's own target modules (Phi-3's fused qkv_proj): the
+    adapter moves the scores, and the training forward (padded prompts through the layers)
+    equals the packed engine on the merged weights."""
+    from optirag import lora
+    from optirag.config import LoraConfig
+    from optirag.early_exit import pad_tokens
+
+    cfg = BackboneConfig(source="path", path=str(family_dir(name)), device="cpu", dtype="float32")
+    bb = load_backbone(cfg)
+    heads = ExitHeads.from_backbone(
+        bb, default_exit_layers(bb.num_layers, 2), answers=default_answers(bb)
+    )
+    _, _, _, prompts = _prompts(len(bb.tokenizer), seed=1)
+    base = PackedEngine(bb, heads, ExitRule("none")).score(prompts).head_probs
+
+    lora_cfg = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0)
+    lora.add_lora(bb, lora_cfg)
+    names = [n for n, _ in bb.model.named_parameters() if "lora_A" in n]
+    targets = {n.split(".lora_A")[0].split(".")[-1] for n in names}
+    assert targets == set(bb.family.lora_targets)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in bb.model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    model = lora.LoraExitModel(bb, heads).eval()
+    with torch.no_grad():
+        trained = torch.sigmoid(model(*pad_tokens(prompts)))
+    adapter = {n: p.detach().clone() for n, p in bb.model.named_parameters() if "lora_" in n}
+
+    merged = load_backbone(cfg)
+    lora.load_lora(merged, lora_cfg, adapter)
+    scored = PackedEngine(merged, heads, ExitRule("none")).score(prompts).head_probs
+    assert float((scored - base).abs().max()) >= 1e-2
+    torch.testing.assert_close(scored, trained, atol=ATOL, rtol=0)

@@ -21,6 +21,7 @@ from optirag.pair_scorer import PairScorer
 from optirag.pipelines.ray_train import fit
 from optirag.pipelines.train_exits import heads_loop
 from optirag.prompts import PromptBuilder
+from tests.conftest import default_answers
 
 
 def test_depth_decayed_learning_rates_on_optimizer():
@@ -82,7 +83,9 @@ def test_calibration_picks_most_aggressive_tau_within_budget():
 
 
 def test_simulated_exits_equal_the_engine(tiny_backbone):
-    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
+    heads = ExitHeads.from_backbone(
+        tiny_backbone, [2, 4, 6], answers=default_answers(tiny_backbone)
+    )
     rng = np.random.default_rng(4)
     rows = [rng.integers(0, 300, size=rng.integers(3, 15)).tolist() for _ in range(30)]
     full = ReferenceEngine(tiny_backbone, heads, ExitRule("none")).score(rows)
@@ -95,7 +98,9 @@ def test_simulated_exits_equal_the_engine(tiny_backbone):
 
 
 def test_heads_read_the_extracted_states(tiny_backbone, movie_tables):
-    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
+    heads = ExitHeads.from_backbone(
+        tiny_backbone, [2, 4, 6], answers=default_answers(tiny_backbone)
+    )
     cfg = PromptConfig()
     scorer = PairScorer(
         tiny_backbone,

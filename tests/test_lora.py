@@ -15,6 +15,7 @@ from optirag.head_training import lora_optimizer
 from optirag.pipelines import evaluation, train_exits
 from optirag.pipelines.ray_train import fit
 from optirag.pipelines.train_exits import lora_loop
+from tests.conftest import default_answers
 from tests.test_accuracy import _write_tables
 
 
@@ -24,7 +25,7 @@ def _backbone(tiny_llama_dir):
 
 def test_untrained_adapter_forward_equals_the_scoring_engine(tiny_llama_dir):
     backbone = _backbone(tiny_llama_dir)
-    heads = ExitHeads.from_backbone(backbone, [2, 4, 6])
+    heads = ExitHeads.from_backbone(backbone, [2, 4, 6], answers=default_answers(backbone))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 300, size=rng.integers(3, 12)).tolist() for _ in range(8)]
     engine = ReferenceEngine(backbone, heads, ExitRule("none")).score(prompts)
@@ -38,7 +39,7 @@ def test_untrained_adapter_forward_equals_the_scoring_engine(tiny_llama_dir):
 def test_lora_learning_rates_decay_with_depth(tiny_llama_dir):
     backbone = _backbone(tiny_llama_dir)
     lora.add_lora(backbone, LoraConfig(enabled=True))
-    heads = ExitHeads.from_backbone(backbone, [3, 6])
+    heads = ExitHeads.from_backbone(backbone, [3, 6], answers=default_answers(backbone))
     parts = lora.TrainableParts(backbone, heads)
     opt = lora_optimizer(parts, 6, lora_lr=1e-3, head_lr=1e-2, beta=2.0, weight_decay=0)
     lora_groups = opt.param_groups[:-2]
@@ -61,7 +62,7 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
 
     backbone = _backbone(tiny_llama_dir)
     layers = [3, 6]
-    init = ExitHeads.from_backbone(backbone, layers)
+    init = ExitHeads.from_backbone(backbone, layers, answers=default_answers(backbone))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 96)
     # learnable: a positive prompt ends in token 7, a negative one in token 9

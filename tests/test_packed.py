@@ -16,6 +16,7 @@ import torch
 from optirag.config import ComputeConfig
 from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_yes
 from optirag.engine import LAUNCH_TOKENS, PackedEngine, ReferenceEngine, make_engine
+from tests.conftest import default_answers
 
 ATOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def heads(tiny_backbone):
-    return ExitHeads.from_backbone(tiny_backbone, default_exit_layers(tiny_backbone.num_layers, 3))
+    return ExitHeads.from_backbone(
+        tiny_backbone,
+        default_exit_layers(tiny_backbone.num_layers, 3),
+        answers=default_answers(tiny_backbone),
+    )
 
 
 @pytest.fixture(scope="module")
 def hybrid_heads(tiny_backbone):
     """Linear heads that really read two side features (from_backbone zeroes their weights)."""
-    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6], side_names=["cf_a", "cf_b"])
+    heads = ExitHeads.from_backbone(
+        tiny_backbone,
+        [2, 4, 6],
+        side_names=["cf_a", "cf_b"],
+        answers=default_answers(tiny_backbone),
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for head in heads.heads:
@@ -104,7 +114,9 @@ def test_rule_none_is_full_depth(tiny_backbone, heads):
     assert not result.head_probs.isnan().any()
     bb = tiny_backbone
     with torch.no_grad():
-        full = [bb.model(torch.tensor([ids])).logits[0, -1, [bb.yes_id, bb.no_id]] for ids in plain]
+        full = [
+            bb.model(torch.tensor([ids])).logits[0, -1, list(default_answers(bb))] for ids in plain
+        ]
     expected = prob_yes(torch.stack(full))
     torch.testing.assert_close(result.scores, expected, atol=ATOL, rtol=0)
 
@@ -141,7 +153,9 @@ def test_hybrid_heads_with_side_features(tiny_backbone, hybrid_heads):
 
 def test_mlp_heads(tiny_backbone):
     torch.manual_seed(1)
-    mlp_heads = ExitHeads.from_backbone(tiny_backbone, [3, 6], mlp_size=16)
+    mlp_heads = ExitHeads.from_backbone(
+        tiny_backbone, [3, 6], mlp_size=16, answers=default_answers(tiny_backbone)
+    )
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 4, 20, seed=6)
     rule = _mixed_rules(tiny_backbone, mlp_heads, plain)[2]
     ref = ReferenceEngine(tiny_backbone, mlp_heads, rule).score(plain)
@@ -232,7 +246,9 @@ def test_smollm2_packed_matches_reference():
     cfg = BackboneConfig(source="smollm2", cache_dir=str(ROOT / "data/cache/models"),
                          device="cpu", dtype="float32")  # fmt: skip
     bb = load_backbone(cfg)
-    heads = ExitHeads.from_backbone(bb, default_exit_layers(bb.num_layers, 6))
+    heads = ExitHeads.from_backbone(
+        bb, default_exit_layers(bb.num_layers, 6), answers=default_answers(bb)
+    )
     suffixes, prefixes, prefix_of, plain = _shared_batch(bb, 4, 24, seed=11, prefix_len=(40, 200),
                                                          suffix_len=(5, 40))  # fmt: skip
     for rule in _mixed_rules(bb, heads, plain):

@@ -6,6 +6,7 @@ from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule
 from optirag.pair_scorer import PairScorer
 from optirag.prompts import UNTRUSTED_NOTE, PromptBuilder, UserContext, clean_text, item_text
+from tests.conftest import default_answers
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -162,7 +163,9 @@ def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables
     # rows are cut across calls and each call re-runs the prefix)
     store = ContextStore(*movie_tables, PromptConfig())
     builder = PromptBuilder(tiny_backbone.tokenizer, PromptConfig())
-    heads = ExitHeads.from_backbone(tiny_backbone, [2, 4, 6])
+    heads = ExitHeads.from_backbone(
+        tiny_backbone, [2, 4, 6], answers=default_answers(tiny_backbone)
+    )
     scorer = PairScorer(
         tiny_backbone, heads, ExitRule("none"), store, builder, share_prefixes=share,
         batch_rows=5, engine=engine, batch_tokens=60,

@@ -24,6 +24,7 @@ from optirag.early_exit import ExitHeads, ExitRule, default_exit_layers, prob_ye
 from optirag.pair_scorer import PairScorer
 from optirag.pipelines import prepare
 from optirag.prompts import PromptBuilder
+from tests.conftest import default_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,7 +46,9 @@ def test_smollm2_scores_movielens_prompts(movielens):
     train = storage.read_table(A.interactions_uri(root, "train"), cfg.storage)
     items = storage.read_table(A.items_uri(root), cfg.storage)
     test = storage.read_table(A.candidates_uri(root, "test"), cfg.storage).slice(0, 6)
-    heads = ExitHeads.from_backbone(backbone, default_exit_layers(30, 6))
+    heads = ExitHeads.from_backbone(
+        backbone, default_exit_layers(30, 6), answers=default_answers(backbone)
+    )
     assert heads.layers == [5, 10, 15, 20, 25, 30]
     builder = PromptBuilder(backbone.tokenizer, cfg.prompts)
     contexts = ContextStore(train, items, None, cfg.prompts)
@@ -58,7 +61,7 @@ def test_smollm2_scores_movielens_prompts(movielens):
     ids += builder.encode_suffix(*contexts.target_parts(int(users[0]), int(item_ids[0])))
     with torch.no_grad():
         logits = backbone.model(torch.tensor([ids])).logits[0, -1]
-    expected = prob_yes(logits[[backbone.yes_id, backbone.no_id]][None])[0].item()
+    expected = prob_yes(logits[list(default_answers(backbone))][None])[0].item()
     assert out.scores[0] == pytest.approx(expected, abs=1e-4)
 
 

@@ -28,8 +28,6 @@ class Backbone:
 
     model: nn.Module  # a *ForCausalLM with .model.{embed_tokens,layers,norm,rotary_emb}, .lm_head
     tokenizer: Any
-    yes_id: int
-    no_id: int
     version: str
     family: Family
 

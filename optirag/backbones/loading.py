@@ -30,7 +30,6 @@ from optirag.config import BackboneConfig
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ANSWER_TOKENS = ("Yes", "No")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -154,14 +153,6 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         attn_implementation=attention.NAME,
     )
     model.to(device).eval().requires_grad_(False)
-    yes_id, no_id = (_single_token_id(tokenizer, t) for t in ANSWER_TOKENS)
     name, digest = config_digest(cfg)
     version = f"{name}-{digest[:8]}-e{ENGINE_FORMAT}"
-    return Backbone(model, tokenizer, yes_id, no_id, version=version, family=family)
-
-
-def _single_token_id(tokenizer: Any, word: str) -> int:
-    ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"tokenizer splits {word!r} into {len(ids)} tokens; need a single token")
-    return ids[0]
+    return Backbone(model, tokenizer, version=version, family=family)

@@ -24,7 +24,8 @@ def state_scorer(
 ) -> PairScorer:
     """What extracts the backbone's states at the exit layers: plain heads whatever the head
     variant (states do not depend on the heads), full depth for every row."""
-    plain = ExitHeads.from_backbone(backbone, layers)
+    answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
+    plain = ExitHeads.from_backbone(backbone, layers, answers=answers)
     return make_pair_scorer(cfg, backbone, ScoringModel(plain), contexts, ExitRule("none"))
 
 
@@ -33,7 +34,8 @@ def table_state_scorer(cfg: Config, backbone: Backbone, layers: list[int]):
     the scoring job reads (built here when missing): the states come from the job's ids."""
     from optirag.pipelines import context
 
-    plain = ExitHeads.from_backbone(backbone, layers)
+    answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
+    plain = ExitHeads.from_backbone(backbone, layers, answers=answers)
     tokens = make_token_scorer(cfg, backbone, ScoringModel(plain), ExitRule("none"))
     tables = context.build(cfg, *A.prompt_table_uris(cfg))
     return context.TableScorer(tokens, tables, cfg, with_side=False)  # states need none

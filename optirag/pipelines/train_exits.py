@@ -37,6 +37,7 @@ from optirag.pipelines.states import (
     state_scorer,
     table_state_scorer,
 )
+from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def run(cfg: Config) -> dict:
     side_features, train_side, valid_side = _side_features(
         hc.side_features, hc.seed, train, pairs, valid_pairs
     )
-    init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size)
+    answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
+    init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size,
+                                   answers=answers)  # fmt: skip
     rows = None
     if hc.max_train_pairs is not None and hc.max_train_pairs < len(pairs):
         rng = np.random.default_rng(hc.seed)
