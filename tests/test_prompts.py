@@ -279,3 +279,37 @@ def test_feature_cache_key_follows_the_interaction_tables(tiny_backbone, movie_t
     again = feature_key(cfg, tiny_backbone, [2, 4])
     os.utime(uri, (1, 1))  # same size, another modification time
     assert feature_key(cfg, tiny_backbone, [2, 4]) != again
+
+
+def test_answer_ids_are_the_answer_words_as_they_follow_the_prompt(tiny_backbone):
+    tokenizer = tiny_backbone.tokenizer
+    builder = PromptBuilder(tokenizer, PromptConfig())  # no template: ends in "Answer:"
+    assert [tokenizer.decode([i]) for i in builder.answer_ids] == [" Yes", " No"]
+    ratings = PromptBuilder(tokenizer, PromptConfig(target_ratings=True))
+    assert ratings.answer_ids == builder.answer_ids
+    # the answer starts a line: "Yes", two tokens for this tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>", "<|assistant|>\n")
+    try:
+        with pytest.raises(ValueError, match="'Yes' after the prompt's end.*answer_words"):
+            _ = PromptBuilder(tokenizer, PromptConfig()).answer_ids
+    finally:
+        tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="two distinct words"):
+        PromptConfig(answer_words=("Yes", " Yes"))
+
+
+def test_templates_render_without_thinking_and_without_a_refused_system_role(tiny_backbone):
+    tokenizer = tiny_backbone.tokenizer
+    gemma_like = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "<|end|>{% endfor %}<|assistant|>{% if enable_thinking is defined and not "
+        "enable_thinking %}<think></think>{% endif %}"
+    )
+    tokenizer.chat_template = gemma_like
+    try:
+        builder = PromptBuilder(tokenizer, PromptConfig(instruction="SYS"))
+        assert builder.prefix_text(UserContext()).startswith(f"<|user|>SYS {UNTRUSTED_NOTE}\n\n")
+        assert builder.suffix_text("X").endswith("<|assistant|><think></think>")
+    finally:
+        tokenizer.chat_template = None

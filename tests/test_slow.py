@@ -65,6 +65,33 @@ def test_smollm2_scores_movielens_prompts(movielens):
     assert out.scores[0] == pytest.approx(expected, abs=1e-4)
 
 
+def test_smollm2_without_chat_template_reads_the_spaced_answer_tokens(movielens):
+    """After `Answer:` the model answers ' Yes'/' No' (issue 28: 'Yes'/'No' carry ~0.001 of
+    the mass there); the zero-shot P(Yes) is Hugging Face's own over those two tokens."""
+    cfg = movielens
+    plain = cfg.prompts.model_copy(update={"use_chat_template": False})
+    backbone = load_backbone(cfg.backbone)
+    builder = PromptBuilder(backbone.tokenizer, plain)
+    answers = builder.answer_ids
+    assert [backbone.tokenizer.decode([i]) for i in answers] == [" Yes", " No"]
+    root = cfg.storage.root
+    train = storage.read_table(A.interactions_uri(root, "train"), cfg.storage)
+    items = storage.read_table(A.items_uri(root), cfg.storage)
+    test = storage.read_table(A.candidates_uri(root, "test"), cfg.storage).slice(0, 4)
+    heads = ExitHeads.from_backbone(backbone, default_exit_layers(30, 6), answers=answers)
+    contexts = ContextStore(train, items, None, plain)
+    scorer = PairScorer(backbone, heads, ExitRule("none"), contexts, builder, batch_tokens=128)
+    users, item_ids = test["user_id"].to_numpy(), test["item_id"].to_numpy()
+    out = scorer.score(users, item_ids)
+    for n, (u, i) in enumerate(zip(users, item_ids, strict=True)):
+        ids = builder.encode_prefix(contexts.context(int(u)))
+        ids += builder.encode_suffix(*contexts.target_parts(int(u), int(i)))
+        with torch.no_grad():
+            logits = backbone.model(torch.tensor([ids])).logits[0, -1]
+        assert out.scores[n] == pytest.approx(prob_yes(logits[list(answers)][None])[0].item(),
+                                              abs=1e-4)  # fmt: skip
+
+
 def test_ray_job_submit_scores_movielens(movielens, tmp_path):
     """`ray start --head` on 127.0.0.1, then `ray job submit` of jobs/score.py."""
     # Ray 2.60 clusters require a token; the CLI then sends ~/.ray/auth_token.
