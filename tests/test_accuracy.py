@@ -267,6 +267,8 @@ def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
         ("confidence", False),
     ]
     assert any(m["model"] == "early exit (calibrated confidence 0.6)" for m in metrics["models"])
+    speed_rows = [r for r in evaluation.render_report(metrics).splitlines() if "| 6 |" in r]
+    assert speed_rows[0].startswith("| none (full depth) |")  # not the rule's default tau
 
 
 def _latent_interactions(n_users=60, n_items=40, per_user=20, seed=0):

@@ -259,8 +259,9 @@ def render_report(metrics: dict) -> str:
     lines += ["", "| tau | pairs | pairs/s | mean exit layer | layer-tokens/pair |",
               "|---|---|---|---|---|"]  # fmt: skip
     for s in metrics["speed"]:
+        tau = "none (full depth)" if s["rule"] == "none" else f"{s['tau']:g}"
         lines.append(
-            f"| {s['tau']:g} | {s['pairs']} | {s['pairs_per_s']} | "
+            f"| {tau} | {s['pairs']} | {s['pairs_per_s']} | "
             f"{s['mean_exit_layer']:.2f} | {s['layer_tokens_per_pair']:.0f} |"
         )
     return "\n".join(lines) + "\n"
