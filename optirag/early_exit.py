@@ -53,8 +53,15 @@ class ExitHead(nn.Module):
     layer (`mlp_size`), then the family's logit soft-cap if it has one. A hybrid head also
     reads `side_size` CF features concatenated to the normalised state."""
 
-    def __init__(self, hidden_size: int, eps: float, side_size: int = 0, mlp_size: int = 0,
-                 norm: NormKind = "rms", softcap: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        side_size: int = 0,
+        mlp_size: int = 0,
+        norm: NormKind = "rms",
+        softcap: float | None = None,
+    ):
         super().__init__()
         self.norm = RMSNorm(hidden_size, eps, norm)
         self.softcap = softcap
@@ -94,14 +101,27 @@ class HeadsSpec:
     @classmethod
     def from_dict(cls, d: dict) -> HeadsSpec:
         """From an exit config (older ones lack the hybrid/MLP and family keys)."""
-        return cls(tuple(d["layers"]), d["hidden_size"], d["eps"],
-                   tuple(d.get("side_features", ())), d.get("mlp_size", 0),
-                   d.get("norm", "rms"), d.get("softcap"))  # fmt: skip
+        return cls(
+            tuple(d["layers"]),
+            d["hidden_size"],
+            d["eps"],
+            tuple(d.get("side_features", ())),
+            d.get("mlp_size", 0),
+            d.get("norm", "rms"),
+            d.get("softcap"),
+        )
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, layers, side_features=(), mlp_size: int = 0):
-        return cls(tuple(layers), backbone.hidden_size, backbone.norm_eps, tuple(side_features),
-                   mlp_size, backbone.family.head_norm, backbone.logits_softcap)  # fmt: skip
+        return cls(
+            tuple(layers),
+            backbone.hidden_size,
+            backbone.norm_eps,
+            tuple(side_features),
+            mlp_size,
+            backbone.family.head_norm,
+            backbone.logits_softcap,
+        )
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -139,8 +159,15 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: HeadsSpec) -> ExitHeads:
-        return cls(list(spec.layers), spec.hidden_size, spec.eps, spec.side_features,
-                   spec.mlp_size, spec.norm, spec.softcap)  # fmt: skip
+        return cls(
+            list(spec.layers),
+            spec.hidden_size,
+            spec.eps,
+            spec.side_features,
+            spec.mlp_size,
+            spec.norm,
+            spec.softcap,
+        )
 
     @property
     def spec(self) -> HeadsSpec:

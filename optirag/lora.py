@@ -29,9 +29,12 @@ def add_lora(backbone: Backbone, cfg: LoraConfig) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules or
-                                                  backbone.family.lora_targets))  # fmt: skip
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules or backbone.family.lora_targets),
+    )
     inject_adapter_in_model(peft_cfg, backbone.model)
     for name, param in backbone.model.named_parameters():
         param.requires_grad_("lora_" in name)
@@ -111,6 +114,9 @@ class TrainableParts(nn.Module):
     def split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """A TrainableParts state dict -> (heads state, adapter under the backbone's names)."""
         heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
-        adapter = {k.removeprefix("lora.").replace("/", "."): v for k, v in state.items()
-                   if k.startswith("lora.")}  # fmt: skip
+        adapter = {
+            k.removeprefix("lora.").replace("/", "."): v
+            for k, v in state.items()
+            if k.startswith("lora.")
+        }
         return heads, adapter

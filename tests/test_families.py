@@ -23,8 +23,14 @@ from tests.conftest import default_answers
 
 ATOL = 1e-5
 WINDOW = 16
-SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def _config(name: str, vocab: int):
@@ -34,30 +40,44 @@ def _config(name: str, vocab: int):
     window = dict(sliding_window=WINDOW)
     gemma = dict(head_dim=16, query_pre_attn_scalar=12, final_logit_softcapping=2.0, **window)
     configs = {
-        "llama": lambda: T.LlamaConfig(**base, tie_word_embeddings=True,
-                                       rope_parameters={"rope_type": "llama3", "factor": 8.0,
-                                                        "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 64,
-                                                        "rope_theta": 10000.0}),
+        "llama": lambda: T.LlamaConfig(
+            **base,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 10000.0,
+            },
+        ),
         "mistral": lambda: T.MistralConfig(**base, head_dim=16, **window),
         "ministral": lambda: T.MinistralConfig(**base, head_dim=8, **window),
-        "qwen2": lambda: T.Qwen2Config(**base, use_sliding_window=True, max_window_layers=1,
-                                       **window),
-        "qwen3": lambda: T.Qwen3Config(**base, head_dim=16, use_sliding_window=True,
-                                       max_window_layers=1, **window),
-        "smollm3": lambda: T.SmolLM3Config(**base, no_rope_layer_interval=2,
-                                           use_sliding_window=True, **window),
+        "qwen2": lambda: T.Qwen2Config(
+            **base, use_sliding_window=True, max_window_layers=1, **window
+        ),
+        "qwen3": lambda: T.Qwen3Config(
+            **base, head_dim=16, use_sliding_window=True, max_window_layers=1, **window
+        ),
+        "smollm3": lambda: T.SmolLM3Config(
+            **base, no_rope_layer_interval=2, use_sliding_window=True, **window
+        ),
         "gemma": lambda: T.GemmaConfig(**base, head_dim=16),
         "gemma2": lambda: T.Gemma2Config(**base, attn_logit_softcapping=1.0, **gemma),
-        "gemma3": lambda: T.Gemma3TextConfig(**base, attn_logit_softcapping=1.0,
-                                             sliding_window_pattern=2, **gemma),
+        "gemma3": lambda: T.Gemma3TextConfig(
+            **base, attn_logit_softcapping=1.0, sliding_window_pattern=2, **gemma
+        ),
         "phi3": lambda: T.Phi3Config(**base, partial_rotary_factor=0.75, **window),
         "olmo2": lambda: T.Olmo2Config(**base),
-        "granite": lambda: T.GraniteConfig(**base, embedding_multiplier=12.0,
-                                           residual_multiplier=0.22,
-                                           attention_multiplier=0.0078125, logits_scaling=8.0),
-    }  # fmt: skip
+        "granite": lambda: T.GraniteConfig(
+            **base,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0078125,
+            logits_scaling=8.0,
+        ),
+    }
     return configs[name]()
 
 
@@ -118,8 +138,7 @@ NAMES = [f.name for f in FAMILIES]
 @pytest.mark.parametrize("name", NAMES)
 def test_both_engines_equal_hugging_face_for_every_family(family_dir, name):
     path = family_dir(name)
-    bb = load_backbone(BackboneConfig(source="path", path=str(path), device="cpu",
-                                      dtype="float32"))  # fmt: skip
+    bb = load_backbone(BackboneConfig(source="path", path=str(path), device="cpu", dtype="float32"))
     assert bb.family.name == name
     suffixes, prefixes, prefix_of, plain = _prompts(len(bb.tokenizer))
     heads_answers = default_answers(bb)

@@ -88,8 +88,9 @@ def test_smollm2_without_chat_template_reads_the_spaced_answer_tokens(movielens)
         ids += builder.encode_suffix(*contexts.target_parts(int(u), int(i)))
         with torch.no_grad():
             logits = backbone.model(torch.tensor([ids])).logits[0, -1]
-        assert out.scores[n] == pytest.approx(prob_yes(logits[list(answers)][None])[0].item(),
-                                              abs=1e-4)  # fmt: skip
+        assert out.scores[n] == pytest.approx(
+            prob_yes(logits[list(answers)][None])[0].item(), abs=1e-4
+        )
 
 
 def test_ray_job_submit_scores_movielens(movielens, tmp_path):

@@ -38,13 +38,25 @@ class Positions:
         return (self.query[:, None, :, None] - self.key[:, None, None, :]) < window
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-              sliding_window=None, softcap=None, optirag=None, **kwargs):  # fmt: skip
+def attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    optirag=None,
+    **kwargs,
+):
     """The transformers attention interface: query (B, Hq, Q, D), key/value (B, KVH, K, D)
     -> ((B, Q, Hq, D), None)."""
     if optirag is not None and not isinstance(optirag, Positions):
-        return optirag.attend(query, key, value, scale=scaling, softcap=softcap,
-                              window=sliding_window), None  # fmt: skip
+        return optirag.attend(
+            query, key, value, scale=scaling, softcap=softcap, window=sliding_window
+        ), None
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError("optirag attention takes boolean masks (True: may attend)")

@@ -53,7 +53,7 @@ FAMILIES: tuple[Family, ...] = (
         "Gemma 2",
         head_norm="rms_1p",
         logits_softcap="final_logit_softcapping",
-    ),  # fmt: skip
+    ),
     Family(
         "gemma3",
         ("gemma3_text",),
@@ -61,7 +61,7 @@ FAMILIES: tuple[Family, ...] = (
         head_norm="rms_1p",
         logits_softcap="final_logit_softcapping",
         rotary_per_layer_type=True,
-    ),  # fmt: skip
+    ),
     Family("phi3", ("phi3",), "Phi-3, Phi-3.5, Phi-4-mini", lora_targets=("qkv_proj",)),
     Family("olmo2", ("olmo2",), "OLMo 2"),
     Family(
@@ -70,7 +70,7 @@ FAMILIES: tuple[Family, ...] = (
         "Granite 3.x",
         embed_multiplier="embedding_multiplier",
         logits_divisor="logits_scaling",
-    ),  # fmt: skip
+    ),
 )
 
 # Known and refused on purpose: their layers are not attention layers this engine can run.

@@ -140,8 +140,14 @@ class _Launch:
         slot = group * cmax + local % np.repeat(size, q_len)
         num = int(chunks.sum())
         owner = np.repeat(np.arange(len(q_len)), chunks)  # (G,)
-        return _Groups(num, cmax, slot, owner, self._device(slot),
-                       None if num == len(q_len) else self._device(owner))  # fmt: skip
+        return _Groups(
+            num,
+            cmax,
+            slot,
+            owner,
+            self._device(slot),
+            None if num == len(q_len) else self._device(owner),
+        )
 
     def prefix_bias(self, window: int | None) -> torch.Tensor:
         """(G, 1, Cmax * rep or 1, Pmax) float32: a chunk's queries see their prefix's real
@@ -442,15 +448,23 @@ class PackedEngine:
                 )
                 o = o.transpose(1, 2).reshape(-1, hq, d)
             else:
-                o, _ = attention_with_lse(_fold(qp, k.shape[1], rep), kp.transpose(1, 2),
-                                          vp.transpose(1, 2), m.causal_bias(m.pmax, window),
-                                          scale, softcap)  # fmt: skip
+                o, _ = attention_with_lse(
+                    _fold(qp, k.shape[1], rep),
+                    kp.transpose(1, 2),
+                    vp.transpose(1, 2),
+                    m.causal_bias(m.pmax, window),
+                    scale,
+                    softcap,
+                )
                 o = _unfold(o, m.pmax, rep).to(q.dtype)
             out.append(o[m.pre_slot])  # (Tp, Hq, D)
             kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)  # (Up, KVH, Pmax, D)
         fused = self.fused and plain
-        out.append(self._suffix_attention(q[m.tp :], k[m.tp :], v[m.tp :], kp, vp, m,
-                                          scale, softcap, window, fused))  # fmt: skip
+        out.append(
+            self._suffix_attention(
+                q[m.tp :], k[m.tp :], v[m.tp :], kp, vp, m, scale, softcap, window, fused
+            )
+        )
         return (torch.cat(out) if len(out) > 1 else out[0])[None]
 
     def _suffix_attention(self, q, k, v, kp, vp, m: _Launch, scale, softcap, window, fused):

@@ -79,9 +79,14 @@ class ReferenceEngine:
             layer_tokens += int(suffix_len.sum()) * (end - start)
             keys = positions if ctx is None else torch.cat([ctx.key_positions(), positions], 1)
             hidden = bb.run_layers(
-                hidden, start, end, bb.rotary(hidden, positions), mask=mask,
-                cache=ctx.cache if ctx else None, attention=Positions(positions, keys),
-            )  # fmt: skip
+                hidden,
+                start,
+                end,
+                bb.rotary(hidden, positions),
+                mask=mask,
+                cache=ctx.cache if ctx else None,
+                attention=Positions(positions, keys),
+            )
             start = end
             last = hidden[torch.arange(len(rows), device=dev), suffix_len - 1]  # (Na, H)
             if states is not None:
@@ -165,9 +170,14 @@ class _PrefixContext:
         self.cache.rows = None
         rotary = self.backbone.rotary(self.hidden, positions)
         self.hidden = self.backbone.run_layers(
-            self.hidden, start, end, rotary, mask=mask, cache=self.cache,
+            self.hidden,
+            start,
+            end,
+            rotary,
+            mask=mask,
+            cache=self.cache,
             attention=Positions(positions, positions),
-        )  # fmt: skip
+        )
         self.cache.rows = self.row_prefix
         return int(self.lengths.sum()) * (end - start)
 

@@ -49,8 +49,9 @@ def run(cfg: Config) -> dict:
     backbone = load_backbone(cfg.backbone)
     layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
-    pairs = P.training_pairs(train, hc.train_users, hc.history_fraction, hc.targets_per_user,
-                             hc.seed)  # fmt: skip
+    pairs = P.training_pairs(
+        train, hc.train_users, hc.history_fraction, hc.targets_per_user, hc.seed
+    )
     valid_cands = storage.read_table(A.candidates_uri(cfg.storage.root, "valid"), cfg.storage)
     valid_pairs = P.candidate_pairs(valid_cands, hc.valid_users, hc.seed)
     log.info("%d train pairs, %d valid pairs", len(pairs), len(valid_pairs))
@@ -58,8 +59,7 @@ def run(cfg: Config) -> dict:
         hc.side_features, hc.seed, train, pairs, valid_pairs
     )
     answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
-    init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size,
-                                   answers=answers)  # fmt: skip
+    init = ExitHeads.from_backbone(backbone, layers, hc.side_features, hc.mlp_size, answers=answers)
     rows = None
     if hc.max_train_pairs is not None and hc.max_train_pairs < len(pairs):
         rng = np.random.default_rng(hc.seed)
@@ -72,33 +72,42 @@ def run(cfg: Config) -> dict:
     train_s = time.perf_counter() - started
 
     probs = head_probs(heads, valid_states, valid_side)
-    calibration = M.sweep(probs, valid_pairs.labels, layers, backbone.num_layers, hc.tau_grid,
-                          hc.confidence_grid)  # fmt: skip
+    calibration = M.sweep(
+        probs, valid_pairs.labels, layers, backbone.num_layers, hc.tau_grid, hc.confidence_grid
+    )
     chosen = M.calibrate(calibration, hc.auc_budget)
     n_train = len(rows) if rows is not None else len(pairs)
     exit_config = {
         **heads.spec.as_dict(),
-        "rule": "agreement", "threshold": chosen.threshold, "auc_budget": hc.auc_budget,
-        "backbone": backbone.version, "calibration": [r.as_dict() for r in calibration],
+        "rule": "agreement",
+        "threshold": chosen.threshold,
+        "auc_budget": hc.auc_budget,
+        "backbone": backbone.version,
+        "calibration": [r.as_dict() for r in calibration],
         "training": {k: v for k, v in meta.items() if k != "history"},
-        "history": meta["history"], "train_pairs": n_train, "valid_pairs": len(valid_pairs),
+        "history": meta["history"],
+        "train_pairs": n_train,
+        "valid_pairs": len(valid_pairs),
         "training_s": round(train_s, 1),
-    }  # fmt: skip
+    }
     if adapter is not None:
         exit_config["lora"] = hc.lora.model_dump()
     side = side_features.arrays() if side_features is not None else None
     A.save_heads(A.StoredHeads(heads.state_dict(), exit_config, adapter, side), cfg)
     return {
-        "train_pairs": n_train, "valid_pairs": len(valid_pairs),
-        "best_epoch": meta.get("best_epoch"), "valid_auc_per_head":
-        meta["history"][meta.get("best_epoch", -1)]["valid_auc_per_head"],
-        "calibrated": chosen.as_dict(), "heads_uri": A.heads_location(cfg),
+        "train_pairs": n_train,
+        "valid_pairs": len(valid_pairs),
+        "best_epoch": meta.get("best_epoch"),
+        "valid_auc_per_head": meta["history"][meta.get("best_epoch", -1)]["valid_auc_per_head"],
+        "calibrated": chosen.as_dict(),
+        "heads_uri": A.heads_location(cfg),
         "training_s": round(train_s, 1),
-    }  # fmt: skip
+    }
 
 
-def _fit_frozen_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side,
-                      valid_side):  # fmt: skip
+def _fit_frozen_heads(
+    cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side, valid_side
+):
     """Extract (or reuse) the frozen backbone's states, then train the heads on them."""
     hc = cfg.heads
     scorer = state_scorer(cfg, backbone, init.layers, contexts)  # shared by all head variants
@@ -109,22 +118,35 @@ def _fit_frozen_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, t
     valid_scorer = table_state_scorer(cfg, backbone, init.layers)  # the job's prompts
     valid = cached_states(valid_scorer, valid_pairs, "valid", valid_key, cfg, "valid features")
     loop_config = {
-        "heads": hc, "storage": cfg.storage, "spec": init.spec, "num_layers": backbone.num_layers,
+        "heads": hc,
+        "storage": cfg.storage,
+        "spec": init.spec,
+        "num_layers": backbone.num_layers,
         "train_uri": A.features_uri(cfg, "train", train_key),
-        "valid_uri": A.features_uri(cfg, "valid", valid_key), "train_rows": rows,
-        "train_side": train_side, "valid_side": valid_side,
+        "valid_uri": A.features_uri(cfg, "valid", valid_key),
+        "train_rows": rows,
+        "train_side": train_side,
+        "valid_side": valid_side,
         "init_uri": A.save_init_heads(init.state_dict(), cfg),
-    }  # fmt: skip
+    }
     # The run name carries the config hash: an identical rerun resumes, a changed one doesn't.
-    state, meta = fit(heads_loop, loop_config, f"{hc.run_name}-{cfg.fingerprint()}",
-                      "exits", cfg.compute, cfg.storage, hc.max_failures)  # fmt: skip
+    state, meta = fit(
+        heads_loop,
+        loop_config,
+        f"{hc.run_name}-{cfg.fingerprint()}",
+        "exits",
+        cfg.compute,
+        cfg.storage,
+        hc.max_failures,
+    )
     heads = ExitHeads.from_spec(init.spec)
     heads.load_state_dict(state)
     return heads, None, valid["states"], meta
 
 
-def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side,
-                    valid_side):  # fmt: skip
+def _fit_lora_heads(
+    cfg, backbone, init, contexts, pairs, valid_pairs, rows, train_side, valid_side
+):
     """Train LoRA + heads on whole prompts; valid states come from the merged backbone."""
     hc = cfg.heads
     scorer = state_scorer(cfg, backbone, init.layers, contexts)  # encodes the prompts
@@ -135,17 +157,29 @@ def _fit_lora_heads(cfg, backbone, init, contexts, pairs, valid_pairs, rows, tra
     valid_scorer = table_state_scorer(cfg, backbone, init.layers)  # the job's prompts
 
     def split(p: P.Pairs, side, prompts) -> dict:
-        return {"prompts": prompts.prompt_ids(p.users, p.items, p.cutoff),
-                "labels": torch.from_numpy(p.labels.astype(np.float32)), "side": side}  # fmt: skip
+        return {
+            "prompts": prompts.prompt_ids(p.users, p.items, p.cutoff),
+            "labels": torch.from_numpy(p.labels.astype(np.float32)),
+            "side": side,
+        }
 
     loop_config = {
-        "heads": hc, "backbone": cfg.backbone, "spec": init.spec,
+        "heads": hc,
+        "backbone": cfg.backbone,
+        "spec": init.spec,
         "init_heads": {k: v.float().cpu() for k, v in init.state_dict().items()},
         "train": split(pairs, train_side, scorer),
         "valid": split(valid_pairs, valid_side, valid_scorer),
-    }  # fmt: skip
-    state, meta = fit(lora_loop, loop_config, f"{hc.run_name}-lora-{cfg.fingerprint()}",
-                      "exits", cfg.compute, cfg.storage, hc.max_failures)  # fmt: skip
+    }
+    state, meta = fit(
+        lora_loop,
+        loop_config,
+        f"{hc.run_name}-lora-{cfg.fingerprint()}",
+        "exits",
+        cfg.compute,
+        cfg.storage,
+        hc.max_failures,
+    )
     heads = ExitHeads.from_spec(init.spec)
     heads_state, adapter = lora.TrainableParts.split(state)
     heads.load_state_dict(heads_state)
@@ -199,8 +233,9 @@ def heads_loop(config: dict) -> None:
         with torch.no_grad():
             valid_logits = heads(valid["states"], valid["side"]).numpy()
         metrics = _epoch_metrics(epoch, losses, valid["labels"].numpy(), valid_logits)
-        best_state, stop = close_epoch(meta, metrics, metrics["valid_auc_mean"], heads,
-                                        best_state, opt, cfg.patience)  # fmt: skip
+        best_state, stop = close_epoch(
+            meta, metrics, metrics["valid_auc_mean"], heads, best_state, opt, cfg.patience
+        )
         if stop:
             break
 
@@ -210,9 +245,13 @@ def _epoch_metrics(epoch: int, losses: list[float], labels: np.ndarray, logits: 
     from sklearn.metrics import roc_auc_score
 
     aucs = [float(roc_auc_score(labels, logits[:, h])) for h in range(logits.shape[1])]
-    return {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
-            "valid_auc_mean": float(np.mean(aucs)), "valid_auc_last": aucs[-1],
-            "valid_auc_per_head": aucs}  # fmt: skip
+    return {
+        "epoch": epoch,
+        "loss": sum(losses) / max(len(losses), 1),
+        "valid_auc_mean": float(np.mean(aucs)),
+        "valid_auc_last": aucs[-1],
+        "valid_auc_per_head": aucs,
+    }
 
 
 def lora_loop(config: dict) -> None:
@@ -227,8 +266,7 @@ def lora_loop(config: dict) -> None:
     heads.load_state_dict(config["init_heads"])
     heads.to(backbone.device)
     parts = lora.TrainableParts(backbone, heads)
-    opt = lora_optimizer(parts, backbone.num_layers, lcfg.lr, cfg.lr, cfg.beta,
-                         cfg.weight_decay)  # fmt: skip
+    opt = lora_optimizer(parts, backbone.num_layers, lcfg.lr, cfg.lr, cfg.beta, cfg.weight_decay)
     meta, best_state = restore(parts, opt)
     model = prepare_model(lora.LoraExitModel(backbone, heads))
     train, valid = config["train"], config["valid"]
@@ -250,7 +288,8 @@ def lora_loop(config: dict) -> None:
             batches = torch.arange(len(valid["labels"])).split(per_worker)
             valid_logits = torch.cat([logits_of(valid, b).cpu() for b in batches]).numpy()
         metrics = _epoch_metrics(epoch, losses, valid["labels"].numpy(), valid_logits)
-        best_state, stop = close_epoch(meta, metrics, metrics["valid_auc_mean"], parts,
-                                        best_state, opt, cfg.patience)  # fmt: skip
+        best_state, stop = close_epoch(
+            meta, metrics, metrics["valid_auc_mean"], parts, best_state, opt, cfg.patience
+        )
         if stop:
             break
