@@ -45,6 +45,7 @@ from optirag.early_exit import (  # noqa: E402
     default_exit_layers,
 )
 from optirag.engine import PackedEngine, ReferenceEngine  # noqa: E402
+from optirag.model_files import local_backbone  # noqa: E402
 from optirag.prompts import PromptBuilder  # noqa: E402
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; SXM parts).
@@ -208,7 +209,7 @@ def main() -> None:
     if args.backbone == "tiny":
         overrides.append("backbone.source=tiny")
     cfg = load_config(args.config, overrides)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(local_backbone(cfg))
     dev = backbone.device
 
     trained = _trained_heads(cfg, backbone)

@@ -135,8 +135,17 @@ class SyntheticConfig(StrictModel):
 
 
 class BackboneConfig(StrictModel):
-    source: Literal["smollm2", "path", "tiny"] = "smollm2"
-    path: Location | None = Field(None, description="local Hugging Face directory (source=path)")
+    source: Literal["smollm2", "path", "hub", "tiny"] = "smollm2"
+    path: Location | None = Field(
+        None,
+        description="Hugging Face model folder (source=path): a local directory, or s3://... "
+        "copied once per node into cache_dir",
+    )
+    repo_id: str | None = Field(None, description="hub repo id, read from the hub cache (hub)")
+    revision: str = Field("main", description="branch, tag or commit in the hub cache (hub)")
+    hub_cache: Location | None = Field(
+        None, description="the hub cache folder (hub); default: Hugging Face's (HF_HUB_CACHE)"
+    )
     cache_dir: Location = "data/cache/models"
     tiny_layers: int = Field(6, gt=0, description="layers of the tiny random model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
@@ -146,6 +155,8 @@ class BackboneConfig(StrictModel):
     def _path_given(self) -> BackboneConfig:
         if self.source == "path" and not self.path:
             raise ValueError("backbone.source=path needs backbone.path")
+        if self.source == "hub" and not self.repo_id:
+            raise ValueError("backbone.source=hub needs backbone.repo_id")
         return self
 
 

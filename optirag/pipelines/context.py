@@ -34,7 +34,7 @@ import ray
 from optirag import artifacts as A
 from optirag import schema as S
 from optirag import storage
-from optirag.backbones import load_tokenizer, weights_digest
+from optirag.backbones import load_tokenizer
 from optirag.cf import SideFeatures
 from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings
@@ -48,6 +48,7 @@ from optirag.context_tables import (
     user_rows,
 )
 from optirag.ids import HASH_SPACE, user_hash
+from optirag.model_files import local_backbone, model_digest
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class ContextTables:
     part_hashes: list[list[int]]  # per part of the users table: its lowest and highest hash
 
     def assembler(self, cfg: Config) -> TokenAssembler:
-        prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+        prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
         return TokenAssembler(prompts, self.cold, self.side, cfg.prompts.max_neighbor_ratings)
 
     def read_users(self, users: np.ndarray, low: int, high: int, store) -> pa.Table:
@@ -99,7 +100,7 @@ class ContextTables:
 def context_key(cfg: Config, history: str, items: str, neighbors: str | None) -> dict:
     """Everything the tables are made from (see the module's docstring)."""
     store = cfg.storage
-    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
     digests = A.stored_heads_digests(cfg)
     key = {
         "format": CONTEXT_FORMAT,
@@ -108,7 +109,7 @@ def context_key(cfg: Config, history: str, items: str, neighbors: str | None) ->
         "neighbors": A.dataset_stamp(neighbors, store),
         "prompts": cfg.prompts.model_dump(),
         "template": hashlib.sha256(prompts.template_sample().encode()).hexdigest(),
-        "backbone": weights_digest(cfg.backbone),
+        "backbone": model_digest(cfg),
         "side_features": [digests.get("side_features"), digests.get("side_features_meta")],
     }
     return json.loads(json.dumps(key))  # as stored: lists, not tuples
@@ -128,7 +129,7 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     started = time.time()
     paths = paths.new_build()
     side = A.load_side_features(cfg)
-    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
     users = _all_users(history, neighbors, side, cfg)
     if len(users) == 0:
         raise ValueError(f"{history}: no users in the history, neighbour table or side features")
@@ -309,7 +310,7 @@ def _user_block(
     and their neighbours') and its users' neighbour lists: render and encode."""
     item_table = storage.read_table(items, cfg.storage, S.ITEMS)
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
-    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
     return user_rows(users, contexts, prompts, side)
 
 

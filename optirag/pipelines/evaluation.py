@@ -19,6 +19,7 @@ from optirag.backbones import load_backbone
 from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.early_exit import ExitRule
+from optirag.model_files import local_backbone
 from optirag.pair_scorer import make_pair_scorer, resolve_rule
 from optirag.pipelines.states import cached_states, feature_key, head_probs, table_state_scorer
 
@@ -27,7 +28,7 @@ def run(cfg: Config) -> dict:
     """Evaluate; writes the evaluation outputs and returns a summary."""
     store, ec = cfg.storage, cfg.evaluation
     train, items, neighbors = A.read_prompt_tables(cfg)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(local_backbone(cfg))
     if not A.has_trained_heads(cfg):
         raise FileNotFoundError(f"no trained heads under {A.heads_location(cfg)}: run train_exits")
     model = A.load_scoring_model(cfg, backbone)

@@ -53,11 +53,12 @@ class ScoreTokens:
 
         from optirag import artifacts as A
         from optirag.backbones import load_backbone
+        from optirag.model_files import local_backbone
         from optirag.pair_scorer import make_token_scorer
 
         if cfg.compute.torch_threads:
             torch.set_num_threads(cfg.compute.torch_threads)
-        backbone = load_backbone(cfg.backbone)
+        backbone = load_backbone(local_backbone(cfg))  # an s3:// model: once per node
         model = A.load_scoring_model(cfg, backbone, side_features=False)
         self.scorer = make_token_scorer(cfg, backbone, model)
         self.model_version = model_version

@@ -14,6 +14,7 @@ from optirag import schema as S
 from optirag import storage, text_embed
 from optirag.backbones import model_dir
 from optirag.config import Config
+from optirag.model_files import local_backbone
 from optirag.pipelines.retrieval import user_universe
 
 
@@ -24,7 +25,9 @@ def run(cfg: Config) -> dict:
     graph = R.build_graph(train, items)
     start = time.perf_counter()
     directory = (
-        text_embed.minilm_dir() if rcfg.text_embedder == "minilm" else str(model_dir(cfg.backbone))
+        text_embed.minilm_dir()
+        if rcfg.text_embedder == "minilm"
+        else str(model_dir(local_backbone(cfg)))
     )
     user_ids, emb = text_embed.user_text_embeddings(train, items, directory)
     cold = np.setdiff1d(user_universe(root, store), user_ids)

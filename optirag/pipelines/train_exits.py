@@ -29,6 +29,7 @@ from optirag.head_training import (
     optimizer_step,
     summed_bce,
 )
+from optirag.model_files import local_backbone
 from optirag.pipelines.ray_train import close_epoch, fit, my_batches, restore
 from optirag.pipelines.states import (
     cached_states,
@@ -46,7 +47,7 @@ def run(cfg: Config) -> dict:
     """Train the exit heads, calibrate tau on valid, publish; returns a summary."""
     hc = cfg.heads
     train, items, neighbors = A.read_prompt_tables(cfg)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(local_backbone(cfg))
     layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
     contexts = ContextStore(train, items, neighbors, cfg.prompts)
     pairs = P.training_pairs(
@@ -165,7 +166,7 @@ def _fit_lora_heads(
 
     loop_config = {
         "heads": hc,
-        "backbone": cfg.backbone,
+        "config": cfg,  # each worker fetches an s3:// model on its own node
         "spec": init.spec,
         "init_heads": {k: v.float().cpu() for k, v in init.state_dict().items()},
         "train": split(pairs, train_side, scorer),
@@ -260,7 +261,7 @@ def lora_loop(config: dict) -> None:
     cfg, lcfg = config["heads"], config["heads"].lora
     world = ray.train.get_context().get_world_size()
     torch.manual_seed(cfg.seed)
-    backbone = load_backbone(config["backbone"])
+    backbone = load_backbone(local_backbone(config["config"]))
     lora.add_lora(backbone, lcfg)
     heads = ExitHeads.from_spec(config["spec"])
     heads.load_state_dict(config["init_heads"])
