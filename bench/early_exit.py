@@ -31,6 +31,7 @@ from optirag.backbones import load_backbone  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore  # noqa: E402
 from optirag.early_exit import ExitRule  # noqa: E402
+from optirag.model_files import local_backbone  # noqa: E402
 from optirag.pair_scorer import make_pair_scorer  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(local_backbone(cfg))
     trained = A.has_trained_heads(cfg)
     model = A.load_scoring_model(cfg, backbone)
     heads = model.heads

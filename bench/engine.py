@@ -9,6 +9,7 @@
     python bench/engine.py --config conf/demo.yaml [--users 10 --per-user 20]
     python bench/engine.py --backbone tiny          # the tiny random Llama, untrained heads
     python bench/engine.py --users 200 --per-user 50 --one-call   # on a GPU
+    python bench/engine.py --shape qwen3-0.6b --users 4 --per-user 10  # a family's real shape
 
 The pairs are bench/early_exit.py's (same seed, users, items and prompts). The pair scorer
 builds each call's engine inputs once per engine (recorded, not timed); only the engines'
@@ -18,7 +19,9 @@ the layers each row and each prefix ran; padding is not counted), achieved FLOP/
 fraction of the device's peak (a table of known GPUs; on a CPU, or a GPU not in the table,
 a large matmul in the bench's dtype measures it). bf16 on a GPU (backbone.dtype=auto).
 Writes bench/results/engine.json (CPU) or engine_gpu.json (CUDA, card named in the JSON);
-`_tiny` is appended for the tiny backbone.
+`_tiny` is appended for the tiny backbone, `_<shape>` for `--shape`: a registered family at a
+real checkpoint's shape (SHAPES) with random weights, built once under backbone.cache_dir with
+the tiny tokenizer (speed only: random heads, so early exit there says nothing).
 """
 
 from __future__ import annotations
@@ -53,7 +56,69 @@ GPU_PEAK_BF16 = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A8
                  "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0}  # fmt: skip
 
 
+# Real checkpoints' shapes (their config.json), as transformers config classes and arguments.
+SHAPES = {
+    "qwen3-0.6b": (
+        "Qwen3Config",
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            max_position_embeddings=40960,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+    ),
+}
+
+
 # ----------------------------------------------------------------------------- project glue
+
+
+def shaped_model(shape: str, cache_dir: str) -> Path:
+    """A random checkpoint of SHAPES[shape] (bf16 safetensors) with the tiny tokenizer."""
+    import transformers
+
+    from optirag.tiny import build_tiny_llama
+
+    path = Path(cache_dir, f"shape-{shape}")
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    build_tiny_llama(tmp, num_layers=1)  # its tokenizer; the model is replaced below
+    cls, kwargs = SHAPES[shape]
+    config = getattr(transformers, cls)(**kwargs, pad_token_id=1, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+    return path
 
 
 def _pair_scorer_class():
@@ -193,6 +258,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="conf/demo.yaml")
     parser.add_argument("--backbone", choices=["config", "tiny"], default="config")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="a family's real shape, random weights (overrides --backbone)",
+    )
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--per-user", type=int, default=20)
     parser.add_argument("--tau", type=float, default=0.1, help="early exit tau besides the "
@@ -209,6 +279,11 @@ def main() -> None:
     if args.backbone == "tiny":
         overrides.append("backbone.source=tiny")
     cfg = load_config(args.config, overrides)
+    if args.shape:
+        path = shaped_model(args.shape, cfg.backbone.cache_dir)
+        cfg = load_config(
+            args.config, [*overrides, "backbone.source=path", f"backbone.path={path}"]
+        )
     backbone = load_backbone(local_backbone(cfg))
     dev = backbone.device
 
@@ -313,6 +388,7 @@ def main() -> None:
     prompt_tokens = [(sum(map(len, c[0])), sum(map(len, c[1] or []))) for c in one_call]
     result = {
         "machine": machine(), "backbone": backbone.version, "dtype": str(backbone.dtype),
+        "family": backbone.family.name, "shape": args.shape,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -329,6 +405,8 @@ def main() -> None:
     name = args.name or ("engine_gpu" if dev.type == "cuda" else "engine")
     if args.backbone == "tiny" and not args.name:
         name += "_tiny"
+    if args.shape and not args.name:
+        name += "_" + args.shape.replace("-", "_").replace(".", "_")
     write_results(
         name, result,
         [(r["engine"], r["batching"], r["rule"], r["pairs_per_s"], r["layer_tokens_per_pair"],

@@ -39,11 +39,12 @@ from optirag.backbones import load_tokenizer  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore, ItemRatings  # noqa: E402
 from optirag.context_tables import ColdStart, TokenAssembler, item_rows, user_rows  # noqa: E402
+from optirag.model_files import local_backbone  # noqa: E402
 from optirag.prompts import PromptBuilder  # noqa: E402
 
 
 def measure(cfg, history: pa.Table, items: pa.Table, neighbors, cands: pa.Table) -> dict:
-    prompts = PromptBuilder(load_tokenizer(cfg.backbone), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     users = np.unique(cands[S.USER_ID].to_numpy())
     ratings = ItemRatings.from_interactions(history) if cfg.prompts.target_ratings else None
     contexts = ContextStore(history, items, neighbors, cfg.prompts, ratings)

@@ -32,6 +32,7 @@ from optirag import storage  # noqa: E402
 from optirag.backbones import load_backbone  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.context import ContextStore  # noqa: E402
+from optirag.model_files import local_backbone  # noqa: E402
 from optirag.pair_scorer import make_pair_scorer  # noqa: E402
 
 PATTERNS = {
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     store = cfg.storage
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(local_backbone(cfg))
     model = A.load_scoring_model(cfg, backbone)
     train, items, neighbors = A.read_prompt_tables(cfg)
     cands = storage.read_table(A.candidates_uri(store.root, args.split), store)

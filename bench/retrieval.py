@@ -29,6 +29,7 @@ from optirag.baselines import lightgcn_scores  # noqa: E402
 from optirag.cli import _init_ray  # noqa: E402
 from optirag.config import load_config  # noqa: E402
 from optirag.metrics import auc  # noqa: E402
+from optirag.model_files import local_backbone  # noqa: E402
 from optirag.pairs import Pairs  # noqa: E402
 from optirag.pipelines import retrieval, text_neighbors  # noqa: E402
 
@@ -65,7 +66,7 @@ def main() -> None:
     docs = text_embed.user_documents(train, items)
     sample = sorted(docs)[: args.llm_users]
     start = time.perf_counter()
-    text_embed.embed_texts([docs[u] for u in sample], str(model_dir(cfg.backbone)), 8)
+    text_embed.embed_texts([docs[u] for u in sample], str(model_dir(local_backbone(cfg))), 8)
     llm_sample_s = time.perf_counter() - start
     llm_full_s = llm_sample_s * len(docs) / len(sample)
 

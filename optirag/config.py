@@ -205,8 +205,12 @@ class PromptConfig(StrictModel):
 
     @model_validator(mode="after")
     def _answers_distinct(self) -> PromptConfig:
-        if len({w.strip() for w in self.answer_words}) != 2 or not all(self.answer_words):
-            raise ValueError(f"prompts.answer_words: two distinct words, got {self.answer_words}")
+        words = self.answer_words
+        if len(set(words)) != 2 or any(not w or w != w.strip() for w in words):
+            raise ValueError(
+                f"prompts.answer_words: two distinct words without surrounding spaces (the "
+                f"space before an answer comes from the prompt), got {words}"
+            )
         return self
 
 

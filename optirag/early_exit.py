@@ -32,8 +32,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float, kind: NormKind = "rms") -> None:
         super().__init__()
-        if kind not in ("rms", "rms_1p"):
-            raise ValueError(f"norm kind {kind!r}: rms or rms_1p")
+        if kind not in ("rms", "rms_f32", "rms_1p"):
+            raise ValueError(f"norm kind {kind!r}: rms, rms_f32 or rms_1p")
         self.weight = nn.Parameter(
             torch.ones(hidden_size) if kind == "rms" else torch.zeros(hidden_size)
         )
@@ -45,6 +45,8 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.kind == "rms_1p":
             return (x * (1.0 + self.weight.float())).to(dtype)
+        if self.kind == "rms_f32":
+            return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -227,6 +229,12 @@ class ExitHeads(nn.Module):
         """These heads on the backbone's device and dtype; they must end at its last layer."""
         if self.layers[-1] != backbone.num_layers:
             raise ValueError("the heads were trained for another backbone depth")
+        want = (backbone.family.head_norm, backbone.logits_softcap)
+        if (self.norm, self.softcap) != want:
+            raise ValueError(
+                f"the heads' norm and soft-cap {(self.norm, self.softcap)} are not the "
+                f"{backbone.family.name} family's {want}: trained for another backbone"
+            )
         return self.to(device=backbone.device, dtype=backbone.dtype)
 
 

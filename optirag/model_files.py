@@ -34,12 +34,13 @@ from optirag.config import BackboneConfig, Config, StorageConfig
 log = logging.getLogger(__name__)
 
 
-def local_backbone(cfg: Config) -> BackboneConfig:
+def local_backbone(cfg: Config, *, tokenizer_only: bool = False) -> BackboneConfig:
     """The backbone config with a local model directory: an `s3://` path fetched (once per
-    node) into the cache; anything else as it is."""
+    node) into the cache, without its weights for `tokenizer_only` (the context stage
+    encodes prompts with no model); anything else as it is."""
     bb = cfg.backbone
     if bb.source == "path" and storage.is_remote(str(bb.path)):
-        path, _ = fetch(str(bb.path), Path(bb.cache_dir), cfg.storage)
+        path, _ = fetch(str(bb.path), Path(bb.cache_dir), cfg.storage, weights=not tokenizer_only)
         return bb.model_copy(update={"path": str(path)})
     return bb
 
@@ -54,26 +55,47 @@ def model_digest(cfg: Config) -> tuple[str, str]:
     return weights_digest(bb)
 
 
-def fetch(uri: str, cache_dir: Path, store: StorageConfig) -> tuple[Path, bool]:
-    """The local copy of the model folder at `uri` and whether this call downloaded it."""
+def fetch(
+    uri: str, cache_dir: Path, store: StorageConfig, *, weights: bool = True
+) -> tuple[Path, bool]:
+    """The local copy of the model folder at `uri` (without its weight files unless
+    `weights`) and whether this call downloaded it. A copy whose files do not have the
+    listed sizes (a disk that lost them) is made again."""
     listing = _listing(uri, store)
-    target = cache_dir / "s3" / f"{_name(uri)}-{_listing_digest(listing)[:16]}"
-    if target.is_dir():
+    suffix = "" if weights else "-tokenizer"
+    target = cache_dir / "s3" / f"{_name(uri)}-{_listing_digest(listing)[:16]}{suffix}"
+    if not weights:
+        listing = [f for f in listing if not f[0].endswith(WEIGHT_SUFFIXES)]
+    if _complete(target, listing):
         return target, False
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(target.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others wait for it
-        if target.is_dir():
+        if _complete(target, listing):
             return target, False
+        for stale in target.parent.glob(f"{target.name}.tmp-*"):  # a killed download's
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             _download(uri, listing, tmp, store)
+            if [f for f in _listing(uri, store) if f in listing] != listing:
+                raise OSError(f"{uri}: an object changed while it was copied; run again")
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("copied %s (%d files) into %s", uri, len(listing), target)
     return target, True
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _complete(target: Path, listing: list[list]) -> bool:
+    try:
+        return all((target / name).stat().st_size == size for name, size, _ in listing)
+    except OSError:
+        return False
 
 
 def _listing(uri: str, store: StorageConfig) -> list[list]:

@@ -96,20 +96,21 @@ class PromptBuilder:
         body = f"{_CONTEXT}Will the user like this item: {_TARGET}? Answer {yes} or {no}."
         instruction = f"{cfg.instruction} {UNTRUSTED_NOTE}"
         if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
-            rendered = _render_chat(tokenizer, instruction, body)
+            rendered, self._answer_sep = _render_chat(tokenizer, instruction, body)
         else:
-            rendered = f"{instruction}\n\n{body}\nAnswer:"
+            rendered, self._answer_sep = f"{instruction}\n\n{body}\nAnswer:", " "
         self._head, rest = rendered.split(_CONTEXT)
         self._question, self._tail = rest.split(_TARGET)
 
     @functools.cached_property
     def answer_ids(self) -> tuple[int, int]:
         """(positive, negative) token ids: each answer word as the tokenizer encodes it
-        right after the prompt's end (with a space after text such as `Answer:`, none after
-        a line break), checked to be one token each and distinct."""
+        right after the prompt's end (after `Answer:`, a space and the word; after a chat
+        template, what the template puts between its generation cue and an assistant
+        message), checked to be one token each and distinct."""
         tail = (")" if self.cfg.target_ratings else "") + self._tail
         tail_ids = self.encode(tail)
-        sep = "" if tail[-1:].isspace() else " "
+        sep = self._answer_sep
         ids = []
         for word in self.cfg.answer_words:
             after = self.encode(tail + sep + word)
@@ -259,19 +260,38 @@ class PromptBuilder:
         return self.encode((")" if self.cfg.target_ratings else "") + self._tail)
 
 
-def _render_chat(tokenizer: Any, instruction: str, body: str) -> str:
+_ANSWER_MARK = "OPTIRAGANSWERMARK"
+
+
+def _render_chat(tokenizer: Any, instruction: str, body: str) -> tuple[str, str]:
     """The chat template's prompt with the generation cue, thinking off (templates without
-    the switch ignore it); a template that refuses a system role gets the instruction at the
-    head of the user turn."""
+    the switch ignore it), and the text the template puts between that cue and an assistant
+    message (how an answer starts: '' after a line break, ' ' after `[/INST]`). A template
+    that refuses a system role gets the instruction at the head of the user turn."""
     system = [{"role": "system", "content": instruction}, {"role": "user", "content": body}]
     folded = [{"role": "user", "content": f"{instruction}\n\n{body}"}]
-    kwargs = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+    def render(messages: list[dict], answer: bool) -> str:
+        turn = [{"role": "assistant", "content": _ANSWER_MARK}] if answer else []
+        return tokenizer.apply_chat_template(
+            messages + turn,
+            tokenize=False,
+            add_generation_prompt=not answer,
+            enable_thinking=False,
+        )
+
     try:
-        return tokenizer.apply_chat_template(system, **kwargs)
+        messages, prompt = system, render(system, answer=False)
     except Exception as err:  # jinja2's TemplateError, raised by the template itself
         if "system" not in str(err).lower():
             raise
-        return tokenizer.apply_chat_template(folded, **kwargs)
+        messages, prompt = folded, render(folded, answer=False)
+    answered = render(messages, answer=True)
+    between = answered[len(prompt) : answered.find(_ANSWER_MARK)]
+    if answered.startswith(prompt) and _ANSWER_MARK in answered and not between.strip():
+        return prompt, between
+    # the cue is not a prefix of an answered turn (Qwen3's empty think block): by its end
+    return prompt, "" if prompt[-1:].isspace() else " "
 
 
 @dataclass

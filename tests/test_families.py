@@ -184,6 +184,21 @@ def test_an_unregistered_architecture_is_refused_at_load_naming_the_families(tmp
     assert all(f.name in str(err.value) for f in FAMILIES)
     with pytest.raises(ValueError, match="linear-attention"):
         family_of(T.Qwen3_5TextConfig())
+    with pytest.raises(ValueError, match="bidirectional"):
+        family_of(T.Gemma3TextConfig(use_bidirectional_attention=True))
+
+
+def test_heads_of_another_family_are_refused(family_dir):
+    def backbone(name):
+        return load_backbone(
+            BackboneConfig(source="path", path=str(family_dir(name)), device="cpu", dtype="float32")
+        )
+
+    llama, gemma = backbone("llama"), backbone("gemma2")
+    heads = ExitHeads.from_backbone(llama, [2, 4], answers=default_answers(llama))
+    assert heads.for_backbone(llama) is heads
+    with pytest.raises(ValueError, match="gemma2 family's"):
+        heads.for_backbone(gemma)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])

@@ -287,11 +287,19 @@ def test_answer_ids_are_the_answer_words_as_they_follow_the_prompt(tiny_backbone
     assert [tokenizer.decode([i]) for i in builder.answer_ids] == [" Yes", " No"]
     ratings = PromptBuilder(tokenizer, PromptConfig(target_ratings=True))
     assert ratings.answer_ids == builder.answer_ids
-    # the answer starts a line: "Yes", two tokens for this tokenizer
-    tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>", "<|assistant|>\n")
+    # the template's assistant turn follows its cue directly: "Yes", two tokens here
+    tokenizer.chat_template = CHAT_TEMPLATE
     try:
         with pytest.raises(ValueError, match="'Yes' after the prompt's end.*answer_words"):
             _ = PromptBuilder(tokenizer, PromptConfig()).answer_ids
+        # Mistral-like: the answer follows `[/INST]` after a space: " Yes", one token
+        tokenizer.chat_template = (
+            "{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}</s>"
+            "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}"
+        )
+        mistral = PromptBuilder(tokenizer, PromptConfig())
+        assert mistral.suffix_text("X").endswith("[/INST]")
+        assert mistral.answer_ids == builder.answer_ids
     finally:
         tokenizer.chat_template = None
     with pytest.raises(ValueError, match="two distinct words"):

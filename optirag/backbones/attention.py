@@ -86,9 +86,10 @@ def dense_attention(q, k, v, mask, scale, softcap=None) -> torch.Tensor:
     a window) gets zeros, as SDPA gives it, never NaN."""
     causal = mask is None and q.shape[2] > 1
     if softcap is None:
-        return F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
         )
+        return out if mask is None else out.nan_to_num(0.0)  # a kernel may give NaN there
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     logits = cap_logits(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap)

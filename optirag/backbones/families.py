@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-NormKind = Literal["rms", "rms_1p"]  # w * x / rms(x), or Gemma's (1 + w) * x / rms(x)
+# w * x / rms(x), cast back before the weight (Llama) or after it (OLMo 2), or Gemma's
+# (1 + w) * x / rms(x): equal in fp32, a bf16 step apart otherwise.
+NormKind = Literal["rms", "rms_f32", "rms_1p"]
 
 # Bumped whenever a family's computation changes in either engine: part of every model
 # version and cached-states key, so scores made by an older engine are never reused.
@@ -63,7 +65,7 @@ FAMILIES: tuple[Family, ...] = (
         rotary_per_layer_type=True,
     ),
     Family("phi3", ("phi3",), "Phi-3, Phi-3.5, Phi-4-mini", lora_targets=("qkv_proj",)),
-    Family("olmo2", ("olmo2",), "OLMo 2"),
+    Family("olmo2", ("olmo2",), "OLMo 2", head_norm="rms_f32"),
     Family(
         "granite",
         ("granite",),
@@ -91,6 +93,11 @@ def family_of(config: Any) -> Family:
     """The registered family of a transformers config, or a ValueError naming the
     supported families."""
     model_type = getattr(config, "model_type", None)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"model_type {model_type!r} with use_bidirectional_attention (an embedding model) "
+            "is not a causal LM: it cannot be scored causally"
+        )
     for family in FAMILIES:
         if model_type in family.model_types:
             return family

@@ -191,5 +191,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     )
     model.to(device).eval().requires_grad_(False)
     name, digest = config_digest(cfg)
+    if cfg.source == "hub":  # the snapshot's commit names the weights
+        name = f"{name}-{path.name[:12]}"
     version = f"{name}-{digest[:8]}-e{ENGINE_FORMAT}"
     return Backbone(model, tokenizer, version=version, family=family)

@@ -74,7 +74,9 @@ class ContextTables:
     part_hashes: list[list[int]]  # per part of the users table: its lowest and highest hash
 
     def assembler(self, cfg: Config) -> TokenAssembler:
-        prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
+        prompts = PromptBuilder(
+            load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts
+        )
         return TokenAssembler(prompts, self.cold, self.side, cfg.prompts.max_neighbor_ratings)
 
     def read_users(self, users: np.ndarray, low: int, high: int, store) -> pa.Table:
@@ -100,7 +102,7 @@ class ContextTables:
 def context_key(cfg: Config, history: str, items: str, neighbors: str | None) -> dict:
     """Everything the tables are made from (see the module's docstring)."""
     store = cfg.storage
-    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     digests = A.stored_heads_digests(cfg)
     key = {
         "format": CONTEXT_FORMAT,
@@ -129,7 +131,7 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     started = time.time()
     paths = paths.new_build()
     side = A.load_side_features(cfg)
-    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     users = _all_users(history, neighbors, side, cfg)
     if len(users) == 0:
         raise ValueError(f"{history}: no users in the history, neighbour table or side features")
@@ -310,7 +312,7 @@ def _user_block(
     and their neighbours') and its users' neighbour lists: render and encode."""
     item_table = storage.read_table(items, cfg.storage, S.ITEMS)
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
-    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg)), cfg.prompts)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     return user_rows(users, contexts, prompts, side)
 
 
