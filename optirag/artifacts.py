@@ -369,9 +369,10 @@ def load_evaluation(cfg: Config) -> dict:
 
 
 def dataset_stamp(uri: str | None, store: StorageConfig) -> list | None:
-    """Name, size and modification time of every file of a table (a file or a folder): part
-    of the keys of what is made from the table, so an edit makes a new one."""
-    return None if uri is None else storage.file_stamps(uri, store)
+    """Every file of a table (a file or a folder) pinned by its content
+    (storage.content_fingerprints): part of the keys of what is made from the table, so an
+    edit makes a new one, even one that keeps the size and modification time."""
+    return None if uri is None else storage.content_fingerprints(uri, store)
 
 
 @dataclass(frozen=True)

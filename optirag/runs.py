@@ -115,15 +115,18 @@ def candidate_files(uri: str, cfg: Config) -> list[str]:
     return parquet
 
 
-def plan_parts(uri: str, cfg: Config) -> list[Part]:
+def plan_parts(uri: str, cfg: Config) -> tuple[list[Part], dict[str, list]]:
     """Split the candidates into parts of at most rows_per_shard rows, by file and row
-    group; fails naming the file when one is unreadable or lacks a column."""
+    group, and pin each file by its content (storage.fingerprint); fails naming the file
+    when one is unreadable or lacks a column."""
     fs, _ = storage.resolve(uri, cfg.storage)
     step = cfg.scoring.rows_per_shard
     parts: list[Part] = []
+    files: dict[str, list] = {}
     first_row = 0
     for path in candidate_files(uri, cfg):
         try:
+            files[path] = storage.fingerprint(fs, path, remote=storage.is_remote(uri))
             meta = pq.ParquetFile(path, filesystem=fs).metadata
         except (pa.ArrowInvalid, OSError) as err:
             raise storage.StorageError(f"{path}: not a readable parquet file ({err})") from None
@@ -134,7 +137,14 @@ def plan_parts(uri: str, cfg: Config) -> list[Part]:
                 length = min(step, rows - start)
                 parts.append(Part(len(parts), path, rg, start, length, first_row))
                 first_row += length
-    return parts
+    return parts, files
+
+
+def changed_inputs(plan: dict, run: Run) -> list[str]:
+    """The candidate files (paths in the input's filesystem) whose content differs between
+    an earlier plan and this run's: changed, added or removed."""
+    before, now = plan.get("files", {}), run.files
+    return sorted(p for p in set(before) | set(now) if before.get(p) != now.get(p))
 
 
 # How rows go to shards; in every plan, so that a run is never resumed with another rule.
@@ -384,6 +394,7 @@ class Run:
     paths: AttemptPaths  # the attempt this invocation works on
     parts: list[Part]
     num_shards: int
+    files: dict[str, list]  # candidate file -> its content fingerprint (storage.fingerprint)
 
     @property
     def total_rows(self) -> int:
@@ -411,10 +422,15 @@ def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
     return sorted(n for n in numbers if n is not None)
 
 
-def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
+def start(
+    cfg: Config, version: str, run_root: str | None = None, *, restart_if_changed: bool = False
+) -> Run:
     """Check the locations and the inputs, choose the attempt (resume the newest unpublished
     one whose plan matches; a new one otherwise) and plan it. The run's folder is
-    `<output>/<run_id>/` unless `run_root` names it (a backfill's partition)."""
+    `<output>/<run_id>/` unless `run_root` names it (a backfill's partition). An unpublished
+    attempt planned for other inputs or another model is refused, or with
+    `restart_if_changed` (a backfill) left for a new attempt: its staged copies are never
+    resumed. The plan pins every candidate file by content (storage.fingerprint)."""
     store = cfg.storage
     inputs = Inputs.from_config(cfg)
     if run_root is None:
@@ -428,7 +444,7 @@ def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
     if published is not None and not cfg.scoring.replace:
         raise RunRefused(f"{run.root} is already committed; set scoring.replace=true")
 
-    parts = plan_parts(inputs.candidates, cfg)
+    parts, files = plan_parts(inputs.candidates, cfg)
     total = sum(p.length for p in parts)
     if total == 0 and not cfg.scoring.allow_empty:
         raise storage.StorageError(
@@ -445,7 +461,8 @@ def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
             storage.checked_files(uri, store, required)
     num_shards = max(1, math.ceil(total / cfg.scoring.rows_per_shard))
     plan = {"candidates": inputs.candidates, "model_version": version, "num_shards": num_shards,
-            "sharding": SHARDING, "parts": [dataclasses.asdict(p) for p in parts]}  # fmt: skip
+            "sharding": SHARDING, "parts": [dataclasses.asdict(p) for p in parts],
+            "files": files}  # fmt: skip
 
     numbers = _attempt_numbers(run, store)
     newest = numbers[-1] if numbers else 0
@@ -459,6 +476,9 @@ def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
         )
         if previous == plan:
             paths = unpublished  # resume it
+        elif restart_if_changed:
+            log.warning("%s: planned for other inputs or another model; a new attempt",
+                        unpublished.root)  # fmt: skip
         elif not cfg.scoring.replace:
             raise RunRefused(
                 f"{unpublished.root}: the input or the model changed since this run started; "
@@ -468,22 +488,33 @@ def start(cfg: Config, version: str, run_root: str | None = None) -> Run:
         storage.write_json(plan, paths.plan, store)
     log.info("run %s, %s: %d parts, %d shards, %d candidate rows",
              run_id, paths.name, len(parts), num_shards, total)  # fmt: skip
-    return Run(run_id, inputs, run, paths, parts, num_shards)
+    return Run(run_id, inputs, run, paths, parts, num_shards, files)
 
 
-def committed_as_planned(cfg: Config, version: str, run_root: str) -> dict | None:
-    """The manifest of the run at `run_root` when it is committed for this model version
-    and exactly the candidate files (and row groups) there now; None otherwise."""
+def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | None, list[str]]:
+    """Is the run at `run_root` committed for these inputs? (Its manifest when it was made
+    by this model version from candidate files whose content is what is there now, whatever
+    `scoring.rows_per_shard` says now, else None; and the files that changed since it was
+    committed, [] when none was.) Runs planned before inputs were pinned by content compare
+    their row groups instead."""
     store = cfg.storage
     attempt = A.published_attempt(run_root, store)
     if attempt is None or not storage.exists(attempt.plan, store):
-        return None
+        return None, []
     plan = storage.read_json(attempt.plan, store)
     uri = Inputs.from_config(cfg).candidates
-    now = [dataclasses.asdict(p) for p in plan_parts(uri, cfg)]
-    if (plan["model_version"], plan["candidates"], plan["parts"]) != (version, uri, now):
-        return None
-    return storage.read_json(attempt.manifest, store)
+    if (plan["model_version"], plan["candidates"]) != (version, uri):
+        return None, []
+    parts, files = plan_parts(uri, cfg)
+    if "files" in plan:
+        before = plan["files"]
+        changed = sorted(p for p in set(before) | set(files) if before.get(p) != files.get(p))
+    else:
+        now = [dataclasses.asdict(p) for p in parts]
+        changed = [] if plan["parts"] == now else sorted({p["path"] for p in plan["parts"]})
+    if changed:
+        return None, changed
+    return storage.read_json(attempt.manifest, store), []
 
 
 def commit(

@@ -7,6 +7,7 @@ when absent there, from the standard AWS environment variables / instance role, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -111,6 +112,44 @@ def file_stamps(uri: str, storage: StorageConfig) -> list[list]:
             info = fs.get_file_info(path)
             stamps.append([path, info.size, str(info.mtime)])
     return stamps
+
+
+def content_fingerprints(uri: str, storage: StorageConfig) -> list[list]:
+    """[path, size, content hash, ETag (S3) or None] of every file `list_all_files` lists:
+    what changes when a file's content changes, and not when it is merely touched or copied
+    (no modification time). On S3 the hash is of the Parquet footer (every row group's
+    offsets, sizes, row counts and column statistics) and the ETag adds the object's own
+    content hash; on a local disk a file up to WHOLE_FILE_HASH bytes is hashed whole (a
+    footer misses values that move within a column and keep its statistics), a larger one
+    by its footer."""
+    fs, _ = resolve(uri, storage)
+    return [[path, *fingerprint(fs, path, remote=is_remote(uri))]
+            for path in list_all_files(uri, storage)]  # fmt: skip
+
+
+WHOLE_FILE_HASH = 256 << 20
+
+
+def fingerprint(fs: pafs.FileSystem, path: str, remote: bool) -> list:
+    """[size, content hash, ETag or None] of one file (see content_fingerprints)."""
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        whole = not is_parquet(path) or (not remote and size <= WHOLE_FILE_HASH)
+        content = f.read() if whole else parquet_footer(f)
+    etag = str(fs.handler.fs.info(path).get("ETag")) if remote else None
+    return [size, hashlib.sha256(content).hexdigest()[:32], etag]
+
+
+def parquet_footer(f: Any) -> bytes:
+    """The footer of an open Parquet file (its metadata and the closing magic)."""
+    size = f.size()
+    if size < 12:
+        return b""
+    f.seek(size - 8)
+    tail = f.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    f.seek(max(size - 8 - length, 0))
+    return f.read(length + 8)
 
 
 def list_folders(uri: str, storage: StorageConfig) -> list[str]:

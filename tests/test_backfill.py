@@ -260,3 +260,34 @@ def _published_manifest(cfg, day):
 
 def _pairs(table):
     return sorted(zip(table[S.USER_ID].to_pylist(), table[S.ITEM_ID].to_pylist(), strict=True))
+
+
+@pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
+def test_a_changed_input_is_rescored_and_another_shard_size_is_skipped(
+    ray_session, local_storage, tiny_llama_dir, movie_tables, caplog
+):
+    """Issue 29: a committed partition's file rewritten with other pairs (same name, same
+    row count) was skipped and its stale scores stayed published; a rerun with another
+    rows_per_shard failed every committed partition and said so in the manifest."""
+    days = DAYS[:2]
+    folder, tables = _write_partitioned(local_storage, movie_tables, days=days)
+    cfg = _config(local_storage, tiny_llama_dir, folder)
+    assert backfill.run(cfg)["counts"]["committed"] == 2
+
+    changed = _candidates(n_users=6, per_user=6, seed=10)
+    assert changed.num_rows == tables[days[0]].num_rows and _pairs(changed) != _pairs(
+        tables[days[0]]
+    )
+    day0 = storage.join(folder, f"date={days[0]}", "part-0.parquet")
+    storage.write_table(changed, day0, local_storage)
+    other_shards = cfg.model_copy(
+        update={"scoring": cfg.scoring.model_copy(update={"rows_per_shard": 7})}
+    )
+    with caplog.at_level("WARNING"):
+        again = backfill.run(other_shards)
+    statuses = {d: e["status"] for d, e in again["partitions"].items()}
+    assert statuses == {days[0]: "committed", days[1]: "skipped"}
+    assert "part-0.parquet" in caplog.text and "input changed" in caplog.text
+    run_root = again["partitions"][days[0]]["run"]
+    assert _pairs(A.read_committed_scores(run_root, local_storage)) == _pairs(changed)
+    assert again["partitions"][days[0]]["attempt"] != "attempt-0001"

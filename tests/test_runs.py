@@ -165,3 +165,49 @@ def test_model_version_changes_with_everything_that_decides_a_score(local_storag
     assert runs.model_version(cfg)[0] == versions["side features"]  # stable
     parts = runs.model_version(cfg)[1]
     assert set(parts) >= {"backbone", "heads", "exits", "adapter", "side_features", "prompts"}
+
+
+def _start_inputs(store, folder) -> None:
+    n = 29
+    items = pa.table({S.ITEM_ID: range(1, n + 1), S.TITLE: ["t"] * n, S.TEXT: [None] * n}, S.ITEMS)
+    storage.write_table(items, A.items_uri(store.root), store)
+    storage.write_table(
+        S.INTERACTIONS.empty_table(), A.interactions_uri(store.root, "train"), store
+    )
+    storage.write_table(_cands([1, 2, 3], [4, 5, 6]), storage.join(folder, "a.parquet"), store)
+
+
+def test_inputs_are_pinned_by_content_not_by_touch_or_copy(local_storage, tmp_path):
+    import os
+    import shutil
+
+    folder = storage.join(local_storage.root, "cands")
+    _start_inputs(local_storage, folder)
+    path = storage.join(folder, "a.parquet")
+    before = storage.content_fingerprints(folder, local_storage)[0][1:]
+    os.utime(path, (1, 1))  # touched
+    shutil.copy(path, tmp_path / "copy.parquet")  # copied elsewhere
+    assert storage.content_fingerprints(folder, local_storage)[0][1:] == before
+    assert storage.content_fingerprints(str(tmp_path / "copy.parquet"), local_storage)[0][1:] == (
+        before
+    )
+    # other pairs, same name, same row count and size
+    storage.write_table(_cands([1, 2, 3], [6, 5, 4]), path, local_storage)
+    assert storage.content_fingerprints(folder, local_storage)[0][1:] != before
+
+
+def test_a_changed_input_restages_instead_of_resuming_old_staged_copies(local_storage):
+    folder = storage.join(local_storage.root, "cands")
+    _start_inputs(local_storage, folder)
+    cfg = _cfg(local_storage, candidates_uri=folder)
+    first = runs.start(cfg, "v1")
+    assert runs.start(cfg, "v1").paths.name == first.paths.name  # unchanged: resumed
+    changed = _cands([1, 2, 3], [6, 5, 4])
+    storage.write_table(changed, storage.join(folder, "a.parquet"), local_storage)
+    with pytest.raises(runs.RunRefused, match="input or the model changed"):
+        runs.start(cfg, "v1")  # the nightly job: refused, as before
+    again = runs.start(cfg, "v1", restart_if_changed=True)  # a backfill's partition
+    assert again.paths.name != first.paths.name
+    assert runs.changed_inputs(storage.read_json(first.paths.plan, local_storage), again) == [
+        storage.resolve(storage.join(folder, "a.parquet"), local_storage)[1]
+    ]

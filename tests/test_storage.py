@@ -33,6 +33,12 @@ def test_file_stamps_change_when_a_file_is_rewritten_at_the_same_size(store_fixt
     after = storage.file_stamps(storage.join(store.root, "t"), store)
     assert [s[:2] for s in before] == [s[:2] for s in after]  # same file, same size
     assert before != after
+    # content fingerprints too, without a modification time (S3: the ETag)
+    folder = storage.join(store.root, "t")
+    pinned = storage.content_fingerprints(folder, store)
+    storage.write_table(TABLE, uri, store)
+    assert storage.content_fingerprints(folder, store) != pinned
+    assert (pinned[0][3] is not None) == (store_fixture == "s3_storage")
 
 
 def test_s3_uses_configured_endpoint(s3_storage):

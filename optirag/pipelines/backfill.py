@@ -163,17 +163,34 @@ def run(cfg: Config) -> dict:
         part_cfg = partition_config(cfg, chosen[value])
         run_root = out.run_root(key, value, version)
         try:
-            done = (
-                None
+            done, changed = (
+                (None, [])
                 if cfg.scoring.replace
-                else runs.committed_as_planned(part_cfg, version, run_root)
+                else runs.committed_state(part_cfg, version, run_root)
             )
+            if changed:  # rescored as a new attempt, published only once committed
+                log.warning(
+                    "backfill: %s=%s: its input changed since it was committed (%s); rescoring it",
+                    key,
+                    value,
+                    ", ".join(changed),
+                )
+                scoring_cfg = part_cfg.scoring.model_copy(update={"replace": True})
+                part_cfg = part_cfg.model_copy(update={"scoring": scoring_cfg})
             if done is None:
-                staged = scoring.stage(part_cfg, run_root=run_root)
-                record(value, {"status": STAGED, "shards": len(staged.lengths),
-                               "shards_pending": len(staged.pending)})  # fmt: skip
+                staged = scoring.stage(part_cfg, run_root=run_root, restart_if_changed=True)
+                record(
+                    value,
+                    {
+                        "status": STAGED,
+                        "shards": len(staged.lengths),
+                        "shards_pending": len(staged.pending),
+                    },
+                )
                 return staged
-            log.info("backfill: %s=%s is committed for %s; skipped", key, value, version)
+            log.info(
+                "backfill: %s=%s is committed for %s and these inputs; skipped", key, value, version
+            )
             entry = {"status": SKIPPED, "scored": done["scored"], "attempt": done["attempt"]}
             record(value, publish(value, entry, committed_before=True))
         except scoring.RUN_ERRORS as err:

@@ -120,12 +120,13 @@ def run(cfg: Config, run_root: str | None = None) -> dict:
     return outcome
 
 
-def stage(cfg: Config, run_root: str | None = None) -> Staged:
-    """Start (or resume) a run and stage its candidates by user: a Ray Data task per part."""
+def stage(cfg: Config, run_root: str | None = None, *, restart_if_changed: bool = False) -> Staged:
+    """Start (or resume) a run and stage its candidates by user: a Ray Data task per part
+    (`restart_if_changed`: see runs.start)."""
     started = time.time()
     store = cfg.storage
     version = runs.model_version(cfg)
-    run = runs.start(cfg, version[0], run_root)
+    run = runs.start(cfg, version[0], run_root, restart_if_changed=restart_if_changed)
     paths, inputs = run.paths, run.inputs
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
