@@ -1,14 +1,19 @@
 """Scores as an Apache Iceberg table: what warehouses (Spark, Trino, DuckDB, Snowflake) read.
 
 A backfill publishes each committed partition (one scoring run) into the table in one
-atomic commit that replaces that (partition value, model_version) slice: a reader sees the
-slice whole or not at all, and a commit that fails leaves the previous snapshot current. The
-scoring runs stay the source of truth (exactly once, resumable); the table commit is the last
-step, and republishing a run gives the same table contents.
+atomic commit that replaces that (partition value, model_version) slice, adds any new
+pass-through column to the schema and records, as a table property (which survives snapshot
+expiry), which committed attempt the slice holds and its row count: a reader sees the slice
+whole or not at all, and a commit that fails leaves the previous snapshot current. The table
+is refreshed before each commit and the commit retried when another writer committed first.
+The scoring runs stay the source of truth (exactly once, resumable); the table commit is the
+last step, a rerun republishes every slice whose recorded attempt is not its run's committed
+one (`slice_state`), and republishing a run gives the same table contents.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import warnings
 
@@ -23,22 +28,35 @@ class TableCommitFailed(RuntimeError):
 
 
 _COMMITS = threading.Lock()  # one table commit at a time from this process
+COMMIT_RETRIES = 4  # commits retried after another writer's (the table refreshed first)
+SLICE_PROPERTY = "optirag.slice"
 
 
 def open_table(cfg: TableConfig, key: str, embedded: dict[str, str]):
     """The scores table (created on first use, partitioned by `key` and model_version) in
-    the configured catalog, else in the `embedded` one (artifacts.embedded_catalog)."""
+    the configured catalog, else in the `embedded` one (artifacts.embedded_catalog). An
+    existing table is loaded, not created again (no orphan metadata file per start); a
+    catalog that cannot be opened or written is named in the error."""
     from pyiceberg.catalog import load_catalog
+    from pyiceberg.exceptions import NoSuchTableError
 
-    catalog = load_catalog(cfg.catalog_name, **(cfg.catalog or embedded))
-    namespace = cfg.name.split(".")[0]
-    catalog.create_namespace_if_not_exists(namespace)
-    schema = pa.schema([*S.SCORE_COLUMNS, pa.field(key, pa.string(), nullable=False)])
-    table = catalog.create_table_if_not_exists(cfg.name, schema=schema)
-    if not table.spec().fields:
-        with table.update_spec() as spec:
-            spec.add_identity(key)
-            spec.add_identity(S.MODEL_VERSION)
+    try:
+        catalog = load_catalog(cfg.catalog_name, **(cfg.catalog or embedded))
+        try:
+            table = catalog.load_table(cfg.name)
+        except NoSuchTableError:
+            catalog.create_namespace_if_not_exists(cfg.name.split(".")[0])
+            schema = pa.schema([*S.SCORE_COLUMNS, pa.field(key, pa.string(), nullable=False)])
+            table = catalog.create_table_if_not_exists(cfg.name, schema=schema)
+        if not table.spec().fields:
+            with table.update_spec() as spec:
+                spec.add_identity(key)
+                spec.add_identity(S.MODEL_VERSION)
+    except Exception as err:  # pyiceberg's and the catalog driver's errors share no base class
+        raise TableCommitFailed(
+            f"Iceberg catalog {cfg.catalog_name!r}, table {cfg.name}: cannot open or create it "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+        ) from err
     return table
 
 
@@ -48,26 +66,55 @@ def _slice(key: str, value: str, version: str):
     return And(EqualTo(key, value), EqualTo(S.MODEL_VERSION, version))
 
 
-def publish(table, scores: pa.Table, key: str, value: str, version: str) -> int:
-    """Replace the (key=value, model_version) slice by `scores` in one commit; new
-    pass-through columns are added to the table's schema. Returns the snapshot id."""
+def publish(
+    table, scores: pa.Table, key: str, value: str, version: str, attempt: str | None = None
+) -> int:
+    """Replace the (key=value, model_version) slice by `scores` in one commit that also adds
+    new pass-through columns to the schema and records the slice's `attempt` and row count
+    (`slice_state`). Returns the snapshot id."""
+    from pyiceberg.exceptions import CommitFailedException
+
     rows = scores.append_column(
         pa.field(key, pa.string(), nullable=False), pa.array([value] * len(scores), pa.string())
     )
+    state = json.dumps({"attempt": attempt, "rows": len(rows)})
     with _COMMITS:
-        try:
-            with table.update_schema() as update:
-                update.union_by_name(rows.schema)
-            with warnings.catch_warnings():  # the first publish of a slice deletes nothing
-                warnings.filterwarnings("ignore", "Delete operation did not match any records")
-                rows = _conform(rows, table.schema().as_arrow())
-                table.overwrite(rows, _slice(key, value, version))
-        except Exception as err:  # pyiceberg's errors share no base class
-            raise TableCommitFailed(
-                f"Iceberg table {table.name()}: {key}={value}, model_version={version} was not "
-                f"published ({type(err).__name__}: {err}); the previous snapshot stays current"
-            ) from err
-        return table.current_snapshot().snapshot_id
+        for retry in range(COMMIT_RETRIES + 1):
+            try:
+                table.refresh()
+                with table.transaction() as tx, warnings.catch_warnings():
+                    # the first publish of a slice deletes nothing
+                    warnings.filterwarnings("ignore", "Delete operation did not match any")
+                    with tx.update_schema() as update:
+                        update.union_by_name(rows.schema)
+                    schema = tx.table_metadata.schema().as_arrow()
+                    tx.overwrite(_conform(rows, schema), _slice(key, value, version))
+                    tx.set_properties({_slice_property(key, value, version): state})
+                return table.current_snapshot().snapshot_id
+            except CommitFailedException as err:  # another writer committed first
+                if retry == COMMIT_RETRIES:
+                    raise _not_published(table, key, value, version, err) from err
+            except Exception as err:  # pyiceberg's errors share no base class
+                raise _not_published(table, key, value, version, err) from err
+
+
+def _not_published(table, key, value, version, err) -> TableCommitFailed:
+    return TableCommitFailed(
+        f"Iceberg table {table.name()}: {key}={value}, model_version={version} was not "
+        f"published ({type(err).__name__}: {err}); the previous snapshot stays current"
+    )
+
+
+def _slice_property(key: str, value: str, version: str) -> str:
+    return f"{SLICE_PROPERTY}.{key}={value}.model_version={version}"
+
+
+def slice_state(table, key: str, value: str, version: str) -> dict | None:
+    """What the slice holds, as its last publish recorded it: {"attempt", "rows"}, or None
+    (never published, or published before slices were recorded)."""
+    table.refresh()
+    raw = table.properties.get(_slice_property(key, value, version))
+    return None if raw is None else json.loads(raw)
 
 
 def _conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -79,6 +126,7 @@ def _conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def has_slice(table, key: str, value: str, version: str) -> bool:
-    table.refresh()
-    return table.scan(row_filter=_slice(key, value, version), limit=1).to_arrow().num_rows > 0
+def slice_is_current(table, key: str, value: str, version: str, attempt: str, rows: int) -> bool:
+    """Does the slice hold this committed attempt, whole? (False for a slice published by
+    an older attempt, by a failed replace's run, or before slices were recorded.)"""
+    return slice_state(table, key, value, version) == {"attempt": attempt, "rows": rows}

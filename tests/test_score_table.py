@@ -42,10 +42,11 @@ def test_publish_replaces_one_slice_and_keeps_the_others(local_storage):
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
     score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
-    score_table.publish(table, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1")
+    score_table.publish(table, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1", "attempt-0001")
     score_table.publish(table, _scores(4, "m2", 0.3, extra="s"), "date", "2026-11-01", "m2")
-    assert score_table.has_slice(table, "date", "2026-11-02", "m1")
-    assert not score_table.has_slice(table, "date", "2026-11-03", "m1")
+    assert score_table.slice_is_current(table, "date", "2026-11-02", "m1", "attempt-0001", 2)
+    assert not score_table.slice_is_current(table, "date", "2026-11-02", "m1", "attempt-0002", 2)
+    assert score_table.slice_state(table, "date", "2026-11-03", "m1") is None
     # A replace of one slice: the new rows only, the other slices untouched.
     score_table.publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1")
     assert _slices(table) == {
@@ -71,7 +72,7 @@ def test_a_failed_replace_leaves_the_previous_snapshot_current(local_storage, mo
     table = score_table.open_table(
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
-    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
+    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1", "attempt-0001")
     before = table.current_snapshot().snapshot_id
 
     def fail(self, *args, **kwargs):
@@ -79,13 +80,40 @@ def test_a_failed_replace_leaves_the_previous_snapshot_current(local_storage, mo
 
     monkeypatch.setattr(Transaction, "commit_transaction", fail)
     with pytest.raises(score_table.TableCommitFailed, match="date=2026-11-01, model_version=m1"):
-        score_table.publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1")
+        score_table.publish(
+            table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1", "attempt-0002"
+        )
     monkeypatch.undo()
     reader = score_table.open_table(
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
     assert reader.current_snapshot().snapshot_id == before
     assert _slices(reader) == {("2026-11-01", "m1"): [0.1] * 3}
+    # the slice still says it holds attempt 1: a rerun of the committed attempt 2 republishes
+    assert score_table.slice_state(reader, "date", "2026-11-01", "m1")["attempt"] == "attempt-0001"
+    assert not score_table.slice_is_current(reader, "date", "2026-11-01", "m1", "attempt-0002", 5)
+
+
+def test_two_publishers_both_commit_and_a_restart_writes_no_metadata(local_storage):
+    """Issue 29: a second publisher's commits all failed ("current schema id has changed"),
+    and every start left an orphan metadata file."""
+    from pathlib import Path
+
+    cfg, catalog = TableConfig(enabled=True), A.embedded_catalog(local_storage)
+    first = score_table.open_table(cfg, "date", catalog)
+    second = score_table.open_table(cfg, "date", catalog)  # opened before first publishes
+    metadata = sorted(Path(local_storage.root).rglob("*.metadata.json"))
+    assert score_table.open_table(cfg, "date", catalog) is not None
+    assert sorted(Path(local_storage.root).rglob("*.metadata.json")) == metadata
+    score_table.publish(first, _scores(3, "m1", 0.1, extra="a"), "date", "2026-11-01", "m1", "a1")
+    metadata = sorted(Path(local_storage.root).rglob("*.metadata.json"))
+    score_table.publish(second, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1", "a1")
+    assert _slices(first.refresh()) == {
+        ("2026-11-01", "m1"): [0.1] * 3,
+        ("2026-11-02", "m1"): [0.2] * 2,
+    }
+    # schema update, overwrite and slice record in one commit: one new metadata file
+    assert len(sorted(Path(local_storage.root).rglob("*.metadata.json"))) == len(metadata) + 1
 
 
 def test_embedded_catalog_needs_a_local_root(s3_storage):

@@ -5,9 +5,11 @@
 Each partition is an ordinary scoring run (exactly once, resumable, `_SUCCESS` last) whose
 folder names the model version, so two model variants backfill side by side and a warehouse
 reads the output by partition. A partition already committed for the same model version and
-the same input files is skipped. The others are staged first (`backfill.max_concurrent` at a
-time), then one Ray Data graph scores all their shards with one actor pool, started once for
-the whole backfill, and each partition commits as soon as its last shard is written.
+the same input content (runs.committed_state) is skipped; one whose input changed since is
+rescored as a new attempt, published once committed. The others are staged first
+(`backfill.max_concurrent` at a time), then one Ray Data graph scores all their shards with
+one actor pool, started once for the whole backfill, and each partition commits as soon as
+its last shard is written.
 
 Bad input fails its partition while staging; the backfill fails, naming it, after the others
 have finished (`backfill.fail_fast`: no partition is staged after the failure; those staged
@@ -145,14 +147,18 @@ def run(cfg: Config) -> dict:
             storage.write_json(manifest, manifest_uri, store)
 
     def publish(value: str, entry: dict, committed_before: bool) -> dict:
-        """The table commit is the last step: a run committed before a failed table commit is
-        skipped on the rerun and published then."""
+        """The table commit is the last step: a skipped partition whose slice does not hold
+        its committed attempt (a failed table commit, a replace published elsewhere) is
+        published again."""
         run_root = out.run_root(key, value, version)
-        if table is not None and not (
-            committed_before and score_table.has_slice(table, key, value, version)
+        attempt, rows = entry["attempt"], entry["scored"]
+        if table is None or (
+            committed_before
+            and score_table.slice_is_current(table, key, value, version, attempt, rows)
         ):
-            scores = A.read_committed_scores(run_root, store)
-            entry["table_snapshot"] = score_table.publish(table, scores, key, value, version)
+            return entry
+        scores = A.read_committed_scores(run_root, store)
+        entry["table_snapshot"] = score_table.publish(table, scores, key, value, version, attempt)
         return entry
 
     def stage(value: str) -> scoring.Staged | None:
