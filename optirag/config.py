@@ -2,7 +2,8 @@
 
 Every model forbids unknown keys, so a typo is an error that names the key and the file.
 `load_config(path, ["a.b=c", ...])` applies command-line overrides, each value parsed with
-yaml.safe_load (so `compute.max_actors=2` is an int and `data.source=parquet` a string).
+YAML's safe rules without implicit dates (so `compute.max_actors=2` is an int, and
+`data.source=parquet` and `backfill.partitions=2026-11-01` are strings).
 """
 
 from __future__ import annotations
@@ -546,17 +547,39 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(problems)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without implicit timestamps: `2026-11-01` stays the text it is (a partition
+    value, a run id), and `2026-13-45` is not an error without a key."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """Where and what, never the offending line (it may hold a secret)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML{where}: {getattr(err, 'problem', None) or type(err).__name__}"
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     """A config file's mapping, with the file it `extends` merged under it."""
     if path.resolve() in seen:
         chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
         raise ConfigError(f"{path}: `extends` goes round in a circle: {chain}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: {_yaml_error(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     if "extends" not in raw:
@@ -607,7 +630,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     *parents, leaf = key.split(".")
     as_text = _is_string_field(key.split(".")) and value not in ("null", "~")
     try:
-        parsed, bad_yaml = (value if as_text else yaml.safe_load(value)), False
+        parsed, bad_yaml = (value if as_text else _load_yaml(value)), False
     except yaml.YAMLError:
         parsed, bad_yaml = None, True
     if _names_a_secret(leaf) or _holds_a_secret(parsed):

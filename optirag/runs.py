@@ -115,7 +115,27 @@ def candidate_files(uri: str, cfg: Config) -> list[str]:
     return parquet
 
 
-def plan_parts(uri: str, cfg: Config) -> tuple[list[Part], dict[str, list]]:
+# Columns the job adds to what it reads (the score columns, the reject reason, its internal
+# ones, the token columns of the context stage): an input column of one of these names would
+# collide with them, so such an input is refused when the run is planned. Every other input
+# column is passed through to the scores and rejects.
+RESERVED_COLUMNS = (
+    S.SCORE,
+    S.EXIT_LAYER,
+    S.MODEL_VERSION,
+    S.REASON,
+    ROW,
+    SHARD_ID,
+    S.USER_HASH,
+    S.PREFIX_IDS,
+    S.SUFFIX_IDS,
+    S.SIDE,
+)
+
+
+def plan_parts(
+    uri: str, cfg: Config, reserved: tuple[str, ...] = RESERVED_COLUMNS
+) -> tuple[list[Part], dict[str, list]]:
     """Split the candidates into parts of at most rows_per_shard rows, by file and row
     group, and pin each file by its content (storage.fingerprint); fails naming the file
     when one is unreadable or lacks a column."""
@@ -130,7 +150,13 @@ def plan_parts(uri: str, cfg: Config) -> tuple[list[Part], dict[str, list]]:
             meta = pq.ParquetFile(path, filesystem=fs).metadata
         except (pa.ArrowInvalid, OSError) as err:
             raise storage.StorageError(f"{path}: not a readable parquet file ({err})") from None
-        S.check_columns(meta.schema.to_arrow_schema(), S.CANDIDATE_KEYS, source=path)
+        schema = meta.schema.to_arrow_schema()
+        S.check_columns(schema, S.CANDIDATE_KEYS, source=path)
+        if clash := [c for c in schema.names if c in reserved]:
+            raise storage.StorageError(
+                f"{path}: column(s) {', '.join(clash)} collide with the columns the job writes "
+                f"({', '.join(reserved)}): rename or drop them"
+            )
         for rg in range(meta.num_row_groups):
             rows = meta.row_group(rg).num_rows
             for start in range(0, rows, step):
@@ -394,7 +420,8 @@ class Run:
     paths: AttemptPaths  # the attempt this invocation works on
     parts: list[Part]
     num_shards: int
-    files: dict[str, list]  # candidate file -> its content fingerprint (storage.fingerprint)
+    # candidate file -> its content fingerprint (storage.fingerprint)
+    files: dict[str, list] = dataclasses.field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -433,6 +460,8 @@ def start(
     resumed. The plan pins every candidate file by content (storage.fingerprint)."""
     store = cfg.storage
     inputs = Inputs.from_config(cfg)
+    # a backfill's partition: its key and `model` become columns when its runs are read
+    reserved = RESERVED_COLUMNS + ((cfg.backfill.partition_key, "model") if run_root else ())
     if run_root is None:
         run_id = cfg.scoring.run_id or default_run_id(cfg, version)
         run_root = storage.join(inputs.output, run_id)
@@ -444,7 +473,7 @@ def start(
     if published is not None and not cfg.scoring.replace:
         raise RunRefused(f"{run.root} is already committed; set scoring.replace=true")
 
-    parts, files = plan_parts(inputs.candidates, cfg)
+    parts, files = plan_parts(inputs.candidates, cfg, reserved)
     total = sum(p.length for p in parts)
     if total == 0 and not cfg.scoring.allow_empty:
         raise storage.StorageError(

@@ -291,3 +291,47 @@ def test_a_changed_input_is_rescored_and_another_shard_size_is_skipped(
     run_root = again["partitions"][days[0]]["run"]
     assert _pairs(A.read_committed_scores(run_root, local_storage)) == _pairs(changed)
     assert again["partitions"][days[0]]["attempt"] != "attempt-0001"
+
+
+def test_partition_values_are_checked_and_date_ranges_compared_as_dates(
+    local_storage, tiny_llama_dir, movie_tables, caplog
+):
+    """Issue 29: folders `backfill.partitions` refuses were scored and published; `_old` and
+    `.bak` folders fell inside a date range compared as text; a reversed range or [] selected
+    nothing with exit 0; `2026-13-45` failed naming neither key nor value."""
+    folder, _ = _write_partitioned(
+        local_storage, movie_tables, days=["2026-11-01", "2026-11-05_old", "2026-11-05.bak"]
+    )
+    for odd in ("", "..", "a b", "é"):
+        Path(folder, f"date={odd}").mkdir()
+    cfg = _config(local_storage, tiny_llama_dir, folder)
+
+    def chosen(partitions):
+        update = {"backfill": cfg.backfill.model_copy(update={"partitions": partitions})}
+        return backfill.selected_partitions(cfg.model_copy(update=update))
+
+    with caplog.at_level("WARNING"):
+        assert list(chosen("all")[0]) == ["2026-11-01", "2026-11-05.bak", "2026-11-05_old"]
+    assert "'date='" in caplog.text and "'date=a b'" in caplog.text and "'date=é'" in caplog.text
+    picked, missing = chosen("2026-11-01..2026-11-05")
+    assert list(picked) == ["2026-11-01"] and missing[-1] == "2026-11-05"
+    for nothing in ("2026-11-05..2026-11-01", []):
+        with pytest.raises(storage.StorageError, match="selects no date=<value> partition"):
+            chosen(nothing)
+    with pytest.raises(ValueError, match="date=2026-13-45 is not a real day"):
+        chosen("2026-13-45..2026-12-01")
+
+
+def test_config_dates_stay_text_and_a_yaml_error_never_quotes_its_line(tmp_path):
+    from optirag.config import ConfigError, load_config
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("backfill:\n  partitions: 2026-13-45\n")
+    assert load_config(conf).backfill.partitions == "2026-13-45"
+    assert load_config(conf, ["backfill.partitions=2026-11-01"]).backfill.partitions == (
+        "2026-11-01"
+    )
+    conf.write_text("storage:\n  s3:\n    secret_access_key: hunter2-very-secret\n   bad: [\n")
+    with pytest.raises(ConfigError, match="line") as err:
+        load_config(conf)
+    assert "hunter2" not in str(err.value)

@@ -211,3 +211,19 @@ def test_a_changed_input_restages_instead_of_resuming_old_staged_copies(local_st
     assert runs.changed_inputs(storage.read_json(first.paths.plan, local_storage), again) == [
         storage.resolve(storage.join(folder, "a.parquet"), local_storage)[1]
     ]
+
+
+def test_input_columns_that_collide_with_the_output_are_refused_when_planned(local_storage):
+    """Issue 29: an input with a `score` column passed staging, then every partition of the
+    shared scoring graph died with "Field score exists 2 times", naming no file."""
+    folder = storage.join(local_storage.root, "cands")
+    _start_inputs(local_storage, folder)
+    bad = storage.join(folder, "a.parquet")
+    storage.write_table(_cands([1], [4], score=[0.5]), bad, local_storage)
+    cfg = _cfg(local_storage, candidates_uri=folder)
+    with pytest.raises(storage.StorageError, match=r"a\.parquet: column\(s\) score collide"):
+        runs.start(cfg, "v1")
+    storage.write_table(_cands([1], [4], date=["x"], segment=["s"]), bad, local_storage)
+    assert runs.start(cfg, "v1").total_rows == 1  # `date` passes through a plain run
+    with pytest.raises(storage.StorageError, match="column\\(s\\) date collide"):
+        runs.start(cfg, "v1", storage.join(local_storage.root, "scores", "date=d", "model=v1"))

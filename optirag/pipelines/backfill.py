@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from optirag import artifacts as A
 from optirag import runs, score_table, storage
-from optirag.config import Config
+from optirag.config import PARTITION_VALUE, Config
 from optirag.pipelines import scoring
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,26 @@ class BackfillFailed(RuntimeError):
 
 
 def available_partitions(cfg: Config) -> dict[str, str]:
-    """{value: folder} of the `<key>=<value>` folders under the candidates."""
+    """{value: folder} of the `<key>=<value>` folders under the candidates whose value
+    `backfill.partitions` could name (PARTITION_VALUE); other folders are left out with a
+    warning naming them (an empty, `..`, spaced or non-ASCII value is never published)."""
     root = _candidates_root(cfg)
     prefix = f"{cfg.backfill.partition_key}="
-    found = {
-        name.removeprefix(prefix): storage.join(root, name)
-        for name in storage.list_folders(root, cfg.storage)
-        if name.startswith(prefix)
-    }
+    found, invalid = {}, []
+    for name in storage.list_folders(root, cfg.storage):
+        if name.startswith(prefix):
+            value = name.removeprefix(prefix)
+            if PARTITION_VALUE.fullmatch(value) and ".." not in value:
+                found[value] = storage.join(root, name)
+            else:
+                invalid.append(name)
+    if invalid:
+        log.warning(
+            "backfill: %s: left out folders whose value is not a partition value (%s): %s",
+            root,
+            PARTITION_VALUE.pattern,
+            ", ".join(map(repr, invalid)),
+        )
     if not found:
         raise storage.StorageError(f"{root}: no {prefix}<value> partition folders")
     return found
@@ -59,30 +72,75 @@ def available_partitions(cfg: Config) -> dict[str, str]:
 
 def selected_partitions(cfg: Config) -> tuple[dict[str, str], list[str]]:
     """The partitions `backfill.partitions` selects, and the dates of a date range that have
-    no folder (reported, not an error: a day may have had no candidates)."""
+    no folder (reported, not an error: a day may have had no candidates). A range of dates
+    (or months) selects the folders whose value is such a date within it, compared as
+    dates; any other range compares the values as text. Selecting nothing is an error."""
     found = available_partitions(cfg)
-    spec = cfg.backfill.partitions
+    spec, key = cfg.backfill.partitions, cfg.backfill.partition_key
+    missing: list[str] = []
     if spec == "all":
-        return dict(sorted(found.items())), []
-    if isinstance(spec, str) and ".." in spec:
+        chosen = dict(sorted(found.items()))
+    elif isinstance(spec, str) and ".." in spec:
         first, last = spec.split("..")
-        chosen = {v: f for v, f in sorted(found.items()) if first <= v <= last}
-        return chosen, [d for d in _dates(first, last) if d not in found]
-    wanted = [spec] if isinstance(spec, str) else list(dict.fromkeys(spec))
-    absent = [v for v in wanted if v not in found]
-    if absent:
+        kind = _date_kind(first, key)
+        if kind and _date_kind(last, key) == kind:
+            start, end = _as_date(first, kind), _as_date(last, kind)
+            chosen = {
+                v: f
+                for v, f in sorted(found.items())
+                if _is_date(v, kind) and start <= _as_date(v, kind) <= end
+            }
+            missing = [d for d in _dates(start, end, kind) if d not in found]
+        else:
+            chosen = {v: f for v, f in sorted(found.items()) if first <= v <= last}
+    else:
+        wanted = [spec] if isinstance(spec, str) else list(dict.fromkeys(spec))
+        absent = [v for v in wanted if v not in found]
+        if absent:
+            raise storage.StorageError(
+                f"{_candidates_root(cfg)}: no partition {key}="
+                f"{', '.join(absent)} (found: {', '.join(sorted(found)[:10])})"
+            )
+        chosen = {v: found[v] for v in wanted}
+    if not chosen:
         raise storage.StorageError(
-            f"{_candidates_root(cfg)}: no partition {cfg.backfill.partition_key}="
-            f"{', '.join(absent)} (found: {', '.join(sorted(found)[:10])})"
+            f"backfill.partitions={spec!r} selects no {key}=<value> partition under "
+            f"{_candidates_root(cfg)} (found: {', '.join(sorted(found)[:10])})"
         )
-    return {v: found[v] for v in wanted}, []
+    return chosen, missing
 
 
-def _dates(first: str, last: str) -> list[str]:
+_DAY, _MONTH = re.compile(r"\d{4}-\d{2}-\d{2}"), re.compile(r"\d{4}-\d{2}")
+
+
+def _date_kind(value: str, key: str) -> str | None:
+    """'day' or 'month' when `value` is written as one (it must then be a real one, else an
+    error naming the key and the value), None otherwise."""
+    kind = "day" if _DAY.fullmatch(value) else "month" if _MONTH.fullmatch(value) else None
+    if kind and not _is_date(value, kind):
+        raise ValueError(f"backfill.partitions: {key}={value} is not a real {kind}")
+    return kind
+
+
+def _is_date(value: str, kind: str) -> bool:
     try:
-        start, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+        _as_date(value, kind)
     except ValueError:
-        return []  # not a date range: nothing can be said to be missing
+        return False
+    return (_DAY if kind == "day" else _MONTH).fullmatch(value) is not None
+
+
+def _as_date(value: str, kind: str) -> dt.date:
+    return dt.date.fromisoformat(value if kind == "day" else f"{value}-01")
+
+
+def _dates(start: dt.date, end: dt.date, kind: str) -> list[str]:
+    if kind == "month":
+        months = (end.year - start.year) * 12 + end.month - start.month + 1
+        return [
+            f"{start.year + (start.month - 1 + i) // 12}-{(start.month - 1 + i) % 12 + 1:02d}"
+            for i in range(months)
+        ]
     return [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
 
 
