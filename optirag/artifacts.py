@@ -542,6 +542,29 @@ class AttemptPaths:
         return storage.join(self.root, "_manifest.json")
 
 
+def relative_to(uri: str, root: str) -> str:
+    """`uri` as a path relative to the folder `root` it lies under (published metadata holds
+    these, so a copied or moved output reads its own files)."""
+    prefix = root.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        raise ValueError(f"{uri} is not under {root}")
+    return uri[len(prefix) :]
+
+
+def resolve_under(path: str, root: str) -> str:
+    """A path from published metadata: relative ones are under `root`; absolute ones (runs
+    committed before paths were relative) are used as they are."""
+    return path if path.startswith("/") or "://" in path else storage.join(root, path)
+
+
+def read_manifest(attempt: AttemptPaths, store: StorageConfig) -> dict:
+    """A committed attempt's `_manifest.json`, its file lists resolved under the attempt."""
+    manifest = storage.read_json(attempt.manifest, store)
+    files = manifest.get("files", {})
+    manifest["files"] = {k: [resolve_under(f, attempt.root) for f in v] for k, v in files.items()}
+    return manifest
+
+
 def published_attempt(run_root: str, store: StorageConfig) -> AttemptPaths | None:
     """The attempt a committed run's `_SUCCESS` names; None when the run is not committed."""
     run = RunPaths(run_root)
@@ -608,10 +631,12 @@ def committed_runs(
     the Hive values of its folders (below `location`; of the run folder for a manifest)."""
     found = []
     if location.endswith(".json"):
+        scores = posixpath.dirname(posixpath.dirname(location.rstrip("/")))  # <scores>/_backfills/
         for entry in storage.read_json(location, store)["partitions"].values():
-            attempt = published_attempt(entry["run"], store)
+            run_root = resolve_under(entry["run"], scores)
+            attempt = published_attempt(run_root, store)
             if attempt is not None:
-                parts = entry["run"].rstrip("/").split("/")[-2:]
+                parts = run_root.rstrip("/").split("/")[-2:]
                 found.append((_hive_values("/".join(parts)), attempt))
         return found
 
@@ -632,7 +657,7 @@ def read_committed_scores(location: str, store: StorageConfig) -> pa.Table:
     """The score rows of every committed run at or under `location`, one table; a backfill's
     Hive values (`date`, `model`, ...) become string columns. Only published attempts are
     read (never staged or unpublished files)."""
-    runs = [(values, storage.read_json(attempt.manifest, store))
+    runs = [(values, read_manifest(attempt, store))
             for values, attempt in committed_runs(location, store)]  # fmt: skip
     if not runs:
         raise storage.StorageError(f"{location}: no committed scoring run (no _SUCCESS)")

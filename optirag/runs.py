@@ -543,7 +543,7 @@ def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | No
         changed = [] if plan["parts"] == now else sorted({p["path"] for p in plan["parts"]})
     if changed:
         return None, changed
-    return storage.read_json(attempt.manifest, store), []
+    return A.read_manifest(attempt, store), []
 
 
 def commit(
@@ -590,16 +590,16 @@ def commit(
         **summary,
         "model_version_parts": version[1],
         "inputs": dataclasses.asdict(run.inputs),
-        "files": {
-            "scores": [paths.scores(s) for s in lengths],
-            "rejects": [paths.rejects(s) for s in lengths],
+        "files": {  # relative to the attempt's folder: a copied output reads its own
+            "scores": [A.relative_to(paths.scores(s), paths.root) for s in lengths],
+            "rejects": [A.relative_to(paths.rejects(s), paths.root) for s in lengths],
         },
         "config": cfg.redacted(),
         "config_fingerprint": cfg.fingerprint(),
     }
     storage.write_json(manifest, paths.manifest, store)
-    pointer = {"attempt": paths.name, "manifest": paths.manifest, "run_id": run.run_id,
-               "model_version": version[0]}  # fmt: skip
+    pointer = {"attempt": paths.name, "manifest": A.relative_to(paths.manifest, run.run.root),
+               "run_id": run.run_id, "model_version": version[0]}  # fmt: skip
     storage.write_json(pointer, run.run.success, store)  # one PUT: the run switches here
     for number in _attempt_numbers(run.run, store):
         if number != paths.number:

@@ -144,8 +144,9 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
     for day in DAYS:
         entry = first["partitions"][day]
         assert entry["status"] == "committed" and entry["scored"] == tables[day].num_rows
-        assert entry["run"].endswith(f"date={day}/model={version_a}")
-        assert A.published_attempt(entry["run"], local_storage) is not None
+        assert entry["run"] == f"date={day}/model={version_a}"  # relative: copies read theirs
+        run_root = A.resolve_under(entry["run"], A.scores_location(variant_a))
+        assert A.published_attempt(run_root, local_storage) is not None
 
     iceberg = score_table.open_table(
         variant_a.backfill.table, "date", A.embedded_catalog(local_storage)
@@ -215,6 +216,10 @@ def test_failed_partition_is_named_and_the_others_commit(
         backfill.run(fail_fast)
     statuses = {day: e["status"] for day, e in _manifest(cfg)["partitions"].items()}
     assert statuses == {DAYS[0]: "skipped", DAYS[1]: "failed", DAYS[2]: "not run (fail_fast)"}
+    # the first invocation's errors are kept in the manifest's history
+    history = _manifest(cfg)["history"]
+    assert len(history) == 1 and "item_id" in history[0]["failed"][DAYS[1]]
+    assert history[0]["counts"]["failed"] == 1
 
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
@@ -288,7 +293,7 @@ def test_a_changed_input_is_rescored_and_another_shard_size_is_skipped(
     statuses = {d: e["status"] for d, e in again["partitions"].items()}
     assert statuses == {days[0]: "committed", days[1]: "skipped"}
     assert "part-0.parquet" in caplog.text and "input changed" in caplog.text
-    run_root = again["partitions"][days[0]]["run"]
+    run_root = A.resolve_under(again["partitions"][days[0]]["run"], A.scores_location(cfg))
     assert _pairs(A.read_committed_scores(run_root, local_storage)) == _pairs(changed)
     assert again["partitions"][days[0]]["attempt"] != "attempt-0001"
 

@@ -254,12 +254,18 @@ def test_backfill_partitions_join_on_date_and_a_model_is_chosen(local_storage):
         sides[name] = f"{local_storage.root}/scores/_backfills/{name}.json"
         runs = {d: {"run": out.run_root("date", d, version), "status": "committed"}
                 for d in ("2026-11-01", "2026-11-02")}  # fmt: skip
+        if version == "vB":  # issue 29: a failed partition was left out without a word
+            failed = {"status": "failed", "error": "StorageError: bad input"}
+            runs["2026-11-03"] = {"run": out.run_root("date", "2026-11-03", version), **failed}
         storage.write_json({"name": name, "partition_key": "date", "partitions": runs},
                            sides[name], local_storage)  # fmt: skip
     compare.run(config(local_storage, a=sides["full-depth"], b=sides["early-exit"]))
-    m2, _, _ = read_outputs(local_storage, "full-depth-vs-early-exit")
+    m2, report, _ = read_outputs(local_storage, "full-depth-vs-early-exit")
     assert m2["join_keys"] == m["join_keys"] and m2["rank_agreement"] == r
     assert (m2["pairs"], m2["only_a"], m2["only_b"]) == (6, 1, 0)
+    assert m2["b"]["incomplete_partitions"] == {"2026-11-03": "failed: StorageError: bad input"}
+    assert m2["a"]["incomplete_partitions"] == {}
+    assert "B has 1 partitions not committed" in report and "2026-11-03 (failed" in report
 
 
 def test_calibration_bins_and_expected_calibration_error():

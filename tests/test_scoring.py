@@ -388,6 +388,17 @@ def test_duplicates_across_files_and_one_output_schema(
     for path in Path(attempt.scores_folder).iterdir():
         schema = pq.read_schema(path)
         assert schema.field(S.USER_ID).type == schema.field(S.ITEM_ID).type == pa.int64()
+    # Issue 29: published metadata held absolute paths, so a copy read the original's files.
+    # A copy of the run, the original gone, reads its own files.
+    import shutil
+
+    copy = Path(local_storage.root, "elsewhere", "r1")
+    shutil.copytree(Path(local_storage.root, "scores", "r1"), copy)
+    shutil.rmtree(Path(local_storage.root, "scores", "r1"))
+    copied = A.read_committed_scores(str(copy), cfg.storage)
+    assert sorted(copied[S.ITEM_ID].to_pylist()) == sorted(scores[S.ITEM_ID].to_pylist())
+    pointer = json.loads((copy / "_SUCCESS").read_text())["manifest"]
+    assert pointer == f"{attempt.name}/_manifest.json"
 
 
 def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):

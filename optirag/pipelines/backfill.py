@@ -155,6 +155,25 @@ def _failed(err: Exception) -> dict:
     return {"status": FAILED, "error": f"{type(err).__name__}: {err}"}
 
 
+def _history(manifest_uri: str, store) -> list[dict]:
+    """The earlier invocations of this backfill, from its manifest: when each started, its
+    counts and its failed partitions' errors (a rerun keeps them rather than overwrite)."""
+    if not storage.exists(manifest_uri, store):
+        return []
+    try:
+        before = storage.read_json(manifest_uri, store)
+    except (OSError, ValueError) as err:
+        log.warning("backfill: %s unreadable (%s); its history is lost", manifest_uri, err)
+        return []
+    failed = {
+        v: e.get("error")
+        for v, e in before.get("partitions", {}).items()
+        if e.get("status") == FAILED
+    }
+    last = {"started": before.get("started"), "counts": before.get("counts"), "failed": failed}
+    return [*before.get("history", []), last]
+
+
 def partition_config(cfg: Config, folder: str) -> Config:
     """The scoring config of one partition: its candidates, everything else the backfill's."""
     scoring_cfg = cfg.scoring.model_copy(update={"candidates_uri": folder, "run_id": None})
@@ -178,11 +197,15 @@ def run(cfg: Config) -> dict:
         "selected": cfg.backfill.partitions,
         "missing_dates": missing,
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "partitions": {
-            value: {"run": out.run_root(key, value, version), "status": "pending"}
+        "partitions": {  # run folders relative to the scores location (A.committed_runs)
+            value: {
+                "run": A.relative_to(out.run_root(key, value, version), out.root),
+                "status": "pending",
+            }
             for value in chosen
         },
         "config": cfg.redacted(),
+        "history": _history(manifest_uri, store),
     }
     storage.write_json(manifest, manifest_uri, store)
     if missing:

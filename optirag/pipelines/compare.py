@@ -12,7 +12,7 @@ when given, else from the scores' own label column when they carry one.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,8 +27,13 @@ from optirag.config import CompareConfig, Config, ConfigError, StorageConfig
 
 log = logging.getLogger(__name__)
 
-LABELS = pa.schema([S.INTERACTIONS.field(S.USER_ID), S.INTERACTIONS.field(S.ITEM_ID),
-                    S.INTERACTIONS.field(S.LABEL)])  # fmt: skip
+LABELS = pa.schema(
+    [
+        S.INTERACTIONS.field(S.USER_ID),
+        S.INTERACTIONS.field(S.ITEM_ID),
+        S.INTERACTIONS.field(S.LABEL),
+    ]
+)
 PLOT_SCORES, PLOT_EXITS, PLOT_CALIBRATION = "scores", "exit_layers", "calibration"
 
 
@@ -41,6 +46,7 @@ class Side:
     table: pa.Table
     manifests: list[dict]
     partitions: set[str]
+    incomplete: dict[str, str] = field(default_factory=dict)  # a manifest's uncommitted partitions
 
     def deepest_layer(self, exits: np.ndarray) -> int:
         """The deepest exit layer of the side's model (the exit layers its manifests list),
@@ -62,8 +68,12 @@ class Side:
             wall = _union_length(spans)
         else:
             wall = sum(m.get("wall_s") or 0.0 for m in self.manifests)
-        return {"runs": len(self.manifests), "scored": scored, "wall_s": round(wall, 2),
-                "pairs_per_s": scored / wall if wall else None}  # fmt: skip
+        return {
+            "runs": len(self.manifests),
+            "scored": scored,
+            "wall_s": round(wall, 2),
+            "pairs_per_s": scored / wall if wall else None,
+        }
 
 
 def _union_length(spans: list[tuple[float, float]]) -> float:
@@ -78,23 +88,56 @@ def _union_length(spans: list[tuple[float, float]]) -> float:
 def read_side(location: str, model: str | None, name: str, store: StorageConfig) -> Side:
     """The score rows of every committed run at or under `location` (only those of model
     version `model` when given), with their runs' manifests."""
-    runs = [(values, storage.read_json(attempt.manifest, store))
-            for values, attempt in A.committed_runs(location, store)]  # fmt: skip
+    runs = [
+        (values, A.read_manifest(attempt, store))
+        for values, attempt in A.committed_runs(location, store)
+    ]
     if not runs:
         raise storage.StorageError(f"{location}: no committed scoring run (no _SUCCESS)")
     chosen = [(v, m) for v, m in runs if model is None or m.get("model_version") == model]
     if not chosen:
         found = sorted({str(m.get("model_version")) for _, m in runs})
-        raise ValueError(f"{location}: no run of model version {model!r} "
-                         f"(found: {', '.join(found)})")  # fmt: skip
+        raise ValueError(
+            f"{location}: no run of model version {model!r} (found: {', '.join(found)})"
+        )
     table = A.read_run_scores(chosen, store)  # the chosen runs' files only
     S.check_columns(table.schema, S.SCORE_COLUMNS, source=location)
     if model is not None:
         table = table.filter(pc.equal(table[S.MODEL_VERSION], model))
-    log.info("side %s: %d score rows from %d runs under %s", name, table.num_rows,
-             len(chosen), location)  # fmt: skip
+    log.info(
+        "side %s: %d score rows from %d runs under %s", name, table.num_rows, len(chosen), location
+    )
     partitions = {key for values, _ in chosen for key in values}
-    return Side(name, location, table, [m for _, m in chosen], partitions)
+    return Side(
+        name,
+        location,
+        table,
+        [m for _, m in chosen],
+        partitions,
+        incomplete_partitions(location, name, store),
+    )
+
+
+def incomplete_partitions(location: str, name: str, store: StorageConfig) -> dict[str, str]:
+    """{value: status (and error)} of a backfill manifest's partitions that hold no committed
+    run (failed, not run, pending): compared without them, so said aloud."""
+    if not location.endswith(".json"):
+        return {}
+    entries = storage.read_json(location, store).get("partitions", {})
+    out = {
+        v: e.get("status", "?") + (f": {e['error']}" if e.get("error") else "")
+        for v, e in entries.items()
+        if e.get("status") not in ("committed", "skipped")
+    }
+    if out:
+        log.warning(
+            "side %s (%s): %d partitions are not committed and not compared: %s",
+            name,
+            location,
+            len(out),
+            ", ".join(sorted(out)),
+        )
+    return out
 
 
 def side_names(cc: CompareConfig) -> tuple[str, str]:
@@ -104,8 +147,9 @@ def side_names(cc: CompareConfig) -> tuple[str, str]:
     return cc.name_a or default(cc.a, cc.model_a), cc.name_b or default(cc.b, cc.model_b)
 
 
-def read_labels(cc: CompareConfig, sides: tuple[Side, Side], keys: list[str],
-                store: StorageConfig) -> tuple[pd.DataFrame | None, str | None]:  # fmt: skip
+def read_labels(
+    cc: CompareConfig, sides: tuple[Side, Side], keys: list[str], store: StorageConfig
+) -> tuple[pd.DataFrame | None, str | None]:
     """(labels frame, where the labels came from), or (None, None) when there are none."""
     if cc.labels_uri:
         table = storage.read_table(cc.labels_uri, store, LABELS)
@@ -120,8 +164,10 @@ def read_labels(cc: CompareConfig, sides: tuple[Side, Side], keys: list[str],
         other = both[C.column(S.LABEL, "b")]
         differ = both[S.LABEL].ne(other) & both[S.LABEL].notna() & other.notna()
         if differ.any():
-            raise ValueError(f"A and B carry different labels for {int(differ.sum())} pairs; "
-                             "give compare.labels_uri")  # fmt: skip
+            raise ValueError(
+                f"A and B carry different labels for {int(differ.sum())} pairs; "
+                "give compare.labels_uri"
+            )
     return pd.concat(frames, ignore_index=True).drop_duplicates(), "the scores' label column"
 
 
@@ -131,20 +177,27 @@ def run(cfg: Config) -> dict:
     if not (cc.a and cc.b):
         raise ConfigError("compare.a and compare.b are required (run folders or backfills)")
     names = side_names(cc)
-    sides = (read_side(cc.a, cc.model_a, names[0], store),
-             read_side(cc.b, cc.model_b, names[1], store))  # fmt: skip
+    sides = (
+        read_side(cc.a, cc.model_a, names[0], store),
+        read_side(cc.b, cc.model_b, names[1], store),
+    )
     shared = (sides[0].partitions & sides[1].partitions) - {A.MODEL_PARTITION_KEY}
     keys = [S.USER_ID, S.ITEM_ID, *sorted(shared)]
     paired = C.pair_up(sides[0].table, sides[1].table, keys, names)
     if not len(paired.frame):
         raise ValueError(f"A ({cc.a}) and B ({cc.b}) have no pair in common on {keys}")
-    deepest = tuple(s.deepest_layer(paired.exits(side))
-                    for s, side in zip(sides, C.SIDES, strict=True))  # fmt: skip
+    deepest = tuple(
+        s.deepest_layer(paired.exits(side)) for s, side in zip(sides, C.SIDES, strict=True)
+    )
     metrics = C.compare(paired, deepest, cc.top_k)
     for side, s in zip(C.SIDES, sides, strict=True):
-        metrics[side].update(name=s.name, location=s.location, speed=s.speed(),
-                             model_versions=sorted({str(m.get("model_version"))
-                                                    for m in s.manifests}))  # fmt: skip
+        metrics[side].update(
+            name=s.name,
+            location=s.location,
+            speed=s.speed(),
+            incomplete_partitions=s.incomplete,
+            model_versions=sorted({str(m.get("model_version")) for m in s.manifests}),
+        )
     labels, label_source = read_labels(cc, sides, keys, store)
     if labels is not None:
         labelled, repeated = C.attach_labels(paired, labels)
@@ -165,10 +218,14 @@ def run(cfg: Config) -> dict:
     report = render_report(metrics, {k: paths.plot_name(k) for k in plots})
     A.save_comparison(paths, metrics, report, plots, store)
     log.info("comparison written to %s", paths.root)
-    summary = {"output": paths.root, "pairs": metrics["pairs"], "only_a": metrics["only_a"],
-               "only_b": metrics["only_b"],
-               "spearman_mean": metrics["rank_agreement"]["spearman_mean"],
-               "topk_overlap": metrics["topk_overlap"]["mean"]}  # fmt: skip
+    summary = {
+        "output": paths.root,
+        "pairs": metrics["pairs"],
+        "only_a": metrics["only_a"],
+        "only_b": metrics["only_b"],
+        "spearman_mean": metrics["rank_agreement"]["spearman_mean"],
+        "topk_overlap": metrics["topk_overlap"]["mean"],
+    }
     if "labels" in metrics and "auc_diff_b_minus_a" in metrics["labels"]:
         summary["auc_diff_b_minus_a"] = metrics["labels"]["auc_diff_b_minus_a"]
     return summary
@@ -176,6 +233,19 @@ def run(cfg: Config) -> dict:
 
 def _num(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _incomplete_lines(a: dict, b: dict) -> list[str]:
+    lines = []
+    for label, side in (("A", a), ("B", b)):
+        if missing := side.get("incomplete_partitions"):
+            shown = "; ".join(f"{v} ({status})" for v, status in sorted(missing.items()))
+            lines += [
+                f"**{label} has {len(missing)} partitions not committed, left out of "
+                f"this comparison:** {shown}.",
+                "",
+            ]
+    return lines
 
 
 def render_report(metrics: dict, plots: dict[str, str]) -> str:
@@ -187,6 +257,7 @@ def render_report(metrics: dict, plots: dict[str, str]) -> str:
         f"A: `{a['location']}` ({', '.join(a['model_versions'])}); "
         f"B: `{b['location']}` ({', '.join(b['model_versions'])}).",
         "",
+        *_incomplete_lines(a, b),
         f"Pairs both scored: {metrics['pairs']} ({metrics['users']} users), joined on "
         f"{', '.join(metrics['join_keys'])}; only in A: {metrics['only_a']}, only in B: "
         f"{metrics['only_b']}.",
@@ -206,8 +277,10 @@ def render_report(metrics: dict, plots: dict[str, str]) -> str:
     if "a" in lab:
         for key, label in (("auc", "AUC"), ("logloss", "LogLoss")):
             lines.append(f"| {label} | {_num(lab['a'][key])} | {_num(lab['b'][key])} |")
-        lines.append(f"| ECE | {_num(lab['a']['calibration']['ece'])} | "
-                     f"{_num(lab['b']['calibration']['ece'])} |")  # fmt: skip
+        lines.append(
+            f"| ECE | {_num(lab['a']['calibration']['ece'])} | "
+            f"{_num(lab['b']['calibration']['ece'])} |"
+        )
     shift, rank, top = metrics["score_shift"], metrics["rank_agreement"], metrics["topk_overlap"]
     lines += [
         "",
@@ -223,12 +296,16 @@ def render_report(metrics: dict, plots: dict[str, str]) -> str:
         for key, label in (("auc_diff_b_minus_a", "AUC"), ("logloss_diff_b_minus_a", "LogLoss")):
             d = lab[key]
             lo, hi = d["ci95"]
-            lines.append(f"{label} B - A: {_num(d['diff'], '+.4f')} [{_num(lo, '+.4f')}, "
-                         f"{_num(hi, '+.4f')}]")  # fmt: skip
+            lines.append(
+                f"{label} B - A: {_num(d['diff'], '+.4f')} [{_num(lo, '+.4f')}, {_num(hi, '+.4f')}]"
+            )
         resamples = lab["bootstrap"]["resamples"]
-        lines += ["", f"Labels from {lab['source']}: {lab['pairs']} labelled pairs "
-                  f"({lab['users']} users, {lab['positives']} positive); 95% intervals from "
-                  f"a paired user-level bootstrap ({resamples} resamples)."]  # fmt: skip
+        lines += [
+            "",
+            f"Labels from {lab['source']}: {lab['pairs']} labelled pairs "
+            f"({lab['users']} users, {lab['positives']} positive); 95% intervals from "
+            f"a paired user-level bootstrap ({resamples} resamples).",
+        ]
     elif lab:
         lines += ["", f"Labels from {lab['source']}: no joined pair has a label."]
     lines.append("")
