@@ -542,6 +542,11 @@ class AttemptPaths:
         return storage.join(self.root, "_manifest.json")
 
 
+def is_backfill_manifest(location: str) -> bool:
+    """A location naming a backfill's manifest (`_backfills/<name>.json`), not a folder."""
+    return location.endswith(".json")
+
+
 def relative_to(uri: str, root: str) -> str:
     """`uri` as a path relative to the folder `root` it lies under (published metadata holds
     these, so a copied or moved output reads its own files)."""
@@ -630,7 +635,7 @@ def committed_runs(
     whole scores location, or a backfill's manifest `_backfills/<name>.json`: its runs), with
     the Hive values of its folders (below `location`; of the run folder for a manifest)."""
     found = []
-    if location.endswith(".json"):
+    if is_backfill_manifest(location):
         scores = posixpath.dirname(posixpath.dirname(location.rstrip("/")))  # <scores>/_backfills/
         for entry in storage.read_json(location, store)["partitions"].values():
             run_root = resolve_under(entry["run"], scores)

@@ -121,7 +121,7 @@ def read_side(location: str, model: str | None, name: str, store: StorageConfig)
 def incomplete_partitions(location: str, name: str, store: StorageConfig) -> dict[str, str]:
     """{value: status (and error)} of a backfill manifest's partitions that hold no committed
     run (failed, not run, pending): compared without them, so said aloud."""
-    if not location.endswith(".json"):
+    if not A.is_backfill_manifest(location):
         return {}
     entries = storage.read_json(location, store).get("partitions", {})
     out = {
