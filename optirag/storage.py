@@ -200,8 +200,7 @@ def read_table(
     """Read a parquet file or folder; fail naming the file on a missing, empty or bad input."""
     fs, _ = resolve(uri, storage)
     tables = [
-        pq.read_table(path, filesystem=fs, columns=columns)
-        for path in checked_files(uri, storage, required)
+        _read_file(path, fs, columns=columns) for path in checked_files(uri, storage, required)
     ]
     table = pa.concat_tables(tables, promote_options="permissive")
     if table.num_rows == 0:
@@ -214,7 +213,20 @@ def read_own_table(uri: str, storage: StorageConfig, schema: pa.Schema) -> pa.Ta
     file-by-file schema check first (`read_table`'s check reads every footer twice on S3)."""
     fs, _ = resolve(uri, storage)
     files = list_files(uri, storage)
-    return ds.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()
+    try:
+        return ds.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()
+    except (pa.ArrowException, OSError):
+        for path in files:  # which file: read them one by one (only on this error path)
+            _read_file(path, fs, schema=schema)
+        raise
+
+
+def _read_file(path: str, fs: pafs.FileSystem, **kwargs: Any) -> pa.Table:
+    """One parquet file; an unreadable or corrupt one is a StorageError naming it."""
+    try:
+        return pq.read_table(path, filesystem=fs, **kwargs)
+    except (pa.ArrowException, OSError) as err:
+        raise StorageError(f"{path}: unreadable or corrupt parquet file ({err})") from None
 
 
 def open_dataset(uri: str, storage: StorageConfig, required: pa.Schema | None = None) -> ds.Dataset:

@@ -441,3 +441,15 @@ def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
     assert committed == ["b", "a"] and done == [1, 0, 2]
     assert outcomes[0]["run_id"] == "a" and outcomes[1]["shards_run"] == 0
     assert isinstance(outcomes[2], runs.RunFailed) and "stalled" in str(outcomes[2])
+
+
+def test_an_error_while_runs_are_scored_together_names_the_run_and_shard():
+    """Issue 29: an actor's error failed every partition scored together, naming none."""
+    names = ["date=d1/model=v", "date=d2/model=v"]
+    with (
+        pytest.raises(RuntimeError, match=r"run date=d2/model=v, shard 7: KeyError: .*score"),
+        scoring.naming_the_run(names, 1, 7),
+    ):
+        raise KeyError('Field "score" exists 2 times in schema')
+    with pytest.raises(runs.RunFailed), scoring.naming_the_run(names, 0, 1):
+        raise runs.RunFailed("stalled")  # the protocol's own errors pass as they are

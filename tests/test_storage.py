@@ -107,3 +107,25 @@ def test_unreadable_and_empty_files(local_storage, tmp_path):
 def test_unsupported_scheme(local_storage):
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
         storage.resolve("gs://bucket/x", local_storage)
+
+
+def test_a_corrupt_file_is_named_by_every_read(local_storage, tmp_path):
+    """Issue 29: a flipped byte gave "Corrupt snappy compressed data." with no path."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    big = pa.table({S.USER_ID: list(range(2000)), S.ITEM_ID: list(range(2000))})
+    pq.write_table(big, folder / "a.parquet")
+    pq.write_table(big, folder / "b.parquet")
+    blob = bytearray((folder / "b.parquet").read_bytes())
+    for i in range(100, 400):  # inside the first data page, the footer intact
+        blob[i] ^= 0xFF
+    (folder / "b.parquet").write_bytes(bytes(blob))
+    reads = (
+        lambda: storage.read_table(str(folder), local_storage),
+        lambda: storage.read_own_table(str(folder), local_storage, big.schema),
+    )
+    for read in reads:
+        with pytest.raises(storage.StorageError, match=r"b\.parquet: unreadable or corrupt"):
+            read()

@@ -13,6 +13,7 @@ table; assembling tokens is CPU work of its own tasks, apart from the model acto
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -48,7 +49,7 @@ class ScoreTokens:
     """Ray Data actor: one early-exit model replica (backbone and heads, nothing per user or
     item), scoring a whole shard's token block per call."""
 
-    def __init__(self, cfg: Config, model_version: str) -> None:
+    def __init__(self, cfg: Config, model_version: str, run_names: list[str] | None = None) -> None:
         import torch
 
         from optirag import artifacts as A
@@ -62,8 +63,16 @@ class ScoreTokens:
         model = A.load_scoring_model(cfg, backbone, side_features=False)
         self.scorer = make_token_scorer(cfg, backbone, model)
         self.model_version = model_version
+        self.run_names = run_names or []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        run = int(pc.min(batch[RUN]).as_py()) if RUN in batch.column_names and len(batch) else 0
+        has_shard = runs.SHARD_ID in batch.column_names and len(batch)
+        shard = batch[runs.SHARD_ID][0].as_py() if has_shard else None
+        with naming_the_run(self.run_names, run, shard):
+            return self._score(batch)
+
+    def _score(self, batch: pa.Table) -> pa.Table:
         scores = np.full(len(batch), np.nan, dtype=np.float32)
         exits = np.zeros(len(batch), dtype=np.int16)
         if pc.any(pc.is_null(batch[S.REASON])).as_py():
@@ -75,6 +84,19 @@ class ScoreTokens:
         return batch.append_column(
             S.MODEL_VERSION, pa.array([self.model_version] * len(batch), pa.string())
         )
+
+
+@contextlib.contextmanager
+def naming_the_run(names: list[str], run: int, shard: int | None):
+    """An error while scoring together several runs (a backfill's partitions) names the run
+    and the shard it came from, not only the run whose commit it then fails."""
+    try:
+        yield
+    except runs.RunFailed:
+        raise
+    except Exception as err:
+        name = names[run] if 0 <= run < len(names) else f"#{run}"
+        raise RuntimeError(f"run {name}, shard {shard}: {type(err).__name__}: {err}") from err
 
 
 _ASSEMBLERS: dict[str, TokenAssembler] = {}  # per worker process: the tokenizer loads once
@@ -214,11 +236,14 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
     targets = [(one.cfg, one.run.paths, one.run.num_shards, one.lengths) for one in staged]
     store = cfg.storage
 
+    names = [one.run.run_id for one in staged]
+
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
         i, shard_id = work[int(batch["id"][0])]
         _, paths, num_shards, _ = targets[i]
-        table = runs.read_staged_shard(paths, shard_id, store)
-        block = assemble_shard(table, shard_id, num_shards, tables, cfg)
+        with naming_the_run(names, i, shard_id):
+            table = runs.read_staged_shard(paths, shard_id, store)
+            block = assemble_shard(table, shard_id, num_shards, tables, cfg)
         return block.append_column(RUN, pa.array(np.full(len(block), i, dtype=np.int32)))
 
     def write(batch: pa.Table) -> pa.Table:
@@ -237,7 +262,11 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
         .map_batches(read, batch_size=1, batch_format="numpy")
         .map_batches(
             ScoreTokens,
-            fn_constructor_kwargs={"cfg": cfg, "model_version": staged[0].version[0]},
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "model_version": staged[0].version[0],
+                "run_names": names,
+            },
             batch_size=None,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
