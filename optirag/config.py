@@ -337,6 +337,11 @@ class TableConfig(StrictModel):
     catalog: Annotated[dict[str, str], AfterValidator(_no_secret_properties)] = Field(
         {}, description="pyiceberg catalog properties (type, uri, warehouse); no secrets"
     )
+    drop_missing: bool = Field(
+        False,
+        description="drop this model version's slices whose partition folder is gone from the "
+        "candidates (never done unasked)",
+    )
 
 
 class BackfillConfig(StrictModel):

@@ -130,3 +130,29 @@ def slice_is_current(table, key: str, value: str, version: str, attempt: str, ro
     """Does the slice hold this committed attempt, whole? (False for a slice published by
     an older attempt, by a failed replace's run, or before slices were recorded.)"""
     return slice_state(table, key, value, version) == {"attempt": attempt, "rows": rows}
+
+
+def slice_values(table, key: str, version: str) -> set[str]:
+    """The partition values the table holds a slice of for this model version."""
+    from pyiceberg.expressions import EqualTo
+
+    table.refresh()
+    rows = table.scan(row_filter=EqualTo(S.MODEL_VERSION, version), selected_fields=(key,))
+    return set(rows.to_arrow()[key].to_pylist())
+
+
+def drop_slice(table, key: str, value: str, version: str) -> int:
+    """Delete the (key=value, model_version) slice and its record in one commit; returns the
+    snapshot id."""
+    with _COMMITS:
+        try:
+            table.refresh()
+            with table.transaction() as tx:
+                tx.delete(_slice(key, value, version))
+                tx.remove_properties(_slice_property(key, value, version))
+            return table.current_snapshot().snapshot_id
+        except Exception as err:  # pyiceberg's errors share no base class
+            raise TableCommitFailed(
+                f"Iceberg table {table.name()}: {key}={value}, model_version={version} was not "
+                f"dropped ({type(err).__name__}: {err}); the previous snapshot stays current"
+            ) from err

@@ -155,7 +155,6 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
     again = backfill.run(variant_a)  # nothing changed: every partition is skipped
     assert again["counts"] == {"committed": 0, "skipped": 3, "failed": 0, backfill.NOT_RUN: 0}
     assert iceberg.refresh().current_snapshot().snapshot_id == snapshot  # nothing republished
-
     # variant B (a looser tau) on one day only: each run costs minutes of Ray on 2 cores
     variant_b = variant_b.model_copy(
         update={"backfill": variant_b.backfill.model_copy(update={"partitions": [DAYS[0]]})}
@@ -190,6 +189,19 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
         for v in (version_a, version_b)
     }
     assert exits[version_a] >= exits[version_b]
+
+    # A partition folder removed: its slice stays unless asked, then it is dropped whole.
+    import shutil
+
+    shutil.rmtree(Path(folder, f"date={DAYS[2]}"))
+    two_days = variant_a.backfill.model_copy(update={"partitions": DAYS[:2]})
+    backfill.run(variant_a.model_copy(update={"backfill": two_days}))
+    assert DAYS[2] in score_table.slice_values(iceberg, "date", version_a)
+    drop_table = two_days.table.model_copy(update={"drop_missing": True})
+    drop = two_days.model_copy(update={"table": drop_table})
+    dropped = backfill.run(variant_a.model_copy(update={"backfill": drop}))
+    assert dropped["dropped_slices"] == [DAYS[2]]
+    assert score_table.slice_values(iceberg, "date", version_a) == set(DAYS[:2])
 
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)

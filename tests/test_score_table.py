@@ -119,3 +119,17 @@ def test_two_publishers_both_commit_and_a_restart_writes_no_metadata(local_stora
 def test_embedded_catalog_needs_a_local_root(s3_storage):
     with pytest.raises(Exception, match="needs a local storage.root"):
         A.embedded_catalog(s3_storage)
+
+
+def test_a_slice_is_dropped_only_when_asked_and_whole(local_storage):
+    table = score_table.open_table(
+        TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
+    )
+    for day in ("2026-11-01", "2026-11-02"):
+        score_table.publish(table, _scores(3, "m1", 0.1), "date", day, "m1", "attempt-0001")
+    score_table.publish(table, _scores(2, "m2", 0.2), "date", "2026-11-02", "m2", "attempt-0001")
+    assert score_table.slice_values(table, "date", "m1") == {"2026-11-01", "2026-11-02"}
+    score_table.drop_slice(table, "date", "2026-11-02", "m1")
+    assert _slices(table) == {("2026-11-01", "m1"): [0.1] * 3, ("2026-11-02", "m2"): [0.2] * 2}
+    assert score_table.slice_state(table, "date", "2026-11-02", "m1") is None
+    assert score_table.slice_values(table, "date", "m2") == {"2026-11-02"}

@@ -187,6 +187,7 @@ def run(cfg: Config) -> dict:
     version = runs.model_version(cfg)[0]
     key = cfg.backfill.partition_key
     chosen, missing = selected_partitions(cfg)
+    available = available_partitions(cfg)
     out = A.BackfillPaths(A.scores_location(cfg))
     manifest_uri = out.manifest(version, cfg.backfill.name)
     manifest = {
@@ -303,6 +304,17 @@ def run(cfg: Config) -> dict:
 
     if staged:  # under fail_fast too: what was staged before the failure is scored
         scoring.score_staged(list(staged.values()), on_done=scored)
+    if table is not None and cfg.backfill.table.drop_missing:
+        gone = sorted(score_table.slice_values(table, key, version) - set(available))
+        for value in gone:  # a partition folder removed from the candidates, on request
+            score_table.drop_slice(table, key, value, version)
+            log.warning(
+                "backfill: dropped the table slice %s=%s of %s (no such partition)",
+                key,
+                value,
+                version,
+            )
+        manifest["dropped_slices"] = gone
     failed = [v for v, e in manifest["partitions"].items() if e["status"] == FAILED]
     manifest["wall_s"] = round(time.time() - started, 2)
     manifest["counts"] = {
