@@ -404,6 +404,15 @@ class ContextPaths:
     def new_build(self) -> ContextPaths:
         return ContextPaths(self.root, uuid.uuid4().hex[:12])
 
+    def forget_build(self, store: StorageConfig) -> None:
+        """`_SUCCESS` stops naming this build (when it still does): the next run builds the
+        tables again instead of reading a damaged one."""
+        try:
+            if storage.read_json(self.success, store).get("build") == self.build:
+                storage.delete_file(self.success, store)
+        except (OSError, ValueError):
+            pass
+
     @property
     def folder(self) -> str:
         return storage.join(self.root, self.build) if self.build else self.root

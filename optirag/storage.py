@@ -161,6 +161,11 @@ def list_folders(uri: str, storage: StorageConfig) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
+def delete_file(uri: str, storage: StorageConfig) -> None:
+    fs, path = resolve(uri, storage)
+    fs.delete_file(path)
+
+
 def delete_folder(uri: str, storage: StorageConfig) -> None:
     fs, path = resolve(uri, storage)
     fs.delete_dir(path)
@@ -216,9 +221,15 @@ def read_own_table(uri: str, storage: StorageConfig, schema: pa.Schema) -> pa.Ta
     try:
         return ds.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()
     except (pa.ArrowException, OSError):
-        for path in files:  # which file: read them one by one (only on this error path)
-            _read_file(path, fs, schema=schema)
+        name_bad_file(files, fs, schema)  # which file: one by one, only on this error path
         raise
+
+
+def name_bad_file(files: list[str], fs: pafs.FileSystem, schema: pa.Schema | None = None) -> None:
+    """Read `files` one by one and raise the StorageError naming the first unreadable or
+    corrupt one (after a read of them all failed without saying which)."""
+    for path in files:
+        _read_file(path, fs, schema=schema)
 
 
 def _read_file(path: str, fs: pafs.FileSystem, **kwargs: Any) -> pa.Table:

@@ -265,3 +265,38 @@ def test_history_routes_send_rows_to_their_blocks_and_their_listers_blocks():
     assert {b: t[S.ITEM_ID].to_pylist() for b, t in own.items()} == {0: [1, 2, 4], 2: [3]}
     with pytest.raises(ValueError, match="missing from the users table"):
         routes.split(pa.table({S.USER_ID: [11], S.ITEM_ID: [1]}))
+
+
+def test_a_damaged_context_table_is_named_and_built_again(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    """Issue 29: a corrupt context-table file was never rebuilt (every rerun failed) and a
+    flipped byte gave "Corrupt snappy compressed data." with no path."""
+    from pathlib import Path
+
+    from optirag.ids import hash_range
+
+    _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
+    cfg = _config(local_storage, tiny_llama_dir)
+    inputs = runs.Inputs.from_config(cfg)
+
+    def build():
+        return context.build(cfg, inputs.history, inputs.items, inputs.neighbors)
+
+    tables = build()
+    users = np.arange(1, 7)
+    low, high = hash_range(0, 1)
+    assert len(tables.read_users(users, low, high, cfg.storage)) == 6
+    part = Path(tables.paths.users_part(0))
+    blob = bytearray(part.read_bytes())
+    for i in range(4, len(blob) // 2):  # the data pages, the footer intact
+        blob[i] ^= 0x5A
+    part.write_bytes(bytes(blob))
+    with pytest.raises(storage.StorageError, match=r"(?s)part-00000\.parquet.*rebuilt on the next"):
+        tables.read_users(users, low, high, cfg.storage)
+    again = build()
+    assert again.paths.folder != tables.paths.folder
+    assert len(again.read_users(users, low, high, cfg.storage)) == 6
+    Path(again.paths.items_file).unlink()  # a missing file: built again too
+    third = build()
+    assert third.paths.folder != again.paths.folder and Path(third.paths.items_file).exists()

@@ -19,6 +19,7 @@ tables; an unchanged set is reused (a nightly job and every partition of a backf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,6 +74,12 @@ class ContextTables:
     items: int
     part_hashes: list[list[int]]  # per part of the users table: its lowest and highest hash
 
+    def files(self) -> list[str]:
+        """Every file of the tables, as the manifest says they are."""
+        return [self.paths.users_part(n) for n in range(len(self.part_hashes))] + [
+            self.paths.items_file
+        ]
+
     def assembler(self, cfg: Config) -> TokenAssembler:
         prompts = PromptBuilder(
             load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts
@@ -91,12 +98,32 @@ class ContextTables:
         field = pc.field(S.USER_HASH)
         rows = (field >= low) & (field < high) & pc.field(S.USER_ID).isin(pa.array(users))
         dataset = ds.dataset(files, schema=S.USER_CONTEXT, filesystem=fs, format="parquet")
-        return dataset.to_table(filter=rows)
+        with self._rebuilt_if_corrupt(files, fs, store):
+            return dataset.to_table(filter=rows)
 
     def read_items(self, items: np.ndarray, store) -> pa.Table:
-        return storage.open_dataset(self.paths.items, store).to_table(
-            filter=pc.field(S.ITEM_ID).isin(pa.array(items, pa.int64()))
-        )
+        fs, path = storage.resolve(self.paths.items_file, store)
+        with self._rebuilt_if_corrupt([path], fs, store):
+            return storage.open_dataset(self.paths.items, store).to_table(
+                filter=pc.field(S.ITEM_ID).isin(pa.array(items, pa.int64()))
+            )
+
+    @contextlib.contextmanager
+    def _rebuilt_if_corrupt(self, files: list[str], fs, store):
+        """A table file that cannot be read fails the read naming it, and this build stops
+        being the one `_SUCCESS` names, so the next run builds the tables again."""
+        try:
+            yield
+        except (pa.ArrowException, OSError, storage.StorageError) as err:
+            try:
+                storage.name_bad_file(files, fs)
+                bad = storage.StorageError(f"context tables {self.paths.folder}: {err}")
+            except storage.StorageError as named:
+                bad = named
+            self.paths.forget_build(store)
+            raise storage.StorageError(
+                f"{bad}; the context tables are rebuilt on the next run"
+            ) from err
 
 
 def context_key(cfg: Config, history: str, items: str, neighbors: str | None) -> dict:
@@ -125,9 +152,17 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     paths = A.ContextPaths.for_key(store, key)
     if storage.exists(paths.success, store):
         manifest = storage.read_json(paths.success, store)
-        if manifest["key"] == key:
+        tables = _tables(paths, manifest)
+        missing = [f for f in tables.files() if not storage.exists(f, store)]
+        if manifest["key"] == key and not missing:
             log.info("context tables %s: reused", paths.root)
-            return _tables(paths, manifest)
+            return tables
+        if missing:
+            log.warning(
+                "context tables %s: %s missing; building them again",
+                tables.paths.folder,
+                ", ".join(missing),
+            )
     started = time.time()
     paths = paths.new_build()
     side = A.load_side_features(cfg)
