@@ -472,6 +472,7 @@ class RunPaths:
     a replace never unpublishes the run before its new attempt has committed:
 
         _SUCCESS                      {"attempt": "attempt-0002", "manifest": ...}
+        _lease.json                   while an invocation works on the run (optirag.leases)
         attempt-NNNN/                 see AttemptPaths
     """
 
@@ -480,6 +481,10 @@ class RunPaths:
     @property
     def success(self) -> str:
         return storage.join(self.root, "_SUCCESS")
+
+    @property
+    def lease(self) -> str:
+        return storage.join(self.root, "_lease.json")
 
     def attempt(self, number: int) -> AttemptPaths:
         return AttemptPaths(storage.join(self.root, f"attempt-{number:04d}"), number)

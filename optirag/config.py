@@ -282,6 +282,12 @@ class ScoringConfig(StrictModel):
     allow_empty: bool = Field(False, description="commit a run whose input has no rows")
     max_write_retries: int = Field(3, ge=0, description="retries of a shard write on OSError")
     max_actor_restarts: int = Field(2, ge=0)
+    lease_s: float = Field(
+        120.0,
+        gt=0,
+        description="one invocation per run: its lease, renewed every third of this, lets a "
+        "rerun take over this long after a killed driver's last renewal",
+    )
     max_task_retries: int = Field(2, ge=0)
     timeout_s: float = Field(
         6 * 3600,

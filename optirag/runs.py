@@ -45,6 +45,7 @@ from optirag import storage
 from optirag.artifacts import AttemptPaths, RunPaths
 from optirag.config import Config, StorageConfig
 from optirag.ids import user_hash
+from optirag.leases import Lease, LeaseHeld
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,11 @@ class Run:
     num_shards: int
     # candidate file -> its content fingerprint (storage.fingerprint)
     files: dict[str, list] = dataclasses.field(default_factory=dict)
+    lease: Lease | None = None  # this invocation's hold on the run (optirag.leases)
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def total_rows(self) -> int:
@@ -452,12 +458,13 @@ def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
 def start(
     cfg: Config, version: str, run_root: str | None = None, *, restart_if_changed: bool = False
 ) -> Run:
-    """Check the locations and the inputs, choose the attempt (resume the newest unpublished
-    one whose plan matches; a new one otherwise) and plan it. The run's folder is
-    `<output>/<run_id>/` unless `run_root` names it (a backfill's partition). An unpublished
-    attempt planned for other inputs or another model is refused, or with
-    `restart_if_changed` (a backfill) left for a new attempt: its staged copies are never
-    resumed. The plan pins every candidate file by content (storage.fingerprint)."""
+    """Check the locations and the inputs, take the run's lease (one invocation per run:
+    optirag.leases), choose the attempt (resume the newest unpublished one whose plan
+    matches; a new one otherwise) and plan it. The run's folder is `<output>/<run_id>/`
+    unless `run_root` names it (a backfill's partition). An unpublished attempt planned for
+    other inputs or another model is refused, or with `restart_if_changed` (a backfill) left
+    for a new attempt: its staged copies are never resumed. The plan pins every candidate
+    file by content (storage.fingerprint). Bad input fails before anything is written."""
     store = cfg.storage
     inputs = Inputs.from_config(cfg)
     # a backfill's partition: its key and `model` become columns when its runs are read
@@ -469,8 +476,7 @@ def start(
         run_id = "/".join(run_root.rstrip("/").split("/")[-2:])  # e.g. date=D/model=V
     run = RunPaths(run_root)
     check_output_location(inputs, run.root)
-    published = A.published_attempt(run.root, store)
-    if published is not None and not cfg.scoring.replace:
+    if A.published_attempt(run.root, store) is not None and not cfg.scoring.replace:
         raise RunRefused(f"{run.root} is already committed; set scoring.replace=true")
 
     parts, files = plan_parts(inputs.candidates, cfg, reserved)
@@ -492,7 +498,26 @@ def start(
     plan = {"candidates": inputs.candidates, "model_version": version, "num_shards": num_shards,
             "sharding": SHARDING, "parts": [dataclasses.asdict(p) for p in parts],
             "files": files}  # fmt: skip
+    try:
+        lease = Lease.take(run.lease, store, cfg.scoring.lease_s, f"run {run.root}")
+    except LeaseHeld as err:
+        raise RunRefused(str(err)) from None
+    try:
+        paths = _attempt(cfg, run, plan, restart_if_changed)
+    except BaseException:
+        lease.release()
+        raise
+    log.info("run %s, %s: %d parts, %d shards, %d candidate rows",
+             run_id, paths.name, len(parts), num_shards, total)  # fmt: skip
+    return Run(run_id, inputs, run, paths, parts, num_shards, files, lease)
 
+
+def _attempt(cfg: Config, run: RunPaths, plan: dict, restart_if_changed: bool) -> AttemptPaths:
+    """The attempt this invocation works on, its plan written (under the run's lease)."""
+    store = cfg.storage
+    published = A.published_attempt(run.root, store)  # again: now under the lease
+    if published is not None and not cfg.scoring.replace:
+        raise RunRefused(f"{run.root} is already committed; set scoring.replace=true")
     numbers = _attempt_numbers(run, store)
     newest = numbers[-1] if numbers else 0
     paths = run.attempt(newest + 1)
@@ -515,9 +540,7 @@ def start(
             )
     if not storage.exists(paths.plan, store):
         storage.write_json(plan, paths.plan, store)
-    log.info("run %s, %s: %d parts, %d shards, %d candidate rows",
-             run_id, paths.name, len(parts), num_shards, total)  # fmt: skip
-    return Run(run_id, inputs, run, paths, parts, num_shards, files)
+    return paths
 
 
 def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | None, list[str]]:
@@ -552,6 +575,8 @@ def commit(
     """Validate every shard's marker, write the attempt's _manifest.json, point the run's
     _SUCCESS at the attempt, then delete the other attempts."""
     store, paths = cfg.storage, run.paths
+    if run.lease is not None:
+        run.lease.check()  # taken over by another invocation: it commits, not this one
     markers = []
     for shard_id, length in lengths.items():
         marker = marker_ok(paths, shard_id, length, store)

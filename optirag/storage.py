@@ -161,6 +161,103 @@ def list_folders(uri: str, storage: StorageConfig) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
+# ----------------------------------------------------------------------------- conditional writes
+# A version is the S3 ETag, or on a local disk the sha256 of the content.
+
+
+def create_exclusive(uri: str, data: bytes, storage: StorageConfig) -> str | None:
+    """Write `data` at `uri` only if nothing is there, atomically; its version, or None when
+    something already was (S3: `If-None-Match: *`; local: a hard link of a temporary)."""
+    if is_remote(uri):
+        bucket, key = _bucket_key(uri)
+        try:
+            reply = _s3fs(storage).call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
+            )
+        except OSError as err:  # s3fs: FileExistsError, or a precondition's OSError
+            if isinstance(err, FileExistsError) or _precondition_failed(err):
+                return None
+            raise
+        return str(reply["ETag"])
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return None
+    finally:
+        tmp.unlink()
+    return _digest(data)
+
+
+def read_versioned(uri: str, storage: StorageConfig) -> tuple[bytes, str] | None:
+    """(content, version) of the object at `uri`, None when there is none. On S3 the ETag is
+    read first: content newer than it only makes a later conditional replace fail."""
+    if is_remote(uri):
+        fs = _s3fs(storage)
+        path = uri.removeprefix("s3://")
+        try:
+            etag = str(fs.info(path)["ETag"])
+            return fs.cat_file(path), etag
+        except FileNotFoundError:
+            return None
+    try:
+        data = Path(uri).read_bytes()
+    except FileNotFoundError:
+        return None
+    return data, _digest(data)
+
+
+def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageConfig) -> str | None:
+    """Overwrite `uri` with `data` only if it is still at `version`; the new version, or None
+    (S3: `If-Match`; local: a compare-and-swap under a lock file)."""
+    if is_remote(uri):
+        bucket, key = _bucket_key(uri)
+        try:
+            reply = _s3fs(storage).call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version
+            )
+        except (FileNotFoundError, OSError) as err:
+            if isinstance(err, FileNotFoundError) or _precondition_failed(err):
+                return None
+            raise
+        return str(reply["ETag"])
+    import fcntl
+
+    path = Path(uri)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if _digest(current) != version:
+            return None
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return _digest(data)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _precondition_failed(err: OSError) -> bool:
+    return "pre-condition" in str(err).lower() or "precondition" in str(err).lower()
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _s3fs(storage: StorageConfig):
+    return _s3_filesystem(storage.s3).handler.fs
+
+
 def delete_file(uri: str, storage: StorageConfig) -> None:
     fs, path = resolve(uri, storage)
     fs.delete_file(path)

@@ -15,6 +15,8 @@ FAKE_SECRET = "fake-secret-do-not-log-0123456789"
 # How long a kill-and-rerun test waits for a job's progress or its rerun: Ray's start and the
 # model load take minutes on a loaded CI machine.
 SLOW_JOB_S = 900
+# A run's lease in the kill-and-rerun tests: the rerun waits this long for a killed driver's.
+LEASE_S = 3.0
 
 
 def pytest_configure(config):

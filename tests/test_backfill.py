@@ -17,7 +17,7 @@ from optirag import runs, score_table, storage
 from optirag import schema as S
 from optirag.config import Config
 from optirag.pipelines import backfill
-from tests.conftest import SLOW_JOB_S
+from tests.conftest import LEASE_S, SLOW_JOB_S
 from tests.test_scoring import _candidates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +238,7 @@ def test_failed_partition_is_named_and_the_others_commit(
 def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie_tables, tmp_path):
     folder, tables = _write_partitioned(local_storage, movie_tables, per_user=12)
     cfg = _config(local_storage, tiny_llama_dir, folder)
+    cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"lease_s": LEASE_S})})
     conf = tmp_path / "backfill.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
     cmd = [sys.executable, str(ROOT / "jobs" / "backfill.py"), "--config", str(conf),
@@ -252,6 +253,7 @@ def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie
         time.sleep(0.05)
     proc.kill()
     proc.wait()
+    time.sleep(LEASE_S + 0.5)  # the killed driver's leases expire; the rerun takes them over
     committed = scores.glob("date=*/model=*/_SUCCESS")
     done = [p.parent.parent.name.removeprefix("date=") for p in committed]
     assert 0 < len(done) < len(DAYS), "the backfill was not killed mid-way"

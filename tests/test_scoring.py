@@ -24,7 +24,7 @@ from optirag.config import Config
 from optirag.context import ContextStore
 from optirag.pair_scorer import make_pair_scorer
 from optirag.pipelines import scoring
-from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, SLOW_JOB_S
+from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, LEASE_S, SLOW_JOB_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +254,7 @@ def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_
 def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables, tmp_path):
     cands = _candidates(n_users=6, per_user=20)
     _write_inputs(local_storage, movie_tables, cands)
-    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8, lease_s=LEASE_S)
     conf = tmp_path / "score.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
     cmd = [sys.executable, str(ROOT / "jobs" / "score.py"), "--config", str(conf), "ray.num_cpus=2"]
@@ -272,6 +272,7 @@ def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables,
     assert len(_markers(cfg)) >= 2, f"no two shards committed within {SLOW_JOB_S} s"
     proc.kill()
     proc.wait()
+    time.sleep(LEASE_S + 0.5)  # the killed driver's lease expires; the rerun takes it over
     rerun = subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SLOW_JOB_S
     )

@@ -146,10 +146,18 @@ def stage(cfg: Config, run_root: str | None = None, *, restart_if_changed: bool 
     """Start (or resume) a run and stage its candidates by user: a Ray Data task per part
     (`restart_if_changed`: see runs.start)."""
     started = time.time()
-    store = cfg.storage
     version = runs.model_version(cfg)
     run = runs.start(cfg, version[0], run_root, restart_if_changed=restart_if_changed)
-    paths, inputs = run.paths, run.inputs
+    try:
+        return _stage(cfg, run, version, started)
+    except BaseException:
+        run.release()
+        raise
+
+
+def _stage(cfg: Config, run: runs.Run, version: tuple, started: float) -> Staged:
+    store = cfg.storage
+    paths, inputs, num_shards = run.paths, run.inputs, run.num_shards  # not `run`: its lease
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
     parts = run.pending_parts(store)
@@ -161,7 +169,7 @@ def stage(cfg: Config, run_root: str | None = None, *, restart_if_changed: bool 
         def stage_one(batch: dict[str, np.ndarray]) -> pa.Table:
             part = parts[int(batch["id"][0])]
             table = runs.read_part(part, fs, ray.get(known_items))
-            marker = runs.stage_part(part, table, run.num_shards, paths, cfg)
+            marker = runs.stage_part(part, table, num_shards, paths, cfg)
             return pa.table({"marker": [json.dumps(marker)]})
 
         ds = ray.data.range(len(parts), override_num_blocks=len(parts)).map_batches(
@@ -200,7 +208,16 @@ def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[di
                 on_done(i, outcomes[i])
             except Exception:  # a report's failure is not the run's
                 log.exception("after run %s finished", staged[i].run.run_id)
+        staged[i].run.release()  # the run is done with: another invocation may take it
 
+    try:
+        return _score_staged(staged, finish, outcomes, cfg)
+    finally:
+        for one in staged:
+            one.run.release()
+
+
+def _score_staged(staged: list[Staged], finish, outcomes: dict, cfg) -> list[dict | Exception]:
     for i, one in enumerate(staged):
         if not one.pending:
             finish(i)
