@@ -76,7 +76,7 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
     hc = HeadTrainingConfig(lr=0.05, patience=10, run_name="lora-t", lora=lcfg)
     bcfg = BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu")
     store = StorageConfig(root=str(tmp_path))
-    config = {"heads": hc, "backbone": bcfg, "spec": init.spec,
+    config = {"heads": hc, "config": Config(storage=store, backbone=bcfg), "spec": init.spec,
               "init_heads": dict(init.state_dict()), "train": split(np.arange(64)),
               "valid": split(np.arange(64, 96))}  # fmt: skip
     state, meta = fit(lora_loop, config, "lora-t", "exits", ComputeConfig(train_workers=1),
