@@ -495,9 +495,14 @@ def start(
         if uri:
             storage.checked_files(uri, store, required)
     num_shards = max(1, math.ceil(total / cfg.scoring.rows_per_shard))
-    plan = {"candidates": inputs.candidates, "model_version": version, "num_shards": num_shards,
-            "sharding": SHARDING, "parts": [dataclasses.asdict(p) for p in parts],
-            "files": files}  # fmt: skip
+    plan = {
+        "candidates": inputs.candidates,
+        "model_version": version,
+        "num_shards": num_shards,
+        "sharding": SHARDING,
+        "parts": [dataclasses.asdict(p) for p in parts],
+        "files": files,
+    }
     try:
         lease = Lease.take(run.lease, store, cfg.scoring.lease_s, f"run {run.root}")
     except LeaseHeld as err:
@@ -507,8 +512,14 @@ def start(
     except BaseException:
         lease.release()
         raise
-    log.info("run %s, %s: %d parts, %d shards, %d candidate rows",
-             run_id, paths.name, len(parts), num_shards, total)  # fmt: skip
+    log.info(
+        "run %s, %s: %d parts, %d shards, %d candidate rows",
+        run_id,
+        paths.name,
+        len(parts),
+        num_shards,
+        total,
+    )
     return Run(run_id, inputs, run, paths, parts, num_shards, files, lease)
 
 
@@ -531,8 +542,9 @@ def _attempt(cfg: Config, run: RunPaths, plan: dict, restart_if_changed: bool) -
         if previous == plan:
             paths = unpublished  # resume it
         elif restart_if_changed:
-            log.warning("%s: planned for other inputs or another model; a new attempt",
-                        unpublished.root)  # fmt: skip
+            log.warning(
+                "%s: planned for other inputs or another model; a new attempt", unpublished.root
+            )
         elif not cfg.scoring.replace:
             raise RunRefused(
                 f"{unpublished.root}: the input or the model changed since this run started; "
@@ -623,8 +635,12 @@ def commit(
         "config_fingerprint": cfg.fingerprint(),
     }
     storage.write_json(manifest, paths.manifest, store)
-    pointer = {"attempt": paths.name, "manifest": A.relative_to(paths.manifest, run.run.root),
-               "run_id": run.run_id, "model_version": version[0]}  # fmt: skip
+    pointer = {
+        "attempt": paths.name,
+        "manifest": A.relative_to(paths.manifest, run.run.root),
+        "run_id": run.run_id,
+        "model_version": version[0],
+    }
     storage.write_json(pointer, run.run.success, store)  # one PUT: the run switches here
     for number in _attempt_numbers(run.run, store):
         if number != paths.number:

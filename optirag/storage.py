@@ -123,8 +123,10 @@ def content_fingerprints(uri: str, storage: StorageConfig) -> list[list]:
     footer misses values that move within a column and keep its statistics), a larger one
     by its footer."""
     fs, _ = resolve(uri, storage)
-    return [[path, *fingerprint(fs, path, remote=is_remote(uri))]
-            for path in list_all_files(uri, storage)]  # fmt: skip
+    return [
+        [path, *fingerprint(fs, path, remote=is_remote(uri))]
+        for path in list_all_files(uri, storage)
+    ]
 
 
 WHOLE_FILE_HASH = 256 << 20
