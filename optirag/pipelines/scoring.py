@@ -253,7 +253,7 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
     targets = [(one.cfg, one.run.paths, one.run.num_shards, one.lengths) for one in staged]
     store = cfg.storage
 
-    names = [one.run.run_id for one in staged]
+    names = [f"{one.run.run_id} (input {one.run.inputs.candidates})" for one in staged]
 
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
         i, shard_id = work[int(batch["id"][0])]
