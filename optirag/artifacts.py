@@ -505,6 +505,7 @@ class AttemptPaths:
         _plan.json                     input parts (file, row group, rows) + shard count
         _staged/bucket-BBBBBB/part-PPPPPP.parquet   a part's rows of shard B (hash of user)
         _staged/_markers/part-PPPPPP.json           written after a part's staged files
+                                                    (_staged/ is deleted once the run commits)
         scores/shard-BBBBBB.parquet    user_id, item_id, score, exit_layer, model_version, ...
         rejects/shard-BBBBBB.parquet   the input row's columns + reason
         _markers/shard-BBBBBB.json     written after both files: the shard is done
@@ -532,6 +533,10 @@ class AttemptPaths:
 
     def staged(self, shard_id: int, part_id: int) -> str:
         return storage.join(self.staged_shard(shard_id), f"part-{part_id:06d}.parquet")
+
+    @property
+    def staged_root(self) -> str:
+        return storage.join(self.root, "_staged")
 
     def staged_shard(self, shard_id: int) -> str:
         return storage.join(self.root, "_staged", f"bucket-{shard_id:06d}")

@@ -642,11 +642,15 @@ def commit(
         "model_version": version[0],
     }
     storage.write_json(pointer, run.run.success, store)  # one PUT: the run switches here
-    for number in _attempt_numbers(run.run, store):
-        if number != paths.number:
-            try:
-                storage.delete_folder(run.run.attempt(number).root, store)
-            except OSError as err:  # the run is committed; a leftover folder is harmless
-                log.warning("could not delete %s: %s", run.run.attempt(number).root, err)
+    # The other attempts and this one's staged copies are read by nothing now.
+    leftovers = [
+        run.run.attempt(n).root for n in _attempt_numbers(run.run, store) if n != paths.number
+    ] + [paths.staged_root]
+    for folder in leftovers:
+        try:
+            if storage.exists(folder, store):
+                storage.delete_folder(folder, store)
+        except OSError as err:  # the run is committed; a leftover folder is harmless
+            log.warning("could not delete %s: %s", folder, err)
     log.info("run %s committed: %s", run.run_id, json.dumps(summary))
     return summary

@@ -386,6 +386,7 @@ def test_duplicates_across_files_and_one_output_schema(
     dup = rejects.filter(pa.compute.equal(rejects[S.REASON], "duplicate_pair"))
     assert dup.to_pylist()[0][S.USER_ID] == 1 and dup.to_pylist()[0][S.ITEM_ID] == 4
     attempt = A.published_attempt(str(Path(local_storage.root, "scores", "r1")), cfg.storage)
+    assert not Path(attempt.staged_root).exists()  # staged copies deleted once committed
     for path in Path(attempt.scores_folder).iterdir():
         schema = pq.read_schema(path)
         assert schema.field(S.USER_ID).type == schema.field(S.ITEM_ID).type == pa.int64()
