@@ -455,3 +455,13 @@ def test_an_error_while_runs_are_scored_together_names_the_run_and_shard():
         raise KeyError('Field "score" exists 2 times in schema')
     with pytest.raises(runs.RunFailed), scoring.naming_the_run(names, 0, 1):
         raise runs.RunFailed("stalled")  # the protocol's own errors pass as they are
+    # the actor names the input files its batch's rows came from
+    files = scoring.RowFiles(
+        np.array([0, 10, 25]), ["d2/a.parquet", "d2/b.parquet", "d2/c.parquet"]
+    )
+    assert files.of(np.array([12, 11, 30])) == ["d2/b.parquet", "d2/c.parquet"]
+    with (
+        pytest.raises(RuntimeError, match=r"shard 7 \(rows from d2/b\.parquet\): ValueError"),
+        scoring.naming_the_run(names, 1, 7, files.of(np.array([12]))),
+    ):
+        raise ValueError("bad row")

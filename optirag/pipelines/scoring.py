@@ -49,7 +49,13 @@ class ScoreTokens:
     """Ray Data actor: one early-exit model replica (backbone and heads, nothing per user or
     item), scoring a whole shard's token block per call."""
 
-    def __init__(self, cfg: Config, model_version: str, run_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model_version: str,
+        run_names: list[str] | None = None,
+        run_files: list[RowFiles] | None = None,
+    ) -> None:
         import torch
 
         from optirag import artifacts as A
@@ -63,13 +69,15 @@ class ScoreTokens:
         model = A.load_scoring_model(cfg, backbone, side_features=False)
         self.scorer = make_token_scorer(cfg, backbone, model)
         self.model_version = model_version
-        self.run_names = run_names or []
+        self.run_names, self.run_files = run_names or [], run_files or []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         run = int(pc.min(batch[RUN]).as_py()) if RUN in batch.column_names and len(batch) else 0
         has_shard = runs.SHARD_ID in batch.column_names and len(batch)
         shard = batch[runs.SHARD_ID][0].as_py() if has_shard else None
-        with naming_the_run(self.run_names, run, shard):
+        files = self.run_files[run] if run < len(self.run_files) else None
+        rows = batch[runs.ROW].to_numpy() if runs.ROW in batch.column_names else None
+        with naming_the_run(self.run_names, run, shard, files.of(rows) if files else None):
             return self._score(batch)
 
     def _score(self, batch: pa.Table) -> pa.Table:
@@ -86,17 +94,45 @@ class ScoreTokens:
         )
 
 
+@dataclass
+class RowFiles:
+    """Which input file a row came from: each part's first input row and its file."""
+
+    starts: np.ndarray  # (parts,) first input row of each part, ascending
+    paths: list[str]
+
+    @classmethod
+    def of_run(cls, run: runs.Run) -> RowFiles:
+        return cls(
+            np.array([p.first_row for p in run.parts], dtype=np.int64), [p.path for p in run.parts]
+        )
+
+    def of(self, rows: np.ndarray | None) -> list[str] | None:
+        if rows is None or not len(self.paths):
+            return None
+        at = np.searchsorted(self.starts, rows, side="right") - 1
+        return sorted({self.paths[i] for i in np.unique(at) if i >= 0})
+
+
 @contextlib.contextmanager
-def naming_the_run(names: list[str], run: int, shard: int | None):
-    """An error while scoring together several runs (a backfill's partitions) names the run
-    and the shard it came from, not only the run whose commit it then fails."""
+def naming_the_run(names: list[str], run: int, shard: int | None, files: list[str] | None = None):
+    """An error while scoring together several runs (a backfill's partitions) names the run,
+    the shard and the input files its rows came from, not only the run whose commit it then
+    fails."""
     try:
         yield
     except runs.RunFailed:
         raise
     except Exception as err:
         name = names[run] if 0 <= run < len(names) else f"#{run}"
-        raise RuntimeError(f"run {name}, shard {shard}: {type(err).__name__}: {err}") from err
+        where = (
+            f" (rows from {', '.join(files[:5])}{' ...' if len(files) > 5 else ''})"
+            if files
+            else ""
+        )
+        raise RuntimeError(
+            f"run {name}, shard {shard}{where}: {type(err).__name__}: {err}"
+        ) from err
 
 
 _ASSEMBLERS: dict[str, TokenAssembler] = {}  # per worker process: the tokenizer loads once
@@ -283,6 +319,7 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
                 "cfg": cfg,
                 "model_version": staged[0].version[0],
                 "run_names": names,
+                "run_files": [RowFiles.of_run(one.run) for one in staged],
             },
             batch_size=None,
             batch_format="pyarrow",
