@@ -133,3 +133,16 @@ def test_a_slice_is_dropped_only_when_asked_and_whole(local_storage):
     assert _slices(table) == {("2026-11-01", "m1"): [0.1] * 3, ("2026-11-02", "m2"): [0.2] * 2}
     assert score_table.slice_state(table, "date", "2026-11-02", "m1") is None
     assert score_table.slice_values(table, "date", "m2") == {"2026-11-02"}
+
+
+def test_a_catalog_that_cannot_be_opened_is_named(tmp_path):
+    """Issue 29: a catalog that could not be written gave a raw sqlalchemy traceback (root
+    ignores file modes, so the test's catalog lies in a folder that does not exist)."""
+    missing = tmp_path / "no" / "such" / "folder"
+    catalog = {
+        "type": "sql",
+        "uri": f"sqlite:///{missing}/catalog.db",
+        "warehouse": f"file://{missing}",
+    }
+    with pytest.raises(score_table.TableCommitFailed, match="Iceberg catalog 'optirag'.*cannot"):
+        score_table.open_table(TableConfig(enabled=True, catalog=catalog), "date", {})
