@@ -256,6 +256,14 @@ class ExitRule:
         return (p - p_prev).abs() < self.threshold
 
 
+def check_score_call(rule: ExitRule, heads: ExitHeads, keep_hidden: bool, side) -> None:
+    """What both engines' `score` require: `keep_hidden` only at full depth (every row
+    reaches every head), and the side features the heads read."""
+    if keep_hidden and rule.kind != "none":
+        raise ValueError("keep_hidden needs ExitRule('none')")
+    heads.check_side(side)
+
+
 @dataclass
 class ScoreResult:
     scores: torch.Tensor  # (N,) float32 P(Yes)

@@ -167,10 +167,9 @@ def plan_parts(
     return parts, files
 
 
-def changed_inputs(plan: dict, run: Run) -> list[str]:
-    """The candidate files (paths in the input's filesystem) whose content differs between
-    an earlier plan and this run's: changed, added or removed."""
-    before, now = plan.get("files", {}), run.files
+def changed_inputs(before: dict[str, list], now: dict[str, list]) -> list[str]:
+    """The candidate files (paths in the input's filesystem) whose content fingerprint
+    differs between two plans' `files`: changed, added or removed."""
     return sorted(p for p in set(before) | set(now) if before.get(p) != now.get(p))
 
 
@@ -571,8 +570,7 @@ def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | No
         return None, []
     parts, files = plan_parts(uri, cfg)
     if "files" in plan:
-        before = plan["files"]
-        changed = sorted(p for p in set(before) | set(files) if before.get(p) != files.get(p))
+        changed = changed_inputs(plan["files"], files)
     else:
         now = [dataclasses.asdict(p) for p in parts]
         changed = [] if plan["parts"] == now else sorted({p["path"] for p in plan["parts"]})

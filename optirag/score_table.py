@@ -93,15 +93,15 @@ def publish(
                 return table.current_snapshot().snapshot_id
             except CommitFailedException as err:  # another writer committed first
                 if retry == COMMIT_RETRIES:
-                    raise _not_published(table, key, value, version, err) from err
+                    raise _failed(table, key, value, version, "published", err) from err
             except Exception as err:  # pyiceberg's errors share no base class
-                raise _not_published(table, key, value, version, err) from err
+                raise _failed(table, key, value, version, "published", err) from err
 
 
-def _not_published(table, key, value, version, err) -> TableCommitFailed:
+def _failed(table, key, value, version, what: str, err: Exception) -> TableCommitFailed:
     return TableCommitFailed(
         f"Iceberg table {table.name()}: {key}={value}, model_version={version} was not "
-        f"published ({type(err).__name__}: {err}); the previous snapshot stays current"
+        f"{what} ({type(err).__name__}: {err}); the previous snapshot stays current"
     )
 
 
@@ -152,7 +152,4 @@ def drop_slice(table, key: str, value: str, version: str) -> int:
                 tx.remove_properties(_slice_property(key, value, version))
             return table.current_snapshot().snapshot_id
         except Exception as err:  # pyiceberg's errors share no base class
-            raise TableCommitFailed(
-                f"Iceberg table {table.name()}: {key}={value}, model_version={version} was not "
-                f"dropped ({type(err).__name__}: {err}); the previous snapshot stays current"
-            ) from err
+            raise _failed(table, key, value, version, "dropped", err) from err

@@ -208,9 +208,9 @@ def test_a_changed_input_restages_instead_of_resuming_old_staged_copies(local_st
         runs.start(cfg, "v1")  # the nightly job: refused, as before
     again = runs.start(cfg, "v1", restart_if_changed=True)  # a backfill's partition
     assert again.paths.name != first.paths.name
-    assert runs.changed_inputs(storage.read_json(first.paths.plan, local_storage), again) == [
-        storage.resolve(storage.join(folder, "a.parquet"), local_storage)[1]
-    ]
+    assert runs.changed_inputs(
+        storage.read_json(first.paths.plan, local_storage)["files"], again.files
+    ) == [storage.resolve(storage.join(folder, "a.parquet"), local_storage)[1]]
 
 
 def test_input_columns_that_collide_with_the_output_are_refused_when_planned(local_storage):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from optirag.backbones import Backbone
 from optirag.backbones.attention import attention_with_lse, flash_cpu, has_flash_cpu, merge
 from optirag.backbones.backbone import Rotary
-from optirag.early_exit import ExitHeads, ExitRule, ScoreResult, prob_yes
+from optirag.early_exit import ExitHeads, ExitRule, ScoreResult, check_score_call, prob_yes
 
 LAUNCH_TOKENS = 32_768  # a launch's prompt tokens by default (`compute.batch_tokens`)
 
@@ -240,9 +240,7 @@ class PackedEngine:
         """`side`: (N, K) CF features for hybrid heads. `keep_hidden` also returns each
         head's input, the last-token state (N, heads, H), for head training; it needs the
         'none' rule so every row reaches every head."""
-        if keep_hidden and self.rule.kind != "none":
-            raise ValueError("keep_hidden needs ExitRule('none')")
-        self.heads.check_side(side)
+        check_score_call(self.rule, self.heads, keep_hidden, side)
         bb, dev = self.backbone, self.backbone.device
         n, num_heads = len(suffixes), len(self.heads.layers)
         if any(len(s) == 0 for s in suffixes) or (prefixes and any(len(p) == 0 for p in prefixes)):

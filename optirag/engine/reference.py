@@ -16,7 +16,15 @@ import torch
 
 from optirag.backbones import Backbone
 from optirag.backbones.attention import Positions
-from optirag.early_exit import ExitHeads, ExitRule, ScoreResult, causal_mask, pad_tokens, prob_yes
+from optirag.early_exit import (
+    ExitHeads,
+    ExitRule,
+    ScoreResult,
+    causal_mask,
+    check_score_call,
+    pad_tokens,
+    prob_yes,
+)
 
 
 class ReferenceEngine:
@@ -47,9 +55,7 @@ class ReferenceEngine:
         """`side`: (N, K) CF features for hybrid heads. `keep_hidden` also returns each
         head's input, the last-token state (N, heads, H), for head training; it needs the
         'none' rule so every row reaches every head."""
-        if keep_hidden and self.rule.kind != "none":
-            raise ValueError("keep_hidden needs ExitRule('none')")
-        self.heads.check_side(side)
+        check_score_call(self.rule, self.heads, keep_hidden, side)
         bb, dev = self.backbone, self.backbone.device
         n = len(suffixes)
         suffix_ids, suffix_len = pad_tokens(suffixes, dev)  # (N, S), (N,)
