@@ -19,10 +19,8 @@ from optirag.engine.packed import LAUNCH_TOKENS, PackedEngine
 from optirag.engine.reference import ReferenceEngine
 
 EngineKind = Literal["packed", "reference"]
-ENGINES = {"packed": PackedEngine, "reference": ReferenceEngine}
 
 __all__ = [
-    "ENGINES",
     "LAUNCH_TOKENS",
     "EngineKind",
     "PackedEngine",

@@ -1,7 +1,7 @@
 """A packed early-exit engine: each prefix once, no per-candidate K/V copy, full batches.
 
-Drop-in replacement for `optirag.early_exit.ReferenceEngine` (same constructor, same
-`score(...)`, same `ScoreResult`); the reference engine stays as the obviously-correct path
+Drop-in replacement for `optirag.engine.reference.ReferenceEngine` (same `score(...)`, same
+`ScoreResult`); the reference engine stays as the obviously-correct path
 that tests compare against (tests/test_packed.py).
 
 Layout of one launch (one block of layers on a set of rows), a flat token stream, no padding
@@ -112,13 +112,16 @@ class _Launch:
     def _device(self, a: np.ndarray, dtype=torch.long) -> torch.Tensor:
         return self.engine._to_device(np.ascontiguousarray(a)).to(dtype)
 
+    def _cached(self, key: tuple, make) -> torch.Tensor:
+        """A mask built once per launch, however many layers read it."""
+        if key not in self.biases:
+            self.biases[key] = make()
+        return self.biases[key]
+
     def causal_bias(self, n: int, window: int | None) -> torch.Tensor:
         """(n * rep, n) float32 over folded query rows: 0 where a query may see a key of
         its own sequence (causal, within the window), -inf elsewhere."""
-        key = ("causal", n, window)
-        if key not in self.biases:
-            self.biases[key] = self._causal_bias(n, window)
-        return self.biases[key]
+        return self._cached(("causal", n, window), lambda: self._causal_bias(n, window))
 
     def _causal_bias(self, n: int, window: int | None) -> torch.Tensor:
         q = np.arange(n * self.engine.rep)[:, None] // self.engine.rep
@@ -152,10 +155,7 @@ class _Launch:
     def prefix_bias(self, window: int | None) -> torch.Tensor:
         """(G, 1, Cmax * rep or 1, Pmax) float32: a chunk's queries see their prefix's real
         keys (within the window)."""
-        key = ("prefix", window)
-        if key not in self.biases:
-            self.biases[key] = self._prefix_bias(window)
-        return self.biases[key]
+        return self._cached(("prefix", window), lambda: self._prefix_bias(window))
 
     def _prefix_bias(self, window: int | None) -> torch.Tensor:
         g, rep = self.groups, self.engine.rep

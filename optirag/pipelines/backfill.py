@@ -70,12 +70,14 @@ def available_partitions(cfg: Config) -> dict[str, str]:
     return found
 
 
-def selected_partitions(cfg: Config) -> tuple[dict[str, str], list[str]]:
+def selected_partitions(
+    cfg: Config, found: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
     """The partitions `backfill.partitions` selects, and the dates of a date range that have
     no folder (reported, not an error: a day may have had no candidates). A range of dates
     (or months) selects the folders whose value is such a date within it, compared as
     dates; any other range compares the values as text. Selecting nothing is an error."""
-    found = available_partitions(cfg)
+    found = available_partitions(cfg) if found is None else found
     spec, key = cfg.backfill.partitions, cfg.backfill.partition_key
     missing: list[str] = []
     if spec == "all":
@@ -186,8 +188,8 @@ def run(cfg: Config) -> dict:
     store = cfg.storage
     version = runs.model_version(cfg)[0]
     key = cfg.backfill.partition_key
-    chosen, missing = selected_partitions(cfg)
-    available = available_partitions(cfg)
+    available = available_partitions(cfg)  # listed once: selection and dropped slices
+    chosen, missing = selected_partitions(cfg, available)
     out = A.BackfillPaths(A.scores_location(cfg))
     manifest_uri = out.manifest(version, cfg.backfill.name)
     manifest = {
