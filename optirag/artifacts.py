@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -497,19 +498,26 @@ class RunPaths:
         return int(tail) if folder_name.startswith(prefix) and tail.isdigit() else None
 
 
+_MARKER = re.compile(r"shard-(\d+)-(\d+)-of-(\d+)\.rows-(\d+)\.json")
+
+
 @dataclass(frozen=True)
 class AttemptPaths:
     """The files of one attempt. Object storage has no rename, so every file name is fixed by
-    its part or shard id and a retry rewrites the same object:
+    its shard and piece and a retry rewrites the same object:
 
         _plan.json                     input parts (file, row group, rows) + shard count
-        _staged/bucket-BBBBBB/part-PPPPPP.parquet   a part's rows of shard B (hash of user)
-        _staged/_markers/part-PPPPPP.json           written after a part's staged files
-                                                    (_staged/ is deleted once the run commits)
-        scores/shard-BBBBBB.parquet    user_id, item_id, score, exit_layer, model_version, ...
-        rejects/shard-BBBBBB.parquet   the input row's columns + reason
-        _markers/shard-BBBBBB.json     written after both files: the shard is done
-        _manifest.json                 written after every shard verified, before _SUCCESS
+        scores/shard-BBBBBB-J-of-K.parquet   piece J of K of shard B (a range of user hashes):
+                                       user_id, item_id, score, exit_layer, model_version, ...
+        rejects/shard-BBBBBB-J-of-K.parquet  the input row's columns + reason
+        _markers/shard-BBBBBB-J-of-K.rows-N.json  written after both files: the piece, of N
+                                       input rows, is done (one listing tells every done
+                                       piece and its rows)
+        _manifest.json                 written after every piece verified, before _SUCCESS
+
+    A shard is written in K pieces when its token block would pass Ray Data's block size;
+    K is 1 for most shards. Attempts made before pieces (shard-BBBBBB.parquet) are read
+    through their manifests as before.
     """
 
     root: str
@@ -519,30 +527,34 @@ class AttemptPaths:
     def name(self) -> str:
         return posixpath.basename(self.root.rstrip("/"))
 
-    def _shard(self, folder: str, shard_id: int, ext: str) -> str:
-        return storage.join(self.root, folder, f"shard-{shard_id:06d}.{ext}")
+    @staticmethod
+    def piece_stem(shard_id: int, piece: int, pieces: int) -> str:
+        return f"shard-{shard_id:06d}-{piece}-of-{pieces}"
 
-    def scores(self, shard_id: int) -> str:
-        return self._shard("scores", shard_id, "parquet")
+    @classmethod
+    def piece_file(cls, shard_id: int, piece: int, pieces: int) -> str:
+        """The name of a piece's scores and rejects files, each in its folder."""
+        return f"{cls.piece_stem(shard_id, piece, pieces)}.parquet"
 
-    def rejects(self, shard_id: int) -> str:
-        return self._shard("rejects", shard_id, "parquet")
+    def scores(self, shard_id: int, piece: int = 0, pieces: int = 1) -> str:
+        return storage.join(self.scores_folder, self.piece_file(shard_id, piece, pieces))
 
-    def marker(self, shard_id: int) -> str:
-        return self._shard("_markers", shard_id, "json")
+    def rejects(self, shard_id: int, piece: int = 0, pieces: int = 1) -> str:
+        return storage.join(self.rejects_folder, self.piece_file(shard_id, piece, pieces))
 
-    def staged(self, shard_id: int, part_id: int) -> str:
-        return storage.join(self.staged_shard(shard_id), f"part-{part_id:06d}.parquet")
+    def marker(self, shard_id: int, piece: int, pieces: int, rows: int) -> str:
+        name = f"{self.piece_stem(shard_id, piece, pieces)}.rows-{rows}.json"
+        return storage.join(self.markers_folder, name)
+
+    @staticmethod
+    def parse_marker(name: str) -> tuple[int, int, int, int] | None:
+        """(shard, piece, pieces, rows) of a marker's file name; None for any other name."""
+        found = _MARKER.fullmatch(name)
+        return tuple(int(g) for g in found.groups()) if found else None  # type: ignore[return-value]
 
     @property
-    def staged_root(self) -> str:
-        return storage.join(self.root, "_staged")
-
-    def staged_shard(self, shard_id: int) -> str:
-        return storage.join(self.root, "_staged", f"bucket-{shard_id:06d}")
-
-    def staged_marker(self, part_id: int) -> str:
-        return storage.join(self.root, "_staged", "_markers", f"part-{part_id:06d}.json")
+    def markers_folder(self) -> str:
+        return storage.join(self.root, "_markers")
 
     @property
     def scores_folder(self) -> str:

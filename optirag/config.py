@@ -372,12 +372,12 @@ class BackfillConfig(StrictModel):
         None, description="names the manifest, _backfills/<name>.json; default model=<version>"
     )
     fail_fast: bool = Field(
-        False, description="stage no partition after one fails (those staged are scored)"
+        False, description="plan no partition after one fails (those planned are scored)"
     )
     max_concurrent: int = Field(
         1,
         gt=0,
-        description="partitions staged at once; one actor pool then scores all of them",
+        description="partitions planned at once; one actor pool then scores all of them",
     )
     table: TableConfig = TableConfig()
 

@@ -322,3 +322,44 @@ def score_block(
         desc=desc,
     )
     return result, rows
+
+
+def cut_block(block: pa.Table, budget: int) -> list[pa.Table]:
+    """A token block in pieces of at most about `budget` bytes (Ray Data slices a block it
+    finds too big, and a shard's rows must reach the writer whole), each a token block of its
+    own: rows of a user stay together where they fit, and a user cut across pieces has their
+    prefix on their first row to score in each piece. One piece when the block fits."""
+    n = len(block)
+    if n == 0 or block.nbytes <= budget:
+        return [block]
+    block = block.sort_by(S.USER_ID)  # a stable sort: input order within each user
+    lengths = [pc.fill_null(pc.list_value_length(block[c]), 0).to_numpy() for c in TOKEN_LISTS]
+    values = sum(lengths) * 4
+    fixed = max(0.0, (block.nbytes - values.sum()) / n)
+    row_bytes = values + fixed
+    starts_at = np.cumsum(row_bytes) - row_bytes
+    _, piece_of = np.unique((starts_at // budget).astype(np.int64), return_inverse=True)
+    bounds = np.flatnonzero(np.diff(piece_of)) + 1
+    ok = pc.is_null(block[S.REASON]).to_numpy(zero_copy_only=False)
+    users = block[S.USER_ID].to_numpy(zero_copy_only=False)
+    pieces = []
+    for start, end in zip([0, *bounds], [*bounds, n], strict=True):
+        piece = block.slice(start, end - start)
+        if start and users[start] == users[start - 1]:  # a user cut here: repeat the prefix
+            own = np.flatnonzero(ok & (users == users[start]))
+            later = own[own >= start]
+            if len(later) and own[0] < start:
+                prefix = block[S.PREFIX_IDS][int(own[0])].as_py()
+                piece = _set_row(piece, S.PREFIX_IDS, int(later[0] - start), prefix)
+        pieces.append(piece)
+    return pieces
+
+
+TOKEN_LISTS = (S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE)
+
+
+def _set_row(table: pa.Table, name: str, row: int, value) -> pa.Table:
+    column = table[name].combine_chunks()
+    new = pa.array([value], column.type)
+    joined = pa.concat_arrays([column.slice(0, row), new, column.slice(row + 1)])
+    return table.set_column(table.column_names.index(name), name, joined)

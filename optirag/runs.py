@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 SHARD_ID = "_shard_id"  # internal columns, dropped before writing
 ROW = "_row"  # the row's position in the whole input: keeps the first copy of a duplicate
+PIECE, PIECES, PIECE_ROWS = "_piece", "_pieces", "_piece_rows"  # a shard cut by bytes
+PIECE_COLUMNS = (PIECE, PIECES, PIECE_ROWS)
 INT64_MAX = 2**63 - 1
 
 
@@ -127,6 +129,7 @@ RESERVED_COLUMNS = (
     S.REASON,
     ROW,
     SHARD_ID,
+    *PIECE_COLUMNS,
     S.USER_HASH,
     S.PREFIX_IDS,
     S.SUFFIX_IDS,
@@ -173,8 +176,9 @@ def changed_inputs(before: dict[str, list], now: dict[str, list]) -> list[str]:
     return sorted(p for p in set(before) | set(now) if before.get(p) != now.get(p))
 
 
-# How rows go to shards; in every plan, so that a run is never resumed with another rule.
-SHARDING = "user-hash-ranges-1"
+# How rows go to shards and shards to files; in every plan, so that a run is never resumed
+# with another rule. 2: staged by Ray Data's keyed shuffle, shards written in pieces.
+SHARDING = "user-hash-ranges-2"
 
 
 def shard_of(users: np.ndarray, num_shards: int) -> np.ndarray:
@@ -250,57 +254,74 @@ def read_part(part: Part, fs: pafs.FileSystem, known_items: np.ndarray) -> pa.Ta
     return table.append_column(ROW, pa.array(rows))
 
 
-def stage_part(
-    part: Part, table: pa.Table, num_shards: int, paths: AttemptPaths, cfg: Config
-) -> dict:
-    """Write a part's rows to the staging folder of their users' shards, then its marker."""
+def with_shards(table: pa.Table, num_shards: int) -> pa.Table:
+    """A part's rows with the shard of their user (SHARD_ID)."""
     users = table[S.USER_ID].fill_null(0).to_numpy()
-    shards = shard_of(users, num_shards)
-    counts = {}
-    for shard in np.unique(shards).tolist():
-        rows = table.filter(pa.array(shards == shard))
-        uri = paths.staged(shard, part.part_id)
-        with_retries(lambda r=rows, u=uri: storage.write_table(r, u, cfg.storage),
-                     f"staging {uri}", cfg.scoring.max_write_retries)  # fmt: skip
-        counts[str(shard)] = rows.num_rows
-    marker = {"part_id": part.part_id, "input_rows": len(table), "shards": counts}
-    uri = paths.staged_marker(part.part_id)
-    with_retries(lambda: storage.write_json(marker, uri, cfg.storage), f"marker {uri}",
-                 cfg.scoring.max_write_retries)  # fmt: skip
-    return marker
+    return table.append_column(SHARD_ID, pa.array(shard_of(users, num_shards)))
 
 
-def staged_marker_ok(paths: AttemptPaths, part: Part, store: StorageConfig) -> dict | None:
-    try:
-        marker = storage.read_json(paths.staged_marker(part.part_id), store)
-    except (OSError, ValueError):
-        return None
-    ok = marker.get("input_rows") == part.length == sum(marker.get("shards", {}).values())
-    return marker if ok else None
-
-
-def read_staged_shard(paths: AttemptPaths, shard_id: int, store: StorageConfig) -> pa.Table:
-    """Every staged row of a shard, in input order, with the shard id."""
-    fs, _ = storage.resolve(paths.root, store)
-    files = storage.list_files(paths.staged_shard(shard_id), store)
-    table = pa.concat_tables(
-        [pq.read_table(f, filesystem=fs) for f in files], promote_options="permissive"
-    )
-    table = table.sort_by(ROW)
-    return table.append_column(SHARD_ID, pa.array(np.full(len(table), shard_id)))
+def mark_duplicates(shard: pa.Table) -> pa.Table:
+    """A whole shard (every row of its users, any order) sorted by ROW, with every later copy
+    of a (user, item) pair among the rows still to be scored rejected as a duplicate: the
+    first copy in the input wins, wherever the copies sat in the input."""
+    shard = shard.sort_by(ROW)
+    ok = pc.is_null(shard[S.REASON]).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(ok)
+    keys = np.stack([shard[S.USER_ID].to_numpy()[rows], shard[S.ITEM_ID].to_numpy()[rows]], 1)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    later = np.ones(len(rows), dtype=bool)
+    later[first] = False
+    if not later.any():
+        return shard
+    reasons = np.asarray(shard[S.REASON].to_pylist(), dtype=object)
+    reasons[rows[later]] = S.REJECT_DUPLICATE_PAIR
+    at = shard.column_names.index(S.REASON)
+    return shard.set_column(at, S.REASON, pa.array(reasons, pa.string()))
 
 
 # ----------------------------------------------------------------------------- shards
 
 
-def write_shard(batch: pa.Table, cfg: Config, paths: AttemptPaths, lengths: dict[int, int]) -> dict:
-    """Split a scored shard into scores and rejects, validate, write both, then the marker;
-    returns the marker."""
-    shard_ids = np.unique(batch[SHARD_ID].to_numpy())
-    if len(shard_ids) != 1 or len(batch) != lengths[int(shard_ids[0])]:
-        raise RunFailed(f"a batch must hold one whole shard, got shards {shard_ids.tolist()}")
-    shard_id = int(shard_ids[0])
-    batch = batch.sort_by(ROW).drop_columns([SHARD_ID, ROW])
+@dataclass(frozen=True)
+class Piece:
+    """Piece `piece` of `pieces` of a shard, holding `rows` input rows."""
+
+    shard: int
+    piece: int
+    pieces: int
+    rows: int
+
+
+def label_pieces(pieces: list[pa.Table], shard: int) -> list[pa.Table]:
+    """A shard's pieces (a whole shard, cut in order) with the shard and piece columns."""
+    labelled = []
+    for j, piece in enumerate(pieces):
+        n = len(piece)
+        for name, value in ((SHARD_ID, shard), (PIECE, j), (PIECES, len(pieces)), (PIECE_ROWS, n)):
+            piece = piece.append_column(name, pa.array(np.full(n, value, dtype=np.int64)))
+        labelled.append(piece)
+    return labelled
+
+
+def write_pieces(batch: pa.Table, cfg: Config, paths: AttemptPaths) -> list[dict]:
+    """Write every piece a scored batch holds (see `write_piece`); returns their markers.
+    Ray Data may hand over several pieces in one batch, never part of one: a piece that
+    arrives incomplete fails the run rather than be written short."""
+    keys = np.stack([batch[c].to_numpy() for c in (SHARD_ID, PIECE, PIECES, PIECE_ROWS)], 1)
+    markers = []
+    for key in np.unique(keys, axis=0):
+        shard, piece, pieces, rows = (int(k) for k in key)
+        one = batch.filter(pa.array((keys == key).all(axis=1)))
+        if len(one) != rows:
+            raise RunFailed(f"shard {shard} piece {piece}: got {len(one)} of its {rows} rows")
+        markers.append(write_piece(one, cfg, paths, Piece(shard, piece, pieces, rows)))
+    return markers
+
+
+def write_piece(batch: pa.Table, cfg: Config, paths: AttemptPaths, piece: Piece) -> dict:
+    """Split a scored piece into scores and rejects (duplicates are already rejects:
+    `mark_duplicates`), validate, write both, then the marker; returns the marker."""
+    batch = batch.sort_by(ROW).drop_columns([SHARD_ID, ROW, *PIECE_COLUMNS])
     # An all-null column may arrive typed `null` after Ray Data's block handling.
     reason_at = batch.column_names.index(S.REASON)
     batch = batch.set_column(reason_at, S.REASON, batch[S.REASON].cast(pa.string()))
@@ -309,60 +330,70 @@ def write_shard(batch: pa.Table, cfg: Config, paths: AttemptPaths, lengths: dict
     passthrough = [c for c in batch.column_names if c not in (*S.SCORE_COLUMNS.names, S.REASON)]
 
     rejected = pc.is_valid(batch[S.REASON])
-    scored = batch.filter(pc.invert(rejected))
-    scored, duplicates = _split_duplicates(scored)
-    rejects = pa.concat_tables([batch.filter(rejected), duplicates])
-    rejects = rejects.select([S.USER_ID, S.ITEM_ID, *passthrough, S.REASON])
-    scores = scored.select([*S.SCORE_COLUMNS.names, *passthrough])
+    rejects = batch.filter(rejected).select([S.USER_ID, S.ITEM_ID, *passthrough, S.REASON])
+    scores = batch.filter(pc.invert(rejected)).select([*S.SCORE_COLUMNS.names, *passthrough])
     score_values = scores[S.SCORE].to_numpy()
     if not np.all(np.isfinite(score_values) & (score_values >= 0) & (score_values <= 1)):
-        raise RunFailed(f"shard {shard_id}: scores not finite in [0, 1]")
+        raise RunFailed(f"shard {piece.shard}: scores not finite in [0, 1]")
 
     exit_hist = Counter(scores[S.EXIT_LAYER].to_numpy().tolist())
     marker = {
-        "shard_id": shard_id,
+        "shard_id": piece.shard,
+        "piece": piece.piece,
+        "pieces": piece.pieces,
         "input_rows": len(batch),
         "scored": len(scores),
         "rejected": dict(Counter(rejects[S.REASON].to_pylist())),
         "exit_histogram": {str(k): v for k, v in sorted(exit_hist.items())},
     }
+    at = (piece.shard, piece.piece, piece.pieces)
 
-    def write() -> None:  # the marker last: a retried write never leaves a marked mixed shard
-        storage.write_table(scores, paths.scores(shard_id), cfg.storage)
-        storage.write_table(rejects, paths.rejects(shard_id), cfg.storage)
-        storage.write_json(marker, paths.marker(shard_id), cfg.storage)
+    def write() -> None:  # the marker last: a retried write never leaves a marked mixed piece
+        storage.write_table(scores, paths.scores(*at), cfg.storage)
+        storage.write_table(rejects, paths.rejects(*at), cfg.storage)
+        storage.write_json(marker, paths.marker(*at, len(batch)), cfg.storage)
 
-    with_retries(write, f"writing shard {shard_id}", cfg.scoring.max_write_retries)
+    with_retries(write, f"writing shard {piece.shard}", cfg.scoring.max_write_retries)
     return marker
 
 
-def _split_duplicates(scored: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Keep the first row of each (user, item) pair; later copies become rejects."""
-    users = scored[S.USER_ID].to_numpy()
-    items = scored[S.ITEM_ID].to_numpy()
-    _, first = np.unique(np.stack([users, items], axis=1), axis=0, return_index=True)
-    is_first = np.zeros(len(scored), dtype=bool)
-    is_first[first] = True
-    dup = scored.filter(pa.array(~is_first))
-    dup = dup.set_column(
-        dup.column_names.index(S.REASON),
-        S.REASON,
-        pa.array([S.REJECT_DUPLICATE_PAIR] * len(dup), pa.string()),
-    )
-    return scored.filter(pa.array(is_first)), dup
-
-
-def marker_ok(paths: AttemptPaths, shard_id: int, length: int, store: StorageConfig) -> dict | None:
-    """The shard's marker when it verifies (counts match the staging, both files present)."""
+def _names(folder: str, store: StorageConfig) -> set[str]:
+    """The file names in a folder, from one listing ({} when it does not exist)."""
+    fs, path = storage.resolve(folder, store)
     try:
-        marker = storage.read_json(paths.marker(shard_id), store)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
-        return None
-    complete = marker.get("scored", -1) + sum(marker.get("rejected", {}).values())
-    files = (paths.scores(shard_id), paths.rejects(shard_id))
-    if complete != length or not all(storage.exists(f, store) for f in files):
-        return None
-    return marker
+        return set()
+    return {i.base_name for i in infos if i.type == pafs.FileType.File}
+
+
+def done_pieces(paths: AttemptPaths, store: StorageConfig) -> dict[int, list[Piece]]:
+    """The attempt's done shards and their pieces, from one listing of the markers and one
+    of each output folder (no request per shard): a shard is done when every piece of one
+    cut has its marker and both files."""
+    scores = _names(paths.scores_folder, store)
+    rejects = _names(paths.rejects_folder, store)
+    cuts: dict[tuple[int, int], dict[int, Piece]] = {}
+    for name in _names(paths.markers_folder, store):
+        parsed = AttemptPaths.parse_marker(name)
+        if parsed is None:
+            continue
+        piece = Piece(*parsed)
+        data = AttemptPaths.piece_file(piece.shard, piece.piece, piece.pieces)
+        if data in scores and data in rejects and piece.piece < piece.pieces:
+            cuts.setdefault((piece.shard, piece.pieces), {})[piece.piece] = piece
+    done: dict[int, list[Piece]] = {}
+    for (shard, pieces), found in sorted(cuts.items()):
+        if len(found) == pieces and shard not in done:
+            done[shard] = [found[j] for j in range(pieces)]
+    return done
+
+
+def read_serially(uris: list[str], store: StorageConfig) -> list[dict]:
+    return [storage.read_json(uri, store) for uri in uris]
+
+
+ReadMany = Callable[[list[str], StorageConfig], list[dict]]
 
 
 # ----------------------------------------------------------------------------- model version
@@ -432,21 +463,9 @@ class Run:
     def total_rows(self) -> int:
         return sum(p.length for p in self.parts)
 
-    def pending_parts(self, store: StorageConfig) -> list[Part]:
-        return [p for p in self.parts if staged_marker_ok(self.paths, p, store) is None]
-
-    def shard_lengths(self, store: StorageConfig) -> dict[int, int]:
-        """Rows per non-empty shard, summed from the part markers (all parts staged)."""
-        lengths: Counter = Counter()
-        for part in self.parts:
-            marker = staged_marker_ok(self.paths, part, store)
-            if marker is None:
-                raise RunFailed(f"part {part.part_id} is not staged; rerun to resume")
-            lengths.update({int(k): v for k, v in marker["shards"].items()})
-        return dict(sorted(lengths.items()))
-
-    def pending_shards(self, lengths: dict[int, int], store: StorageConfig) -> list[int]:
-        return [s for s, n in lengths.items() if marker_ok(self.paths, s, n, store) is None]
+    def done(self, store: StorageConfig) -> dict[int, list[Piece]]:
+        """The shards already written (a resumed attempt's), from listings."""
+        return done_pieces(self.paths, store)
 
 
 def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
@@ -540,9 +559,10 @@ def _attempt(cfg: Config, run: RunPaths, plan: dict, restart_if_changed: bool) -
         )
         if previous == plan:
             paths = unpublished  # resume it
-        elif restart_if_changed:
+        elif restart_if_changed or previous.get("sharding") != plan["sharding"]:
             log.warning(
-                "%s: planned for other inputs or another model; a new attempt", unpublished.root
+                "%s: planned for other inputs, another model or an older layout; a new attempt",
+                unpublished.root,
             )
         elif not cfg.scoring.replace:
             raise RunRefused(
@@ -580,28 +600,35 @@ def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | No
 
 
 def commit(
-    run: Run, lengths: dict[int, int], cfg: Config, version: tuple[str, dict], started: float
+    run: Run,
+    cfg: Config,
+    version: tuple[str, dict],
+    started: float,
+    read_many: ReadMany = read_serially,
 ) -> dict:
-    """Validate every shard's marker, write the attempt's _manifest.json, point the run's
-    _SUCCESS at the attempt, then delete the other attempts."""
+    """Check that the done pieces hold every input row once, write the attempt's
+    _manifest.json, point the run's _SUCCESS at the attempt, then delete the other attempts.
+    Pieces are found by listing; `read_many` reads their markers (in parallel tasks in the
+    job: no request per shard in the driver)."""
     store, paths = cfg.storage, run.paths
     if run.lease is not None:
         run.lease.check()  # taken over by another invocation: it commits, not this one
-    markers = []
-    for shard_id, length in lengths.items():
-        marker = marker_ok(paths, shard_id, length, store)
-        if marker is None:
-            raise RunFailed(f"shard {shard_id} has no valid marker; rerun to resume")
-        markers.append(marker)
+    pieces = [p for found in run.done(store).values() for p in found]
+    total = run.total_rows
+    # Shards partition the users and a piece's rows are unique, so equal sums mean no input
+    # row is lost or written twice.
+    if (rows := sum(p.rows for p in pieces)) != total:
+        raise RunFailed(f"the written shards hold {rows} input rows, the plan {total}; rerun")
+    markers = read_many([paths.marker(p.shard, p.piece, p.pieces, p.rows) for p in pieces], store)
     scored = sum(m["scored"] for m in markers)
     rejected: Counter = Counter()
     exit_hist: Counter = Counter()
     for m in markers:
         rejected.update(m["rejected"])
         exit_hist.update({int(k): v for k, v in m["exit_histogram"].items()})
-    total = run.total_rows
     if scored + sum(rejected.values()) != total:
         raise RunFailed(f"row count mismatch: {scored} + {sum(rejected.values())} != {total}")
+    stems = [(p.shard, p.piece, p.pieces) for p in pieces]
     wall = time.time() - started
     mean_exit = sum(k * v for k, v in exit_hist.items()) / scored if scored else None
     summary = {
@@ -626,8 +653,8 @@ def commit(
         "model_version_parts": version[1],
         "inputs": dataclasses.asdict(run.inputs),
         "files": {  # relative to the attempt's folder: a copied output reads its own
-            "scores": [A.relative_to(paths.scores(s), paths.root) for s in lengths],
-            "rejects": [A.relative_to(paths.rejects(s), paths.root) for s in lengths],
+            "scores": [A.relative_to(paths.scores(*at), paths.root) for at in stems],
+            "rejects": [A.relative_to(paths.rejects(*at), paths.root) for at in stems],
         },
         "config": cfg.redacted(),
         "config_fingerprint": cfg.fingerprint(),
@@ -640,15 +667,29 @@ def commit(
         "model_version": version[0],
     }
     storage.write_json(pointer, run.run.success, store)  # one PUT: the run switches here
-    # The other attempts and this one's staged copies are read by nothing now.
+    # The other attempts, and pieces of another cut of a shard, are read by nothing now.
     leftovers = [
         run.run.attempt(n).root for n in _attempt_numbers(run.run, store) if n != paths.number
-    ] + [paths.staged_root]
+    ]
     for folder in leftovers:
         try:
             if storage.exists(folder, store):
                 storage.delete_folder(folder, store)
         except OSError as err:  # the run is committed; a leftover folder is harmless
             log.warning("could not delete %s: %s", folder, err)
+    _delete_other_cuts(paths, pieces, store)
     log.info("run %s committed: %s", run.run_id, json.dumps(summary))
     return summary
+
+
+def _delete_other_cuts(paths: AttemptPaths, kept: list[Piece], store: StorageConfig) -> None:
+    """Delete the files of a shard's other cuts (a resume under another block size), so that
+    a reader of the folders, not only of the manifest, sees each row once."""
+    stems = {AttemptPaths.piece_stem(p.shard, p.piece, p.pieces) for p in kept}
+    for folder in (paths.scores_folder, paths.rejects_folder, paths.markers_folder):
+        for name in _names(folder, store):
+            if name.split(".", 1)[0] not in stems:
+                try:
+                    storage.delete_file(storage.join(folder, name), store)
+                except OSError as err:
+                    log.warning("could not delete %s: %s", name, err)

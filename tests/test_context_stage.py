@@ -3,6 +3,7 @@ scoring job's token blocks give the same ids and the same scores as the in-proce
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from optirag import cf, runs, storage
 from optirag import schema as S
 from optirag.backbones import load_backbone
 from optirag.context import ContextStore
+from optirag.context_tables import cut_block
 from optirag.early_exit import ExitHeads
 from optirag.pair_scorer import make_pair_scorer
 from optirag.pipelines import context, scoring
@@ -63,16 +65,18 @@ def test_token_blocks_score_as_the_in_process_scorer(
     side_names = list(actor.scorer.engine.heads.spec.side_features)
     assert side_names == (SIDE if variant == "hybrid" else [])
 
-    run = runs.start(cfg, "v1")  # plan, then stage by user as the job's first stage does
+    run = runs.start(cfg, "v1")  # plan, then group by shard as the job's shuffle does
     fs, _ = storage.resolve(inputs.candidates, cfg.storage)
     known_items = movie_tables[1][S.ITEM_ID].to_numpy()
-    for part in run.parts:
-        runs.stage_part(part, runs.read_part(part, fs, known_items), run.num_shards, run.paths, cfg)
-    lengths = run.shard_lengths(cfg.storage)
-    assert len(lengths) > 1
+    rows = pa.concat_tables(
+        [runs.with_shards(runs.read_part(p, fs, known_items), run.num_shards) for p in run.parts]
+    )
+    shards = np.unique(rows[runs.SHARD_ID].to_numpy()).tolist()
+    assert len(shards) > 1
     scored = 0
-    for shard in lengths:
-        staged = runs.read_staged_shard(run.paths, shard, cfg.storage)
+    for shard in shards:
+        staged = rows.filter(pc.equal(rows[runs.SHARD_ID], shard)).drop_columns([runs.SHARD_ID])
+        staged = runs.mark_duplicates(staged)
         block = scoring.assemble_shard(staged, shard, run.num_shards, tables, cfg)
         users, items = block[S.USER_ID].to_numpy(), block[S.ITEM_ID].to_numpy()
         # The same ids: each user's prefix (on their first row) + each row's suffix.
@@ -88,6 +92,17 @@ def test_token_blocks_score_as_the_in_process_scorer(
         np.testing.assert_allclose(out[S.SCORE].to_numpy(), expected.scores, atol=1e-5)
         assert np.array_equal(out[S.EXIT_LAYER].to_numpy(), expected.exit_layers)
         scored += len(out)
+        # Cut into pieces under a block size (Ray Data's, in the job), in any batches: the
+        # same scores, each user cut across pieces keeping their prefix.
+        pieces = cut_block(block, max(1, block.nbytes // 4))
+        assert len(pieces) >= 3 and sum(map(len, pieces)) == len(block)
+        cut = pa.concat_tables([actor(pa.concat_tables(pieces[:2])), *map(actor, pieces[2:])])
+        order = [(runs.ROW, "ascending")]
+        np.testing.assert_allclose(
+            cut.sort_by(order)[S.SCORE].to_numpy(),
+            out.sort_by(order)[S.SCORE].to_numpy(),
+            atol=1e-5,
+        )
     assert scored == cands.num_rows
 
 

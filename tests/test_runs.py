@@ -3,6 +3,7 @@ model version, and where a run may write."""
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -69,42 +70,51 @@ def test_ids_outside_int64_are_rejects_and_ids_become_int64(local_storage):
     assert table[S.USER_ID].to_pylist()[0] == 1 and table[runs.ROW].to_pylist() == [100, 101, 102]
 
 
-def test_every_row_of_a_user_is_staged_in_one_shard(local_storage):
+def test_every_row_of_a_user_is_in_one_shard_and_the_first_copy_wins(local_storage):
     rng = np.random.default_rng(0)
     users, items = rng.integers(0, 50, 400), rng.integers(0, 20, 400)
     users[-1], items[-1] = users[0], items[0]  # the same pair again, far away in the input
     path = storage.join(local_storage.root, "c.parquet")
     storage.write_table(_cands(users, items), path, local_storage)
     fs, inner = storage.resolve(path, local_storage)
-    cfg = _cfg(local_storage)
-    attempt = A.RunPaths(storage.join(local_storage.root, "out", "r1")).attempt(1)
     parts = [runs.Part(i, inner, 0, i * 100, 100, i * 100) for i in range(4)]
-    for part in parts:
-        runs.stage_part(part, runs.read_part(part, fs, np.arange(20)), 7, attempt, cfg)
-    assert all(runs.staged_marker_ok(attempt, p, local_storage) for p in parts)
+    rows = pa.concat_tables(
+        [runs.with_shards(runs.read_part(p, fs, np.arange(20)), 7) for p in parts]
+    )
     seen = {}
-    for shard in range(7):
-        if not storage.exists(attempt.staged_shard(shard), local_storage):
-            continue
-        table = runs.read_staged_shard(attempt, shard, local_storage)
-        assert table[runs.ROW].to_pylist() == sorted(table[runs.ROW].to_pylist())
-        for user in table[S.USER_ID].to_pylist():
-            assert seen.setdefault(user, shard) == shard
+    for user, shard in zip(
+        rows[S.USER_ID].to_pylist(), rows[runs.SHARD_ID].to_pylist(), strict=True
+    ):
+        assert seen.setdefault(user, shard) == shard
     assert len(seen) == len(np.unique(users))
     # the shard of a user does not depend on the process or the batch it is computed in
     assert np.array_equal(runs.shard_of(users, 7), runs.shard_of(users.copy()[::-1], 7)[::-1])
+    # a shard arrives in any order (a shuffle keeps none): the first copy in the input wins
+    shard = rows.filter(pa.compute.equal(rows[runs.SHARD_ID], int(runs.shard_of(users[:1], 7)[0])))
+    marked = runs.mark_duplicates(shard.take(np.random.default_rng(1).permutation(len(shard))))
+    assert marked[runs.ROW].to_pylist() == sorted(shard[runs.ROW].to_pylist())
+    dup = marked.filter(pa.compute.equal(marked[S.REASON], S.REJECT_DUPLICATE_PAIR))
+    pairs = list(zip(users.tolist(), items.tolist(), strict=True))
+    firsts = {p: i for i, p in reversed(list(enumerate(pairs)))}
+    expected = [i for i in shard[runs.ROW].to_pylist() if firsts[pairs[i]] != i]
+    assert sorted(dup[runs.ROW].to_pylist()) == expected and 399 in expected
+
+
+def _scored_batch(users, items, rows, shard=3):
+    n = len(users)
+    batch = _cands(users, items)
+    reasons = [S.REJECT_DUPLICATE_PAIR if r == 1 else None for r in rows]
+    batch = batch.append_column(S.REASON, pa.array(reasons, pa.string()))
+    batch = batch.append_column(runs.ROW, pa.array(rows))
+    batch = batch.append_column(S.SCORE, pa.array(np.linspace(0.1, 0.3, n), pa.float32()))
+    batch = batch.append_column(S.EXIT_LAYER, pa.array([6] * n, pa.int16()))
+    return batch.append_column(S.MODEL_VERSION, pa.array(["v"] * n))
 
 
 def test_a_write_that_fails_once_is_retried(local_storage, monkeypatch):
     cfg = _cfg(local_storage, max_write_retries=2)
     attempt = A.RunPaths(storage.join(local_storage.root, "out", "r1")).attempt(1)
-    batch = _cands([1, 1, 2], [5, 5, 6])
-    batch = batch.append_column(S.REASON, pa.array([None] * 3, pa.string()))
-    batch = batch.append_column(runs.ROW, pa.array([0, 1, 2]))
-    batch = batch.append_column(runs.SHARD_ID, pa.array([3, 3, 3]))
-    batch = batch.append_column(S.SCORE, pa.array([0.1, 0.2, 0.3], pa.float32()))
-    batch = batch.append_column(S.EXIT_LAYER, pa.array([6, 6, 6], pa.int16()))
-    batch = batch.append_column(S.MODEL_VERSION, pa.array(["v"] * 3))
+    [batch] = runs.label_pieces([_scored_batch([1, 1, 2], [5, 5, 6], [0, 1, 2])], 3)
     real, calls = storage.write_table, []
 
     def flaky(table, uri, store):
@@ -115,11 +125,30 @@ def test_a_write_that_fails_once_is_retried(local_storage, monkeypatch):
 
     monkeypatch.setattr(storage, "write_table", flaky)
     monkeypatch.setattr(runs.time, "sleep", lambda s: None)
-    marker = runs.write_shard(batch, cfg, attempt, {3: 3})
+    [marker] = runs.write_pieces(batch, cfg, attempt)
     assert marker["scored"] == 2 and marker["rejected"] == {"duplicate_pair": 1}
-    assert runs.marker_ok(attempt, 3, 3, local_storage) is not None
+    assert runs.done_pieces(attempt, local_storage) == {3: [runs.Piece(3, 0, 1, 3)]}
     fs, path = storage.resolve(attempt.scores(3), local_storage)
     assert pq.read_table(path, filesystem=fs)[S.SCORE].to_pylist() == pytest.approx([0.1, 0.3])
+
+
+def test_a_shard_is_written_in_pieces_and_done_only_when_all_are(local_storage):
+    """Pieces arrive in any batches, several per batch; a shard is done when every piece of
+    one cut is; a piece that arrives short is refused, never written."""
+    cfg = _cfg(local_storage)
+    attempt = A.RunPaths(storage.join(local_storage.root, "out", "r1")).attempt(1)
+    whole = _scored_batch([1, 2, 3, 4, 5], [9, 9, 9, 9, 9], [0, 2, 3, 4, 5])
+    pieces = runs.label_pieces([whole.slice(0, 2), whole.slice(2, 2), whole.slice(4)], 5)
+    other = runs.label_pieces([_scored_batch([7], [9], [6])], 6)
+    runs.write_pieces(pa.concat_tables([pieces[2], other[0]]), cfg, attempt)
+    assert set(runs.done_pieces(attempt, local_storage)) == {6}  # shard 5 has 1 piece of 3
+    with pytest.raises(runs.RunFailed, match="shard 5 piece 0: got 1 of its 2 rows"):
+        runs.write_pieces(pieces[0].slice(0, 1), cfg, attempt)
+    runs.write_pieces(pa.concat_tables(pieces[:2]), cfg, attempt)
+    done = runs.done_pieces(attempt, local_storage)
+    assert [p.rows for p in done[5]] == [2, 2, 1] and done[6] == [runs.Piece(6, 0, 1, 1)]
+    Path(attempt.rejects(5, 1, 3)).unlink()  # a piece's file missing: the shard is not done
+    assert set(runs.done_pieces(attempt, local_storage)) == {6}
 
 
 def test_run_folder_is_checked_against_every_input():

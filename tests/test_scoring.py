@@ -14,6 +14,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 
 from optirag import artifacts as A
@@ -208,6 +209,32 @@ def test_job_matches_the_in_process_scorer_and_a_rerun_skips_finished_shards(
     )  # fmt: skip
 
 
+def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
+    ray_session, local_storage, tiny_llama_dir, movie_tables
+):
+    """Issue 30: Ray Data slices a block over 1.5x its target size, and a shard's token
+    block that big failed the run ("a batch must hold one whole shard"). A shard is now cut
+    into pieces under the limit, each written whole, and scores as one would."""
+    cands = _candidates()
+    _write_inputs(local_storage, movie_tables, cands)
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=cands.num_rows)  # one shard
+    context = ray.data.DataContext.get_current()
+    limit = context.target_max_block_size
+    context.target_max_block_size = 8 << 10  # the token block is tens of KiB
+    try:
+        summary = scoring.run(cfg)
+    finally:
+        context.target_max_block_size = limit
+    assert summary["shards"] == 1
+    root, scores, rejects = _read_run(cfg)
+    _assert_exactly_once(scores, rejects, cands)
+    files = json.loads(Path(root, "_manifest.json").read_text())["files"]["scores"]
+    assert len(files) > 2 and all(f.endswith(f"-of-{len(files)}.parquet") for f in files)
+    scorer = _stored_scorer(cfg, ContextStore(*movie_tables, cfg.prompts))
+    local = scorer.score(scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
+    np.testing.assert_allclose(scores[S.SCORE].to_numpy(), local.scores, atol=1e-4)
+
+
 def _kill_when(predicate, match, timeout=SLOW_JOB_S):
     """SIGKILL the first process of this test session's own Ray cluster (a descendant of
     this process) whose command line contains `match`, once predicate() holds."""
@@ -386,7 +413,8 @@ def test_duplicates_across_files_and_one_output_schema(
     dup = rejects.filter(pa.compute.equal(rejects[S.REASON], "duplicate_pair"))
     assert dup.to_pylist()[0][S.USER_ID] == 1 and dup.to_pylist()[0][S.ITEM_ID] == 4
     attempt = A.published_attempt(str(Path(local_storage.root, "scores", "r1")), cfg.storage)
-    assert not Path(attempt.staged_root).exists()  # staged copies deleted once committed
+    assert sorted(p.name for p in Path(attempt.root).iterdir()) == [
+        "_manifest.json", "_markers", "_plan.json", "rejects", "scores"]  # fmt: skip
     for path in Path(attempt.scores_folder).iterdir():
         schema = pq.read_schema(path)
         assert schema.field(S.USER_ID).type == schema.field(S.ITEM_ID).type == pa.int64()
@@ -404,30 +432,37 @@ def test_duplicates_across_files_and_one_output_schema(
 
 
 def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
-    """score_staged's bookkeeping, without Ray: a run commits when its last marker arrives, a
-    run with nothing pending commits before the graph, a graph failure fails only the runs
-    not committed by then, and a failing on_done callback is not a run's failure."""
+    """score_planned's bookkeeping, without Ray: a run commits when the markers of all its
+    pending rows have arrived, a run with nothing pending commits before the graph, a graph
+    failure fails only the runs not committed by then, and a failing on_done callback is not
+    a run's failure."""
     inputs = runs.Inputs(candidates="c", history="h", items="i", neighbors=None, output="o")
 
-    def staged(name: str, lengths: dict, pending: list) -> scoring.Staged:
-        run = runs.Run(name, inputs, A.RunPaths(name), A.RunPaths(name).attempt(1), [], 1)
-        return scoring.Staged(Config(), run, ("v", {}), lengths, pending, 0.0)
+    def planned(name: str, rows: int, done: dict) -> scoring.Planned:
+        parts = [runs.Part(0, "p", 0, 0, rows, 0)]
+        run = runs.Run(name, inputs, A.RunPaths(name), A.RunPaths(name).attempt(1), parts, 1)
+        return scoring.Planned(Config(), run, ("v", {}), done, 0.0)
 
-    together = [staged("a", {0: 3, 1: 2}, [0, 1]), staged("b", {0: 4}, []),
-                staged("c", {0: 1, 1: 1}, [0, 1])]  # fmt: skip
+    together = [planned("a", 5, {}), planned("b", 4, {0: [runs.Piece(0, 0, 1, 4)]}),
+                planned("c", 3, {1: [runs.Piece(1, 0, 1, 1)]})]  # fmt: skip
     committed = []
     monkeypatch.setattr(
         runs, "commit", lambda run, *_: committed.append(run.run_id) or {"run_id": run.run_id}
     )
-    monkeypatch.setattr(scoring, "_scoring_graph", lambda *_: "graph")
+    monkeypatch.setattr(scoring, "_scoring_graph", lambda *_: ("graph", "progress"))
 
-    def drive(ds, rows, cfg, desc, on_marker, timeout_s):
-        assert (ds, rows, timeout_s) == ("graph", 7, 2 * cfg.scoring.timeout_s)
+    def drive(ds, rows, cfg, desc, on_marker, timeout_s, progress):
+        assert (ds, rows, timeout_s, progress) == (
+            "graph",
+            7,
+            2 * cfg.scoring.timeout_s,
+            "progress",
+        )
         assert committed == ["b"]  # nothing pending: committed before the graph
-        on_marker({"_run": 0, "shard_id": 1})
-        on_marker({"_run": 2, "shard_id": 0})
-        assert committed == ["b"]  # a and c each have a shard to go
-        on_marker({"_run": 0, "shard_id": 0})
+        on_marker({"_run": 0, "shard_id": 1, "input_rows": 2})
+        on_marker({"_run": 2, "shard_id": 0, "input_rows": 1})
+        assert committed == ["b"]  # a and c each have rows to go
+        on_marker({"_run": 0, "shard_id": 0, "input_rows": 3})
         assert committed == ["b", "a"]
         raise runs.RunFailed("stalled")
 
@@ -439,7 +474,7 @@ def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
         if i == 1:
             raise OSError("the manifest could not be written")
 
-    outcomes = scoring.score_staged(together, on_done)
+    outcomes = scoring.score_planned(together, on_done)
     assert committed == ["b", "a"] and done == [1, 0, 2]
     assert outcomes[0]["run_id"] == "a" and outcomes[1]["shards_run"] == 0
     assert isinstance(outcomes[2], runs.RunFailed) and "stalled" in str(outcomes[2])

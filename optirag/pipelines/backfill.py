@@ -6,13 +6,13 @@ Each partition is an ordinary scoring run (exactly once, resumable, `_SUCCESS` l
 folder names the model version, so two model variants backfill side by side and a warehouse
 reads the output by partition. A partition already committed for the same model version and
 the same input content (runs.committed_state) is skipped; one whose input changed since is
-rescored as a new attempt, published once committed. The others are staged first
-(`backfill.max_concurrent` at a time), then one Ray Data graph scores all their shards with
+rescored as a new attempt, published once committed. The others are planned first
+(`backfill.max_concurrent` at a time), then one Ray Data graph scores all their rows with
 one actor pool, started once for the whole backfill, and each partition commits as soon as
 its last shard is written.
 
-Bad input fails its partition while staging; the backfill fails, naming it, after the others
-have finished (`backfill.fail_fast`: no partition is staged after the failure; those staged
+Bad input fails its partition while planning; the backfill fails, naming it, after the others
+have finished (`backfill.fail_fast`: no partition is planned after the failure; those planned
 before it are scored). A failure inside the scoring graph (after
 its retries) fails every partition not committed by then; the rerun resumes them. The
 backfill's manifest (`scores/_backfills/<backfill.name>.json`, default name
@@ -36,7 +36,7 @@ from optirag.pipelines import scoring
 
 log = logging.getLogger(__name__)
 
-COMMITTED, SKIPPED, FAILED, STAGED = "committed", "skipped", "failed", "staged"
+COMMITTED, SKIPPED, FAILED, PLANNED = "committed", "skipped", "failed", "planned"
 NOT_RUN = "not run (fail_fast)"
 
 
@@ -245,8 +245,8 @@ def run(cfg: Config) -> dict:
         entry["table_snapshot"] = score_table.publish(table, scores, key, value, version, attempt)
         return entry
 
-    def stage(value: str) -> scoring.Staged | None:
-        """Skip a committed partition, or stage it for scoring; None when nothing is left."""
+    def plan(value: str) -> scoring.Planned | None:
+        """Skip a committed partition, or plan it for scoring; None when nothing is left."""
         if stop.is_set():
             record(value, {"status": NOT_RUN})
             return None
@@ -268,16 +268,16 @@ def run(cfg: Config) -> dict:
                 scoring_cfg = part_cfg.scoring.model_copy(update={"replace": True})
                 part_cfg = part_cfg.model_copy(update={"scoring": scoring_cfg})
             if done is None:
-                staged = scoring.stage(part_cfg, run_root=run_root, restart_if_changed=True)
+                planned = scoring.plan(part_cfg, run_root=run_root, restart_if_changed=True)
                 record(
                     value,
                     {
-                        "status": STAGED,
-                        "shards": len(staged.lengths),
-                        "shards_pending": len(staged.pending),
+                        "status": PLANNED,
+                        "shards_done": len(planned.done),
+                        "rows_pending": planned.pending_rows,
                     },
                 )
-                return staged
+                return planned
             log.info(
                 "backfill: %s=%s is committed for %s and these inputs; skipped", key, value, version
             )
@@ -287,11 +287,11 @@ def run(cfg: Config) -> dict:
             record(value, _failed(err))
         return None
 
-    # Stage the partitions (max_concurrent at a time), then score every staged partition's
-    # shards in one graph: one actor pool for the whole backfill, not one per partition.
+    # Plan the partitions (max_concurrent at a time), then score every planned partition's
+    # rows in one graph: one actor pool for the whole backfill, not one per partition.
     with ThreadPoolExecutor(cfg.backfill.max_concurrent, "optirag-backfill") as pool:
-        staged = {v: s for v, s in zip(chosen, pool.map(stage, chosen), strict=True) if s}
-    values = list(staged)
+        planned = {v: p for v, p in zip(chosen, pool.map(plan, chosen), strict=True) if p}
+    values = list(planned)
 
     def scored(i: int, outcome: dict | Exception) -> None:
         value = values[i]
@@ -304,8 +304,8 @@ def run(cfg: Config) -> dict:
         except scoring.RUN_ERRORS as err:
             record(value, _failed(err))
 
-    if staged:  # under fail_fast too: what was staged before the failure is scored
-        scoring.score_staged(list(staged.values()), on_done=scored)
+    if planned:  # under fail_fast too: what was planned before the failure is scored
+        scoring.score_planned(list(planned.values()), on_done=scored)
     if table is not None and cfg.backfill.table.drop_missing:
         gone = sorted(score_table.slice_values(table, key, version) - set(available))
         for value in gone:  # a partition folder removed from the candidates, on request

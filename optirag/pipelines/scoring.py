@@ -21,7 +21,6 @@ import queue
 import threading
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from ray.data import ActorPoolStrategy
 from optirag import runs, storage
 from optirag import schema as S
 from optirag.config import Config
-from optirag.context_tables import TokenAssembler, score_block
+from optirag.context_tables import TokenAssembler, cut_block, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
 
@@ -154,74 +153,66 @@ def assemble_shard(
 
 
 @dataclass
-class Staged:
-    """A run whose input is staged into shards: what is left to score, then commit."""
+class Planned:
+    """A run planned and checked against what an earlier invocation wrote: the rows left
+    to score (those of shards without every piece written), then the commit."""
 
     cfg: Config
     run: runs.Run
     version: tuple[str, dict]
-    lengths: dict[int, int]  # rows per shard
-    pending: list[int]  # shards without a valid marker
+    done: dict[int, list[runs.Piece]]  # shards written before this invocation
     started: float
 
+    @property
+    def pending_rows(self) -> int:
+        return self.run.total_rows - sum(p.rows for found in self.done.values() for p in found)
+
     def commit(self) -> dict:
-        summary = runs.commit(self.run, self.lengths, self.cfg, self.version, self.started)
-        return {**summary, "shards": len(self.lengths), "shards_run": len(self.pending)}
+        summary = runs.commit(self.run, self.cfg, self.version, self.started, read_markers)
+        shards = set(self.run.done(self.cfg.storage))
+        return {**summary, "shards": len(shards), "shards_run": len(shards - set(self.done))}
 
 
 def run(cfg: Config, run_root: str | None = None) -> dict:
     """Score the candidates; returns the run summary. Needs ray.init() first. The run's
     folder is `<output>/<run_id>/` unless `run_root` names it (a backfill's partition)."""
-    outcome = score_staged([stage(cfg, run_root)])[0]
+    outcome = score_planned([plan(cfg, run_root)])[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
 
 
-def stage(cfg: Config, run_root: str | None = None, *, restart_if_changed: bool = False) -> Staged:
-    """Start (or resume) a run and stage its candidates by user: a Ray Data task per part
-    (`restart_if_changed`: see runs.start)."""
+def plan(cfg: Config, run_root: str | None = None, *, restart_if_changed: bool = False) -> Planned:
+    """Start (or resume) a run: plan its input and list the shards an earlier invocation
+    wrote (`restart_if_changed`: see runs.start)."""
     started = time.time()
     version = runs.model_version(cfg)
     run = runs.start(cfg, version[0], run_root, restart_if_changed=restart_if_changed)
     try:
-        return _stage(cfg, run, version, started)
+        return Planned(cfg, run, version, run.done(cfg.storage), started)
     except BaseException:
         run.release()
         raise
 
 
-def _stage(cfg: Config, run: runs.Run, version: tuple, started: float) -> Staged:
-    store = cfg.storage
-    paths, inputs, num_shards = run.paths, run.inputs, run.num_shards  # not `run`: its lease
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+MARKERS_PER_TASK = 1000
 
-    parts = run.pending_parts(store)
-    if parts:
-        items = storage.read_table(inputs.items, store, columns=[S.ITEM_ID])
-        known_items = ray.put(items[S.ITEM_ID].to_numpy())
-        fs, _ = storage.resolve(inputs.candidates, store)
 
-        def stage_one(batch: dict[str, np.ndarray]) -> pa.Table:
-            part = parts[int(batch["id"][0])]
-            table = runs.read_part(part, fs, ray.get(known_items))
-            marker = runs.stage_part(part, table, num_shards, paths, cfg)
-            return pa.table({"marker": [json.dumps(marker)]})
-
-        ds = ray.data.range(len(parts), override_num_blocks=len(parts)).map_batches(
-            stage_one, batch_size=1, batch_format="numpy"
-        )
-        _drive(ds, sum(p.length for p in parts), cfg, "staging by user")
-
-    lengths = run.shard_lengths(store)
-    return Staged(cfg, run, version, lengths, run.pending_shards(lengths, store), started)
+def read_markers(uris: list[str], store) -> list[dict]:
+    """Read many small JSON markers in parallel Ray tasks (a commit's markers: no serial
+    request per shard in the driver)."""
+    if len(uris) <= MARKERS_PER_TASK // 10:
+        return runs.read_serially(uris, store)
+    chunks = [uris[i : i + MARKERS_PER_TASK] for i in range(0, len(uris), MARKERS_PER_TASK)]
+    read = ray.remote(num_cpus=0.25, max_retries=3)(runs.read_serially)
+    return [m for found in ray.get([read.remote(c, store) for c in chunks]) for m in found]
 
 
 OnDone = Callable[[int, "dict | Exception"], None]
 
 
-def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[dict | Exception]:
-    """Score the pending shards of every staged run in one Ray Data graph (one actor pool,
+def score_planned(planned: list[Planned], on_done: OnDone | None = None) -> list[dict | Exception]:
+    """Score the pending rows of every planned run in one Ray Data graph (one actor pool,
     started once), committing each run as soon as its last shard is written. Returns each
     run's summary, or the exception that failed it; `on_done(i, outcome)` is called as each
     run finishes (an exception it raises is logged, not the run's). The runs must share their
@@ -229,12 +220,12 @@ def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[di
     the first one's config; the graph's wall-clock limit is `scoring.timeout_s` times the
     number of runs it scores."""
     outcomes: dict[int, dict | Exception] = {}
-    cfg = staged[0].cfg if staged else None
+    cfg = planned[0].cfg if planned else None
 
     def finish(i: int, error: Exception | None = None) -> None:
         if error is None:
             try:
-                outcomes[i] = staged[i].commit()
+                outcomes[i] = planned[i].commit()
             except RUN_ERRORS as err:
                 outcomes[i] = err
         else:
@@ -243,83 +234,128 @@ def score_staged(staged: list[Staged], on_done: OnDone | None = None) -> list[di
             try:
                 on_done(i, outcomes[i])
             except Exception:  # a report's failure is not the run's
-                log.exception("after run %s finished", staged[i].run.run_id)
-        staged[i].run.release()  # the run is done with: another invocation may take it
+                log.exception("after run %s finished", planned[i].run.run_id)
+        planned[i].run.release()  # the run is done with: another invocation may take it
 
     try:
-        return _score_staged(staged, finish, outcomes, cfg)
+        return _score_planned(planned, finish, outcomes, cfg)
     finally:
-        for one in staged:
+        for one in planned:
             one.run.release()
 
 
-def _score_staged(staged: list[Staged], finish, outcomes: dict, cfg) -> list[dict | Exception]:
-    for i, one in enumerate(staged):
-        if not one.pending:
+def _score_planned(planned: list[Planned], finish, outcomes: dict, cfg) -> list[dict | Exception]:
+    left = {i: one.pending_rows for i, one in enumerate(planned)}
+    for i, rows in left.items():
+        if not rows:
             finish(i)
-    work = [(i, shard) for i, one in enumerate(staged) for shard in one.pending]
-    if work:
-        left = Counter(i for i, _ in work)
-        shared = {(one.version[0], one.run.inputs.history, one.run.inputs.items,
-                   one.run.inputs.neighbors) for one in staged}  # fmt: skip
+    left = {i: rows for i, rows in left.items() if rows}
+    if left:
+        shared = {
+            (one.version[0], one.run.inputs.history, one.run.inputs.items, one.run.inputs.neighbors)
+            for one in planned
+        }
         if len(shared) != 1:
-            raise ValueError("runs scored together must share the model, history, items and "
-                             "neighbours")  # fmt: skip
+            raise ValueError(
+                "runs scored together must share the model, history, items and neighbours"
+            )
 
-        def on_shard(marker: dict) -> None:
-            left[marker[RUN]] -= 1
+        def on_piece(marker: dict) -> None:
+            left[marker[RUN]] -= marker["input_rows"]
             if left[marker[RUN]] == 0:
                 finish(marker[RUN])
 
-        rows = sum(staged[i].lengths[shard] for i, shard in work)
+        rows = sum(left.values())
         timeout = cfg.scoring.timeout_s * len(left)
         try:
-            _drive(_scoring_graph(staged, work, cfg), rows, cfg, "scoring", on_shard, timeout)
+            graph, progress = _scoring_graph(planned, sorted(left), cfg)
+            _drive(graph, rows, cfg, "scoring", on_piece, timeout, progress)
         except RUN_ERRORS as err:
             for i in left:
                 if i not in outcomes:
                     finish(i, err)
-    return [outcomes[i] for i in range(len(staged))]
+    return [outcomes[i] for i in range(len(planned))]
 
 
-def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Config):
-    """read shard + assemble (tasks) -> ScoreTokens (actor pool) -> write shard (tasks)."""
-    first = staged[0].run.inputs
+@ray.remote(num_cpus=0)
+class ReadProgress:
+    """Input rows read so far, told by the read tasks: the driver's progress and stall
+    watch while the shuffle gathers each shard (no shard finishes before it has all its
+    rows)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def get(self) -> int:
+        return self.rows
+
+
+def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
+    """read parts (tasks) -> keyed shuffle by (run, shard) -> mark duplicates, assemble
+    tokens, cut by bytes (tasks) -> ScoreTokens (actor pool) -> write pieces (tasks)."""
+    from ray.data import DataContext
+
+    first = planned[0].run.inputs
     tables = context.build(cfg, first.history, first.items, first.neighbors)
-    targets = [(one.cfg, one.run.paths, one.run.num_shards, one.lengths) for one in staged]
     store = cfg.storage
-
-    names = [f"{one.run.run_id} (input {one.run.inputs.candidates})" for one in staged]
+    items = storage.read_table(first.items, store, columns=[S.ITEM_ID])
+    known_items = ray.put(items[S.ITEM_ID].to_numpy())
+    fs, _ = storage.resolve(first.candidates, store)
+    targets = [(one.cfg, one.run.paths, one.run.num_shards, set(one.done)) for one in planned]
+    work = [(i, part) for i in pending for part in planned[i].run.parts]
+    names = [f"{one.run.run_id} (input {one.run.inputs.candidates})" for one in planned]
+    progress = ReadProgress.remote()
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    # A piece stays under Ray Data's block size: Ray never slices it, so a shard of any size
+    # is written whole (in pieces); see runs.write_pieces.
+    budget = max(1, DataContext.get_current().target_max_block_size // 4)
 
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
-        i, shard_id = work[int(batch["id"][0])]
-        _, paths, num_shards, _ = targets[i]
-        with naming_the_run(names, i, shard_id):
-            table = runs.read_staged_shard(paths, shard_id, store)
-            block = assemble_shard(table, shard_id, num_shards, tables, cfg)
-        return block.append_column(RUN, pa.array(np.full(len(block), i, dtype=np.int32)))
+        i, part = work[int(batch["id"][0])]
+        _, _, num_shards, done = targets[i]
+        with naming_the_run(names, i, None, [part.path]):
+            table = runs.with_shards(runs.read_part(part, fs, ray.get(known_items)), num_shards)
+        if done:
+            table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
+        progress.add.remote(part.length)
+        return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
+
+    def assemble(group: pa.Table):
+        i, shard = int(group[RUN][0].as_py()), int(group[runs.SHARD_ID][0].as_py())
+        _, _, num_shards, _ = targets[i]
+        with naming_the_run(names, i, shard):
+            table = runs.mark_duplicates(group.drop_columns([RUN, runs.SHARD_ID]))
+            block = assemble_shard(table, shard, num_shards, tables, cfg)
+        for piece in runs.label_pieces(cut_block(block, budget), shard):
+            yield piece.append_column(RUN, pa.array(np.full(len(piece), i, dtype=np.int64)))
 
     def write(batch: pa.Table) -> pa.Table:
-        i = int(pc.min(batch[RUN]).as_py())
-        if i != pc.max(batch[RUN]).as_py():
-            raise runs.RunFailed("a batch must hold one run's shard")
-        run_cfg, paths, _, lengths = targets[i]
-        marker = runs.write_shard(batch.drop_columns([RUN]), run_cfg, paths, lengths)
-        return pa.table({"marker": [json.dumps({**marker, RUN: i})]})
+        markers = []
+        for i in np.unique(batch[RUN].to_numpy()).tolist():
+            run_cfg, paths, _, _ = targets[i]
+            one = batch.filter(pc.equal(batch[RUN], i)).drop_columns([RUN])
+            markers += [{**m, RUN: i} for m in runs.write_pieces(one, run_cfg, paths)]
+        return pa.table({"marker": [json.dumps(m) for m in markers]})
 
     compute = cfg.compute
+    shuffle_partitions = min(sum(planned[i].run.num_shards for i in pending), 200)
     # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
     # which it flags as deprecated; the bounds below are deliberate.
-    return (
+    graph = (
         ray.data.range(len(work), override_num_blocks=len(work))
         .map_batches(read, batch_size=1, batch_format="numpy")
+        .groupby([RUN, runs.SHARD_ID], num_partitions=shuffle_partitions)
+        .map_groups(assemble, batch_format="pyarrow")
         .map_batches(
             ScoreTokens,
             fn_constructor_kwargs={
                 "cfg": cfg,
-                "model_version": staged[0].version[0],
+                "model_version": planned[0].version[0],
                 "run_names": names,
-                "run_files": [RowFiles.of_run(one.run) for one in staged],
+                "run_files": [RowFiles.of_run(one.run) for one in planned],
             },
             batch_size=None,
             batch_format="pyarrow",
@@ -331,6 +367,7 @@ def _scoring_graph(staged: list[Staged], work: list[tuple[int, int]], cfg: Confi
         )
         .map_batches(write, batch_size=None, batch_format="pyarrow")
     )
+    return graph, progress
 
 
 def _drive(
@@ -340,9 +377,12 @@ def _drive(
     desc: str,
     on_marker: Callable[[dict], None] | None = None,
     timeout_s: float | None = None,
+    progress=None,
 ) -> None:
-    """Consume the dataset with a progress bar, a wall-clock limit (default
-    `scoring.timeout_s`) and a stall watchdog; `on_marker` sees each marker as it arrives."""
+    """Consume the dataset with progress bars, a wall-clock limit (default
+    `scoring.timeout_s`) and a stall watchdog; `on_marker` sees each marker as it arrives;
+    `progress` (a ReadProgress) counts the rows read, which also keeps the watchdog quiet
+    while the shuffle gathers the shards."""
     events: queue.Queue = queue.Queue()
 
     def consume() -> None:
@@ -357,7 +397,7 @@ def _drive(
     consumer = threading.Thread(target=consume, daemon=True, name="optirag-consume")
     consumer.start()
     try:
-        _watch(events, pending_rows, cfg, desc, on_marker, timeout_s)
+        _watch(events, pending_rows, cfg, desc, on_marker, timeout_s, progress)
     except BaseException:
         _stop_consumer(consumer)
         raise
@@ -382,6 +422,9 @@ def _stop_consumer(consumer: threading.Thread) -> None:
         log.warning("the abandoned scoring graph did not stop within 60 s")
 
 
+WATCH_TICK_S = 5.0
+
+
 def _watch(
     events: queue.Queue,
     pending_rows: int,
@@ -389,31 +432,46 @@ def _watch(
     desc: str,
     on_marker: Callable[[dict], None] | None,
     timeout_s: float | None,
+    progress=None,
 ) -> None:
     """The driver's side of `_drive`: progress, limits, markers."""
     from tqdm.auto import tqdm
 
     timeout_s = timeout_s or cfg.scoring.timeout_s
+    stall_s = cfg.scoring.stall_timeout_s
     deadline = time.monotonic() + timeout_s
     timed_out = f"timed out after {timeout_s:.0f}s (scoring.timeout_s={cfg.scoring.timeout_s}s)"
-    with tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1) as bar:
+    read_rows, moved = 0, time.monotonic()
+    bars = [tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1)]
+    if progress is not None:
+        bars.insert(0, tqdm(total=pending_rows, unit="pairs", desc="reading", smoothing=0.1))
+    try:
         while True:
-            wait = min(cfg.scoring.stall_timeout_s, deadline - time.monotonic())
-            if wait <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 raise runs.RunFailed(timed_out)
-            try:
-                kind, payload = events.get(timeout=wait)
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    raise runs.RunFailed(timed_out) from None
+            if now - moved >= stall_s:
                 raise runs.RunFailed(
-                    f"stalled: no shard finished in scoring.stall_timeout_s="
-                    f"{cfg.scoring.stall_timeout_s}s"
-                ) from None
+                    f"stalled: no shard finished and no input was read in "
+                    f"scoring.stall_timeout_s={stall_s}s"
+                )
+            try:
+                kind, payload = events.get(timeout=min(WATCH_TICK_S, stall_s, deadline - now))
+            except queue.Empty:
+                if progress is not None:
+                    rows = ray.get(progress.get.remote(), timeout=60)
+                    if rows > read_rows:
+                        bars[0].update(rows - read_rows)
+                        read_rows, moved = rows, time.monotonic()
+                continue
             if kind == "done":
                 return
             if kind == "error":
                 raise runs.RunFailed(f"scoring failed: {payload}") from payload
-            bar.update(payload["input_rows"])
+            moved = time.monotonic()
+            bars[-1].update(payload["input_rows"])
             if on_marker is not None:
                 on_marker(payload)
+    finally:
+        for bar in bars:
+            bar.close()
