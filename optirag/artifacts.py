@@ -369,11 +369,13 @@ def load_evaluation(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- context tables
 
 
-def dataset_stamp(uri: str | None, store: StorageConfig) -> list | None:
+def dataset_stamp(
+    uri: str | None, store: StorageConfig, map_files: storage.FileMap = storage.serially
+) -> list | None:
     """Every file of a table (a file or a folder) pinned by its content
     (storage.content_fingerprints): part of the keys of what is made from the table, so an
     edit makes a new one, even one that keeps the size and modification time."""
-    return None if uri is None else storage.content_fingerprints(uri, store)
+    return None if uri is None else storage.content_fingerprints(uri, store, map_files)
 
 
 @dataclass(frozen=True)

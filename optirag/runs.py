@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -138,36 +139,49 @@ RESERVED_COLUMNS = (
 
 
 def plan_parts(
-    uri: str, cfg: Config, reserved: tuple[str, ...] = RESERVED_COLUMNS
+    uri: str,
+    cfg: Config,
+    reserved: tuple[str, ...] = RESERVED_COLUMNS,
+    map_files: storage.FileMap = storage.serially,
 ) -> tuple[list[Part], dict[str, list]]:
     """Split the candidates into parts of at most rows_per_shard rows, by file and row
     group, and pin each file by its content (storage.fingerprint); fails naming the file
-    when one is unreadable or lacks a column."""
+    when one is unreadable or lacks a column. The files are listed once; each file's footer
+    and fingerprint are read by `map_files` (parallel tasks in the job)."""
     fs, _ = storage.resolve(uri, cfg.storage)
+    paths = candidate_files(uri, cfg)
+    described = map_files(partial(describe_candidates, fs, storage.is_remote(uri), reserved), paths)
     step = cfg.scoring.rows_per_shard
     parts: list[Part] = []
     files: dict[str, list] = {}
     first_row = 0
-    for path in candidate_files(uri, cfg):
-        try:
-            files[path] = storage.fingerprint(fs, path, remote=storage.is_remote(uri))
-            meta = pq.ParquetFile(path, filesystem=fs).metadata
-        except (pa.ArrowInvalid, OSError) as err:
-            raise storage.StorageError(f"{path}: not a readable parquet file ({err})") from None
-        schema = meta.schema.to_arrow_schema()
-        S.check_columns(schema, S.CANDIDATE_KEYS, source=path)
-        if clash := [c for c in schema.names if c in reserved]:
-            raise storage.StorageError(
-                f"{path}: column(s) {', '.join(clash)} collide with the columns the job writes "
-                f"({', '.join(reserved)}): rename or drop them"
-            )
-        for rg in range(meta.num_row_groups):
-            rows = meta.row_group(rg).num_rows
+    for path, (pin, row_groups) in zip(paths, described, strict=True):
+        files[path] = pin
+        for rg, rows in enumerate(row_groups):
             for start in range(0, rows, step):
                 length = min(step, rows - start)
                 parts.append(Part(len(parts), path, rg, start, length, first_row))
                 first_row += length
     return parts, files
+
+
+def describe_candidates(
+    fs: pafs.FileSystem, remote: bool, reserved: tuple[str, ...], path: str
+) -> tuple[list, list[int]]:
+    """A candidates file's content fingerprint and rows per row group, its columns checked."""
+    try:
+        pin = storage.fingerprint(fs, path, remote=remote)
+        meta = pq.ParquetFile(path, filesystem=fs).metadata
+    except (pa.ArrowInvalid, OSError) as err:
+        raise storage.StorageError(f"{path}: not a readable parquet file ({err})") from None
+    schema = meta.schema.to_arrow_schema()
+    S.check_columns(schema, S.CANDIDATE_KEYS, source=path)
+    if clash := [c for c in schema.names if c in reserved]:
+        raise storage.StorageError(
+            f"{path}: column(s) {', '.join(clash)} collide with the columns the job writes "
+            f"({', '.join(reserved)}): rename or drop them"
+        )
+    return pin, [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
 
 
 def changed_inputs(before: dict[str, list], now: dict[str, list]) -> list[str]:
@@ -389,13 +403,6 @@ def done_pieces(paths: AttemptPaths, store: StorageConfig) -> dict[int, list[Pie
     return done
 
 
-def read_serially(uris: list[str], store: StorageConfig) -> list[dict]:
-    return [storage.read_json(uri, store) for uri in uris]
-
-
-ReadMany = Callable[[list[str], StorageConfig], list[dict]]
-
-
 # ----------------------------------------------------------------------------- model version
 
 
@@ -474,7 +481,12 @@ def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
 
 
 def start(
-    cfg: Config, version: str, run_root: str | None = None, *, restart_if_changed: bool = False
+    cfg: Config,
+    version: str,
+    run_root: str | None = None,
+    *,
+    restart_if_changed: bool = False,
+    map_files: storage.FileMap = storage.serially,
 ) -> Run:
     """Check the locations and the inputs, take the run's lease (one invocation per run:
     optirag.leases), choose the attempt (resume the newest unpublished one whose plan
@@ -497,7 +509,7 @@ def start(
     if A.published_attempt(run.root, store) is not None and not cfg.scoring.replace:
         raise RunRefused(f"{run.root} is already committed; set scoring.replace=true")
 
-    parts, files = plan_parts(inputs.candidates, cfg, reserved)
+    parts, files = plan_parts(inputs.candidates, cfg, reserved, map_files)
     total = sum(p.length for p in parts)
     if total == 0 and not cfg.scoring.allow_empty:
         raise storage.StorageError(
@@ -511,7 +523,7 @@ def start(
         (inputs.neighbors, S.NEIGHBORS),
     ):
         if uri:
-            storage.checked_files(uri, store, required)
+            storage.checked_files(uri, store, required, map_files)
     num_shards = max(1, math.ceil(total / cfg.scoring.rows_per_shard))
     plan = {
         "candidates": inputs.candidates,
@@ -574,7 +586,9 @@ def _attempt(cfg: Config, run: RunPaths, plan: dict, restart_if_changed: bool) -
     return paths
 
 
-def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | None, list[str]]:
+def committed_state(
+    cfg: Config, version: str, run_root: str, map_files: storage.FileMap = storage.serially
+) -> tuple[dict | None, list[str]]:
     """Is the run at `run_root` committed for these inputs? (Its manifest when it was made
     by this model version from candidate files whose content is what is there now, whatever
     `scoring.rows_per_shard` says now, else None; and the files that changed since it was
@@ -588,7 +602,7 @@ def committed_state(cfg: Config, version: str, run_root: str) -> tuple[dict | No
     uri = Inputs.from_config(cfg).candidates
     if (plan["model_version"], plan["candidates"]) != (version, uri):
         return None, []
-    parts, files = plan_parts(uri, cfg)
+    parts, files = plan_parts(uri, cfg, map_files=map_files)
     if "files" in plan:
         changed = changed_inputs(plan["files"], files)
     else:
@@ -604,11 +618,11 @@ def commit(
     cfg: Config,
     version: tuple[str, dict],
     started: float,
-    read_many: ReadMany = read_serially,
+    map_files: storage.FileMap = storage.serially,
 ) -> dict:
     """Check that the done pieces hold every input row once, write the attempt's
     _manifest.json, point the run's _SUCCESS at the attempt, then delete the other attempts.
-    Pieces are found by listing; `read_many` reads their markers (in parallel tasks in the
+    Pieces are found by listing; `map_files` reads their markers (in parallel tasks in the
     job: no request per shard in the driver)."""
     store, paths = cfg.storage, run.paths
     if run.lease is not None:
@@ -619,7 +633,10 @@ def commit(
     # row is lost or written twice.
     if (rows := sum(p.rows for p in pieces)) != total:
         raise RunFailed(f"the written shards hold {rows} input rows, the plan {total}; rerun")
-    markers = read_many([paths.marker(p.shard, p.piece, p.pieces, p.rows) for p in pieces], store)
+    uris = [paths.marker(p.shard, p.piece, p.pieces, p.rows) for p in pieces]
+    markers = map_files(partial(storage.read_json, storage=store), uris)
+    if bad := [p for p, m in zip(pieces, markers, strict=True) if m["input_rows"] != p.rows]:
+        raise RunFailed(f"shard {bad[0].shard}: its marker's rows differ from its name; rerun")
     scored = sum(m["scored"] for m in markers)
     rejected: Counter = Counter()
     exit_hist: Counter = Counter()

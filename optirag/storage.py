@@ -12,6 +12,8 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,16 @@ from optirag.schema import check_columns
 
 class StorageError(OSError):
     """A path does not exist, is unreadable or is not a table; the message names it."""
+
+
+# How per-file work (a footer, a fingerprint, a marker) is mapped over many files: one by
+# one here, in parallel Ray tasks in the job (optirag.pipelines.parallel.in_tasks), so the
+# driver makes no request per file.
+FileMap = Callable[[Callable[[Any], Any], list], list]
+
+
+def serially(fn: Callable[[Any], Any], items: list) -> list:
+    return [fn(item) for item in items]
 
 
 def is_remote(uri: str) -> bool:
@@ -114,7 +126,9 @@ def file_stamps(uri: str, storage: StorageConfig) -> list[list]:
     return stamps
 
 
-def content_fingerprints(uri: str, storage: StorageConfig) -> list[list]:
+def content_fingerprints(
+    uri: str, storage: StorageConfig, map_files: FileMap = serially
+) -> list[list]:
     """[path, size, content hash, ETag (S3) or None] of every file `list_all_files` lists:
     what changes when a file's content changes, and not when it is merely touched or copied
     (no modification time). On S3 the hash is of the Parquet footer (every row group's
@@ -123,16 +137,15 @@ def content_fingerprints(uri: str, storage: StorageConfig) -> list[list]:
     footer misses values that move within a column and keep its statistics), a larger one
     by its footer."""
     fs, _ = resolve(uri, storage)
-    return [
-        [path, *fingerprint(fs, path, remote=is_remote(uri))]
-        for path in list_all_files(uri, storage)
-    ]
+    paths = list_all_files(uri, storage)
+    found = map_files(partial(fingerprint, fs, remote=is_remote(uri)), paths)
+    return [[path, *one] for path, one in zip(paths, found, strict=True)]
 
 
 WHOLE_FILE_HASH = 256 << 20
 
 
-def fingerprint(fs: pafs.FileSystem, path: str, remote: bool) -> list:
+def fingerprint(fs: pafs.FileSystem, path: str, *, remote: bool) -> list:
     """[size, content hash, ETag or None] of one file (see content_fingerprints)."""
     with fs.open_input_file(path) as f:
         size = f.size()
@@ -278,21 +291,30 @@ def list_files(uri: str, storage: StorageConfig) -> list[str]:
     return [f for f in files if is_parquet(f)]
 
 
-def checked_files(uri: str, storage: StorageConfig, required: pa.Schema | None = None) -> list[str]:
+def checked_files(
+    uri: str,
+    storage: StorageConfig,
+    required: pa.Schema | None = None,
+    map_files: FileMap = serially,
+) -> list[str]:
     """The table's parquet files; fails naming the file that is unreadable or lacks a
     required column (before any row is read)."""
     fs, _ = resolve(uri, storage)
     files = list_files(uri, storage)
     if not files:
         raise StorageError(f"{uri}: folder holds no parquet files")
-    for path in files:
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise StorageError(f"{path}: not a readable parquet file ({err})") from None
-        if required is not None:
-            check_columns(schema, required, source=path)
+    map_files(partial(check_file, fs, required), files)
     return files
+
+
+def check_file(fs: pafs.FileSystem, required: pa.Schema | None, path: str) -> None:
+    """Fail naming the file when it is not readable parquet or lacks a required column."""
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{path}: not a readable parquet file ({err})") from None
+    if required is not None:
+        check_columns(schema, required, source=path)
 
 
 def read_table(

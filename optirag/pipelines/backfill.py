@@ -33,6 +33,7 @@ from optirag import artifacts as A
 from optirag import runs, score_table, storage
 from optirag.config import PARTITION_VALUE, Config
 from optirag.pipelines import scoring
+from optirag.pipelines.parallel import in_tasks
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def run(cfg: Config) -> dict:
             done, changed = (
                 (None, [])
                 if cfg.scoring.replace
-                else runs.committed_state(part_cfg, version, run_root)
+                else runs.committed_state(part_cfg, version, run_root, in_tasks)
             )
             if changed:  # rescored as a new attempt, published only once committed
                 log.warning(

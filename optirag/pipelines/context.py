@@ -50,6 +50,7 @@ from optirag.context_tables import (
 )
 from optirag.ids import HASH_SPACE, user_hash
 from optirag.model_files import local_backbone, model_digest
+from optirag.pipelines.parallel import in_tasks
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,9 @@ def context_key(cfg: Config, history: str, items: str, neighbors: str | None) ->
     digests = A.stored_heads_digests(cfg)
     key = {
         "format": CONTEXT_FORMAT,
-        "history": A.dataset_stamp(history, store),
-        "items": A.dataset_stamp(items, store),
-        "neighbors": A.dataset_stamp(neighbors, store),
+        "history": A.dataset_stamp(history, store, in_tasks),
+        "items": A.dataset_stamp(items, store, in_tasks),
+        "neighbors": A.dataset_stamp(neighbors, store, in_tasks),
         "prompts": cfg.prompts.model_dump(),
         "template": hashlib.sha256(prompts.template_sample().encode()).hexdigest(),
         "backbone": model_digest(cfg),
@@ -290,7 +291,7 @@ def _route(
     for table, uri, schema in (("history", history, S.INTERACTIONS),
                                ("neighbors", neighbors, S.NEIGHBORS)):  # fmt: skip
         if uri:
-            files = np.array(storage.checked_files(uri, store, schema), dtype=object)
+            files = np.array(storage.checked_files(uri, store, schema, in_tasks), dtype=object)
             for group in np.array_split(files, min(len(files), len(starts), ROUTE_TASKS)):
                 work.append((table, list(group), schema))
 

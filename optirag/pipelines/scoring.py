@@ -36,6 +36,7 @@ from optirag.config import Config
 from optirag.context_tables import TokenAssembler, cut_block, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
+from optirag.pipelines.parallel import in_tasks
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class Planned:
         return self.run.total_rows - sum(p.rows for found in self.done.values() for p in found)
 
     def commit(self) -> dict:
-        summary = runs.commit(self.run, self.cfg, self.version, self.started, read_markers)
+        summary = runs.commit(self.run, self.cfg, self.version, self.started, in_tasks)
         shards = set(self.run.done(self.cfg.storage))
         return {**summary, "shards": len(shards), "shards_run": len(shards - set(self.done))}
 
@@ -187,25 +188,14 @@ def plan(cfg: Config, run_root: str | None = None, *, restart_if_changed: bool =
     wrote (`restart_if_changed`: see runs.start)."""
     started = time.time()
     version = runs.model_version(cfg)
-    run = runs.start(cfg, version[0], run_root, restart_if_changed=restart_if_changed)
+    run = runs.start(
+        cfg, version[0], run_root, restart_if_changed=restart_if_changed, map_files=in_tasks
+    )
     try:
         return Planned(cfg, run, version, run.done(cfg.storage), started)
     except BaseException:
         run.release()
         raise
-
-
-MARKERS_PER_TASK = 1000
-
-
-def read_markers(uris: list[str], store) -> list[dict]:
-    """Read many small JSON markers in parallel Ray tasks (a commit's markers: no serial
-    request per shard in the driver)."""
-    if len(uris) <= MARKERS_PER_TASK // 10:
-        return runs.read_serially(uris, store)
-    chunks = [uris[i : i + MARKERS_PER_TASK] for i in range(0, len(uris), MARKERS_PER_TASK)]
-    read = ray.remote(num_cpus=0.25, max_retries=3)(runs.read_serially)
-    return [m for found in ray.get([read.remote(c, store) for c in chunks]) for m in found]
 
 
 OnDone = Callable[[int, "dict | Exception"], None]
