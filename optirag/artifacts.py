@@ -386,11 +386,9 @@ class ContextPaths:
         _SUCCESS                      written last: the key, the build whose tables these
                                       are, each users part's hash range, the cold-start
                                       context, the side features' combination
-        <build>/users/part-NNNNN.parquet   USER_CONTEXT rows, sorted by user hash
+        <build>/users/part-BBBBB.parquet   USER_CONTEXT rows of block B (a range of the user
+                                           hash), sorted by user hash
         <build>/items/part-00000.parquet   ITEM_CONTEXT rows, sorted by item
-        <build>/routed/history/block-BBBBB/    while building: the history rows each block of
-        <build>/routed/neighbors/block-BBBBB/  users needs (its users' and their neighbours')
-                                               and its users' neighbour lists; removed after
 
     Each build writes into its own folder (a random id), so two jobs building the same
     tables at once never mix their files; `_SUCCESS` names the one to read.
@@ -426,17 +424,6 @@ class ContextPaths:
 
     def users_part(self, number: int) -> str:
         return storage.join(self.users, f"part-{number:05d}.parquet")
-
-    @property
-    def routed(self) -> str:
-        return storage.join(self.folder, "routed")
-
-    def routed_block(self, table: str, block: int) -> str:
-        return storage.join(self.routed, table, f"block-{block:05d}")
-
-    def routed_part(self, table: str, block: int, task: int, chunk: int) -> str:
-        name = f"from-{task:05d}-{chunk:04d}.parquet"
-        return storage.join(self.routed_block(table, block), name)
 
     @property
     def items(self) -> str:

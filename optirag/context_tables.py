@@ -104,68 +104,6 @@ def item_rows(contexts: ContextStore, prompts: PromptBuilder, side: SideFeatures
     )  # fmt: skip
 
 
-class HistoryRoutes:
-    """Which blocks of the users table need each user's history rows: the block of the user
-    and the blocks of the users who list them as a neighbour. The context stage reads the
-    history once and sends every row to those blocks (`split`), so that a block is made from
-    its own rows instead of a scan of the whole history.
-
-    `users`: every user of the table, in table order (by user hash); block `b` holds
-    `users[starts[b]:starts[b + 1]]`. Kept as sorted ids with each one's blocks (CSR)."""
-
-    def __init__(self, users: np.ndarray, starts: np.ndarray, neighbor_batches=()) -> None:
-        order = np.argsort(users, kind="stable")
-        self._users = users[order]
-        block_at = np.searchsorted(starts, np.arange(len(users)), side="right") - 1
-        self._own = block_at[order].astype(np.int32)
-        ids, blocks = [self._users], [self._own]
-        for batch in neighbor_batches:  # (user, neighbour ids) -> (neighbour, user's block)
-            lists = batch.column(S.NEIGHBOR_IDS)
-            lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
-            listers = self.block_of(batch.column(S.USER_ID).to_numpy())
-            ids.append(pc.list_flatten(lists).to_numpy().astype(np.int64))
-            blocks.append(np.repeat(listers, lengths))
-        ids, blocks = np.concatenate(ids), np.concatenate(blocks)
-        order = np.lexsort((blocks, ids))
-        ids, blocks = ids[order], blocks[order]
-        new = np.ones(len(ids), dtype=bool)
-        new[1:] = (ids[1:] != ids[:-1]) | (blocks[1:] != blocks[:-1])
-        ids, self._blocks = ids[new], blocks[new]
-        first = np.flatnonzero(np.append(True, ids[1:] != ids[:-1]))  # ids are sorted
-        self._ids, self._offsets = ids[first], np.append(first, len(ids))
-
-    def block_of(self, users: np.ndarray) -> np.ndarray:
-        """The block of each of `users` (all in the table)."""
-        pos = lookup(self._users, np.asarray(users, dtype=np.int64))
-        if (pos < 0).any():
-            raise ValueError("a user missing from the users table")
-        return self._own[pos]
-
-    def split(self, rows: pa.Table, to_listers: bool = True) -> dict[int, pa.Table]:
-        """Rows of a user table -> {block: the rows it needs}: each row to its user's block
-        and (`to_listers`, history rows) to the blocks of those who list the user as a
-        neighbour, a row repeated once per block."""
-        users = rows[S.USER_ID].to_numpy()
-        if not to_listers:
-            take, blocks = np.arange(len(rows)), self.block_of(users)
-        else:
-            pos = lookup(self._ids, users)
-            if (pos < 0).any():
-                raise ValueError("history rows of a user missing from the users table")
-            counts = self._offsets[pos + 1] - self._offsets[pos]
-            take = np.repeat(np.arange(len(rows)), counts)
-            within = np.arange(len(take)) - np.repeat(np.cumsum(counts) - counts, counts)
-            blocks = self._blocks[np.repeat(self._offsets[pos], counts) + within]
-        order = np.argsort(blocks, kind="stable")
-        take, blocks = take[order], blocks[order]
-        cuts = np.flatnonzero(np.diff(blocks)) + 1
-        return {
-            int(blocks[a]): rows.take(take[a:b])
-            for a, b in zip(np.append(0, cuts), np.append(cuts, len(take)), strict=True)
-            if b > a
-        }
-
-
 @dataclass
 class ColdStart:
     """What a user missing from the users table gets: the prefix of an empty history, no

@@ -28,3 +28,10 @@ def user_hash(users: np.ndarray) -> np.ndarray:
 def hash_range(shard: int, num_shards: int) -> tuple[int, int]:
     """The [low, high) user hashes of a shard."""
     return -(-shard * HASH_SPACE // num_shards), -(-(shard + 1) * HASH_SPACE // num_shards)
+
+
+def range_of(users: np.ndarray, num_ranges: int) -> np.ndarray:
+    """The hash range of each user id when [0, 2**32) is cut into `num_ranges` equal ranges:
+    the job's one partitioning key. A scoring shard and a block of the context stage's users
+    table are such ranges, so every row knows its shard and block from its own user id."""
+    return (user_hash(users) * num_ranges) >> 32

@@ -45,7 +45,7 @@ from optirag import schema as S
 from optirag import storage
 from optirag.artifacts import AttemptPaths, RunPaths
 from optirag.config import Config, StorageConfig
-from optirag.ids import user_hash
+from optirag.ids import range_of
 from optirag.leases import Lease, LeaseHeld
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ SHARDING = "user-hash-ranges-2"
 def shard_of(users: np.ndarray, num_shards: int) -> np.ndarray:
     """The shard of each user id: shards are equal ranges of the user hash (ids.user_hash),
     so a shard's users are one stretch of the context stage's users table."""
-    return (user_hash(users) * num_shards) >> 32
+    return range_of(users, num_shards)
 
 
 def check_output_location(inputs: Inputs, run_root: str) -> None:

@@ -226,8 +226,8 @@ def test_users_table_made_in_pieces_equals_one_piece(monkeypatch, tiny_backbone,
 def test_users_table_is_the_same_for_any_blocks_of_users(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
-    """The history is routed to each block once (its users' rows and their neighbours'): one
-    block or a block per user, the same rows; the routed copies are removed after."""
+    """Each block gets its users' history rows and their neighbours' through two keyed
+    shuffles: one block or about a block per user, the same rows."""
     from optirag.ids import hash_range
 
     _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
@@ -241,9 +241,9 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         compute = cfg.compute.model_copy(update={"context_users_per_task": per_task})
         built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
                               inputs.items, inputs.neighbors)  # fmt: skip
-        assert not storage.exists(built.paths.routed, cfg.storage)
         whole = storage.read_table(built.paths.users, cfg.storage)
-        assert len(built.part_hashes) == -(-len(whole) // per_task)
+        assert built.users == len(whole)
+        assert len(built.parts) == 1 if per_task == 1000 else 1 < len(built.parts) <= len(whole)
         for shard in range(3):  # a shard opens only the parts that meet its hash range
             low, high = hash_range(shard, 3)
             got = built.read_users(whole[S.USER_ID].to_numpy(), low, high, cfg.storage)
@@ -262,24 +262,15 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
     assert sum(len(r) for r in one[S.RATED_ITEMS].to_pylist()) > 0  # neighbours' rows arrived
 
 
-def test_history_routes_send_rows_to_their_blocks_and_their_listers_blocks():
-    from optirag.context_tables import HistoryRoutes
+def test_the_users_are_counted_by_sketches_without_a_list_of_them():
+    from optirag.ids import user_hash
 
-    users = np.array([10, 20, 30, 40])  # table order; blocks [10, 20] [30] [40]
-    lists = pa.record_batch({S.USER_ID: [30], S.NEIGHBOR_IDS: [[10, 40, 99]]})
-    routes = HistoryRoutes(users, np.array([0, 2, 3]), [lists])
-    assert routes.block_of(np.array([40, 10, 30])).tolist() == [2, 0, 1]
-    rows = pa.table({S.USER_ID: [10, 20, 40, 10], S.ITEM_ID: [1, 2, 3, 4]})
-    split = routes.split(rows)
-    assert {b: t[S.ITEM_ID].to_pylist() for b, t in split.items()} == {
-        0: [1, 2, 4],
-        1: [1, 3, 4],
-        2: [3],
-    }
-    own = routes.split(rows, to_listers=False)  # neighbour lists: to their user's block only
-    assert {b: t[S.ITEM_ID].to_pylist() for b, t in own.items()} == {0: [1, 2, 4], 2: [3]}
-    with pytest.raises(ValueError, match="missing from the users table"):
-        routes.split(pa.table({S.USER_ID: [11], S.ITEM_ID: [1]}))
+    rng = np.random.default_rng(0)
+    users = rng.choice(10**9, 300_000, replace=False)
+    files = np.array_split(np.concatenate([users, users[:50_000]]), 7)  # users in two files
+    sketches = [np.unique(user_hash(f))[: context.SKETCH] for f in files]
+    assert abs(context.estimate_distinct(sketches) / len(users) - 1) < 0.05
+    assert context.estimate_distinct([np.unique(user_hash(users[:100]))]) == 100  # exact
 
 
 def test_a_damaged_context_table_is_named_and_built_again(

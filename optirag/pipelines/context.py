@@ -1,12 +1,12 @@
 """The context stage on Ray: the per-user and per-item context tables (optirag.context_tables)
 that the scoring job joins its candidates with, made once per set of inputs and reused.
 
-    users of the history and the neighbour table, by user hash -> blocks of users
-    history and neighbour files (tasks: a history row to its user's block and to the blocks
-        of the users who list that user as a neighbour, a neighbour list to its user's
-        block)  -> routed/{history,neighbors}/block-BBBBB/ (read once, removed after)
-    blocks of users (tasks: their routed rows -> prefix ids, neighbours' ratings, the users'
-        side)  -> users/part-NNNNN.parquet
+    history rows, neighbour lists, neighbour edges (read tasks; each row keyed by the block
+        of its user: blocks are equal ranges of the user hash, so no process lists the users)
+      -> keyed shuffle: per block, its rows, and its users' history rows copied to every
+         block that lists one of them as a neighbour (a join with the edges)
+      -> keyed shuffle: per block, its users' rows rendered (prefix ids, neighbours'
+         ratings, side)  -> users/part-BBBBB.parquet
     items (one task: texts and rating totals -> target ids, the items' side)
         -> items/part-00000.parquet
     _SUCCESS last (the key, the cold-start context, the side features' combination)
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import ray
 
 from optirag import artifacts as A
@@ -41,14 +42,13 @@ from optirag.config import Config
 from optirag.context import ContextStore, ItemRatings
 from optirag.context_tables import (
     ColdStart,
-    HistoryRoutes,
     SideSpec,
     TokenAssembler,
     item_rows,
     score_block,
     user_rows,
 )
-from optirag.ids import HASH_SPACE, user_hash
+from optirag.ids import HASH_SPACE, range_of, user_hash
 from optirag.model_files import local_backbone, model_digest
 from optirag.pipelines.parallel import in_tasks
 from optirag.prompts import PromptBuilder
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # Part of the tables' key: bump it when what a row holds or how it is made changes (the rows'
 # schema, neighbour ranking, rating lists), so tables made by older code are not reused.
-CONTEXT_FORMAT = 4
+CONTEXT_FORMAT = 5
 
 # A user's row holds hundreds of prefix ids and their neighbours' ratings: row groups of a few
 # thousand users keep a shard's filtered read (row groups skipped by user_hash) small.
@@ -73,13 +73,12 @@ class ContextTables:
     side: SideSpec | None
     users: int
     items: int
-    part_hashes: list[list[int]]  # per part of the users table: its lowest and highest hash
+    parts: list[list[int]]  # per part of the users table: its block, lowest and highest hash
 
     def files(self) -> list[str]:
         """Every file of the tables, as the manifest says they are."""
-        return [self.paths.users_part(n) for n in range(len(self.part_hashes))] + [
-            self.paths.items_file
-        ]
+        users = [self.paths.users_part(block) for block, _, _ in self.parts]
+        return [*users, self.paths.items_file]
 
     def assembler(self, cfg: Config) -> TokenAssembler:
         prompts = PromptBuilder(
@@ -91,7 +90,7 @@ class ContextTables:
         """The rows of `users`, whose hashes lie in [low, high): only the parts whose hash
         range meets it are opened, and Parquet statistics on the hash skip every row group
         of other shards there."""
-        parts = [n for n, (a, b) in enumerate(self.part_hashes) if a < high and b >= low]
+        parts = [n for n, a, b in self.parts if a < high and b >= low]
         if not parts:
             return S.USER_CONTEXT.empty_table()
         fs, _ = storage.resolve(self.paths.users, store)
@@ -168,172 +167,192 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     paths = paths.new_build()
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
-    users = _all_users(history, neighbors, side, cfg)
-    if len(users) == 0:
-        raise ValueError(f"{history}: no users in the history, neighbour table or side features")
-    try:
-        part_hashes = _users_table(users, history, items, neighbors, side, paths, cfg)
-    finally:  # the routed copies of the history are only for this build
-        if storage.exists(paths.routed, store):
-            storage.delete_folder(paths.routed, store)
+    users, parts = _users_table(history, items, neighbors, side, paths, cfg)
     item_table = _item_table(cfg, history, items, prompts, side)
     storage.write_table(item_table, paths.items_file, store)
     cold = ColdStart.make(prompts, side)
     spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
     manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
-                "side": asdict(spec) if spec else None, "users": len(users),
-                "items": len(item_table), "part_hashes": part_hashes,
+                "side": asdict(spec) if spec else None, "users": users,
+                "items": len(item_table), "parts": parts,
                 "build_s": round(time.time() - started, 2)}  # fmt: skip
     storage.write_json(manifest, paths.success, store)
     log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.folder,
-             len(users), len(part_hashes), len(item_table), time.time() - started)  # fmt: skip
+             users, len(parts), len(item_table), time.time() - started)  # fmt: skip
     return _tables(paths, manifest)
 
 
 def _users_table(
-    users: np.ndarray,
     history: str,
     items: str,
     neighbors: str | None,
     side: SideFeatures | None,
     paths: A.ContextPaths,
     cfg: Config,
-) -> list[list[int]]:
-    """Write the users table in blocks of `compute.context_users_per_task` users (in table
-    order): route the history and neighbour lists to the blocks, then a task per block.
-    Returns each part's lowest and highest user hash."""
+) -> tuple[int, list[list[int]]]:
+    """Write the users table in blocks: equal ranges of the user hash of about
+    `compute.context_users_per_task` users each (the users counted by a sketch read in
+    parallel tasks). Every row knows its block from its user id, so rows reach their blocks
+    through two keyed shuffles and no process holds every user or neighbour edge:
+
+        history rows and neighbour lists (keyed by their user's block), and each neighbour
+        edge (keyed by the neighbour's block, naming the block of the user who lists them)
+        -> per block: its rows, and its users' history rows copied to every block that
+           lists one of them (a join with the edges)
+        -> per block: render its users (histories, neighbours' histories, lists, side)
+
+    Returns the users written and each part's [block, lowest hash, highest hash]."""
     store = cfg.storage
-    n_blocks = max(1, -(-len(users) // cfg.compute.context_users_per_task))
-    size, extra = divmod(len(users), n_blocks)  # block b: users[bounds[b]:bounds[b + 1]]
-    bounds = np.append(0, np.cumsum(np.full(n_blocks, size) + (np.arange(n_blocks) < extra)))
-    routed = _route(history, neighbors, users, bounds[:-1], paths, cfg)
-    users_ref, side_ref = ray.put(users), ray.put(side)
+    sources = [(HISTORY, history, S.INTERACTIONS)]
+    if neighbors:
+        sources.append((LISTS, neighbors, S.NEIGHBORS))
+    files = [
+        (kind, storage.resolve(uri, store)[0], path)
+        for kind, uri, schema in sources
+        for path in storage.checked_files(uri, store, schema, in_tasks)
+    ]
+    side_users = _side_users(side)
+    sketches = in_tasks(_user_sketch, [(fs, path) for _, fs, path in files])
+    users = estimate_distinct([*sketches, np.unique(user_hash(side_users))[:SKETCH]])
+    if users == 0:
+        raise ValueError(f"{history}: no users in the history, neighbour table or side features")
+    n_blocks = max(1, -(-users // cfg.compute.context_users_per_task))
+    side_chunks = [side_users[i : i + SIDE_CHUNK] for i in range(0, len(side_users), SIDE_CHUNK)]
+    side_chunks_ref, side_ref = ray.put(side_chunks), ray.put(side)
 
-    def user_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        number = int(batch["id"][0])
-        block = ray.get(users_ref)[bounds[number] : bounds[number + 1]]
-        rows, lists = S.INTERACTIONS.empty_table(), None
-        if number in routed["history"]:
-            uri = paths.routed_block("history", number)
-            rows = storage.read_own_table(uri, store, S.INTERACTIONS)
+    def read(batch: dict[str, np.ndarray]):
+        task = int(batch["id"][0])
+        if task >= len(files):  # users known to the side features only
+            ids = ray.get(side_chunks_ref)[task - len(files)]
+            yield _keyed(pa.table({S.USER_ID: ids}), SIDE_ONLY, range_of(ids, n_blocks))
+            return
+        kind, fs, path = files[task]
+        for part in pq.ParquetFile(path, filesystem=fs).iter_batches(ROUTE_BATCH):
+            table = pa.Table.from_batches([part])
+            yield _keyed(table, kind, range_of(table[S.USER_ID].to_numpy(), n_blocks))
+            if kind == LISTS:
+                yield _edges(table, n_blocks)
+
+    def render(group: pa.Table) -> pa.Table:
+        block = int(group[KEY][0].as_py())
+        kinds = group[KIND].to_numpy()
+        ids = group[S.USER_ID].to_numpy()
+        own = np.unique(ids[(kinds != HISTORY) | (range_of(ids, n_blocks) == block)])
+        rows = group.filter(pa.array(kinds == HISTORY)).select(S.INTERACTIONS.names)
+        rows = rows.cast(S.INTERACTIONS)
+        lists = None
         if neighbors:
-            lists = S.NEIGHBORS.empty_table()
-            if number in routed["neighbors"]:
-                uri = paths.routed_block("neighbors", number)
-                lists = storage.read_own_table(uri, store, S.NEIGHBORS)
-        table = _user_block(block, rows, lists, cfg, items, ray.get(side_ref))
-        storage.write_table(table, paths.users_part(number), store, USER_ROW_GROUP)
+            lists = group.filter(pa.array(kinds == LISTS)).select(S.NEIGHBORS.names)
+            lists = lists.cast(S.NEIGHBORS)
+        table = _user_block(own, rows, lists, cfg, items, ray.get(side_ref))
+        storage.write_table(table, paths.users_part(block), store, USER_ROW_GROUP)
         hashes = table[S.USER_HASH].to_numpy()  # sorted
-        return {"part": np.array([number]), "low": hashes[:1], "high": hashes[-1:]}
+        return pa.table(
+            {"part": [block], "low": hashes[:1], "high": hashes[-1:], "users": [len(table)]}
+        )
 
-    blocks = ray.data.range(n_blocks, override_num_blocks=n_blocks).map_batches(
-        user_block, batch_size=1, batch_format="numpy"
+    tasks = len(files) + len(side_chunks)
+    partitions = min(n_blocks, SHUFFLE_PARTITIONS)
+    written = (
+        ray.data.range(tasks, override_num_blocks=tasks)
+        .map_batches(read, batch_size=1, batch_format="numpy")
+        .groupby(KEY, num_partitions=partitions)
+        .map_groups(_fan_out, batch_format="pyarrow")
+        .groupby(KEY, num_partitions=partitions)
+        .map_groups(render, batch_format="pyarrow")
     )
-    parts = sorted(
-        (int(b["part"][0]), int(b["low"][0]), int(b["high"][0]))
-        for b in blocks.iter_batches(batch_size=1)
-    )
-    return [[low, high] for _, low, high in parts]
+    parts, count = [], 0
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        columns = (batch[c].to_numpy() for c in ("part", "low", "high", "users"))
+        for block, low, high, n in zip(*columns, strict=True):
+            parts.append([int(block), int(low), int(high)])
+            count += int(n)
+    return count, sorted(parts)
+
+
+# How the context stage's rows travel to their blocks: the block a row goes to, what it is.
+KEY, KIND, LISTER = "_block", "_kind", "_lister_block"
+HISTORY, LISTS, EDGE, SIDE_ONLY = 0, 1, 2, 3
+ROUTED = pa.schema(
+    [pa.field(KEY, pa.int64()), pa.field(KIND, pa.int8())]
+    + [f.with_nullable(True) for f in S.INTERACTIONS]
+    + [f.with_nullable(True) for f in S.NEIGHBORS if f.name not in S.INTERACTIONS.names]
+    + [pa.field(LISTER, pa.int64())]
+)
+ROUTE_BATCH = 1 << 20  # rows read at a time
+SIDE_CHUNK = 1 << 20  # side-feature users per task
+SHUFFLE_PARTITIONS = 200
+SKETCH = 4096  # smallest distinct user hashes kept per file: the users counted to about 2%
+
+
+def _keyed(table: pa.Table, kind: int, blocks: np.ndarray) -> pa.Table:
+    """Rows of one kind in the routed schema (columns it lacks are null), keyed by block."""
+    n = len(table)
+    given = {KEY: pa.array(blocks, pa.int64()), KIND: pa.array(np.full(n, kind, np.int8))}
+    given |= {name: table[name] for name in table.column_names if name in ROUTED.names}
+    columns = [given[f.name] if f.name in given else pa.nulls(n, f.type) for f in ROUTED]
+    return pa.table(columns, schema=ROUTED)
+
+
+def _edges(lists: pa.Table, n_blocks: int) -> pa.Table:
+    """Each (neighbour, block of a user listing them) once, keyed by the neighbour's block,
+    where the neighbour's history rows are: they are copied from there to the lister's."""
+    listed = lists[S.NEIGHBOR_IDS]
+    lengths = pc.fill_null(pc.list_value_length(listed), 0).to_numpy()
+    neighbours = pc.list_flatten(listed).to_numpy().astype(np.int64)
+    listers = np.repeat(range_of(lists[S.USER_ID].to_numpy(), n_blocks), lengths)
+    away = listers != range_of(neighbours, n_blocks)  # a block has its own users' rows
+    pairs = np.unique(np.stack([neighbours[away], listers[away]], 1), axis=0)
+    table = pa.table({S.USER_ID: pairs[:, 0], LISTER: pairs[:, 1]})
+    return _keyed(table, EDGE, range_of(pairs[:, 0], n_blocks))
+
+
+def _fan_out(group: pa.Table) -> pa.Table:
+    """A block's own rows, and its users' history rows copied to every block that lists one
+    of them as a neighbour."""
+    kinds = group[KIND].to_numpy()
+    edges = group.filter(pa.array(kinds == EDGE)).select([S.USER_ID, LISTER])
+    rows = group.filter(pa.array(kinds != EDGE))
+    history = rows.filter(pc.equal(rows[KIND], HISTORY))
+    if not len(edges) or not len(history):
+        return rows
+    history = history.select(S.INTERACTIONS.names)
+    copies = history.join(edges, S.USER_ID, join_type="inner", use_threads=False)
+    copies = _keyed(copies.drop_columns([LISTER]), HISTORY, copies[LISTER].to_numpy())
+    return pa.concat_tables([rows, copies])
+
+
+def _side_users(side: SideFeatures | None) -> np.ndarray:
+    """Users known to the side features (each gets their own side, not the cold start's)."""
+    if side is None:
+        return np.empty(0, dtype=np.int64)
+    known = (np.asarray(ids, dtype=np.int64) for ids in (side.mf.user_ids, side.users.ids))
+    return np.unique(np.concatenate(list(known)))
+
+
+def _user_sketch(file: tuple) -> np.ndarray:
+    """The SKETCH smallest distinct user hashes of a file (a k-minimum-values sketch)."""
+    fs, path = file
+    users = pq.read_table(path, columns=[S.USER_ID], filesystem=fs)[S.USER_ID].to_numpy()
+    return np.unique(user_hash(users))[:SKETCH]
+
+
+def estimate_distinct(sketches: list[np.ndarray]) -> int:
+    """The number of distinct users behind per-file sketches: exact below SKETCH, else the
+    k-minimum-values estimate (k - 1) / (k-th smallest hash / 2**32)."""
+    smallest = np.unique(np.concatenate([np.asarray(s, np.int64) for s in sketches]))
+    if len(smallest) < SKETCH:
+        return len(smallest)
+    return int((SKETCH - 1) * HASH_SPACE / (smallest[SKETCH - 1] + 1))
 
 
 def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
     paths = A.ContextPaths(paths.root, manifest["build"])
     side = SideSpec(**manifest["side"]) if manifest["side"] else None
-    return ContextTables(paths, ColdStart(**manifest["cold"]), side, manifest["users"],
-                         manifest["items"], manifest["part_hashes"])  # fmt: skip
-
-
-def _all_users(
-    history: str, neighbors: str | None, side: SideFeatures | None, cfg: Config
-) -> np.ndarray:
-    """Every user with a history, a neighbour list or side features (a user known to the
-    side features only must get their own, not the cold start's), sorted by user hash (then
-    id), so a block of them is one stretch of the table's order."""
-    ids = []
-    for uri, schema in ((history, S.INTERACTIONS), (neighbors, S.NEIGHBORS)):
-        if uri:  # one batch at a time: memory grows with users, not history rows
-            for batch in storage.open_dataset(uri, cfg.storage, schema).to_batches(
-                columns=[S.USER_ID]
-            ):
-                ids.append(np.unique(batch.column(0).to_numpy()))
-    if side is not None:
-        ids += [side.mf.user_ids, side.users.ids]
-    users = np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in ids]))
-    return users[np.lexsort((users, user_hash(users)))]
-
-
-# Rows a routing task holds before it writes them to the blocks' folders.
-ROUTE_ROWS = 4_000_000
-ROUTED = ("history", "neighbors")
-# Routing tasks per table, at most: each writes a file per block it sends rows to.
-ROUTE_TASKS = 64
-
-
-def _route(
-    history: str,
-    neighbors: str | None,
-    users: np.ndarray,
-    starts: np.ndarray,
-    paths: A.ContextPaths,
-    cfg: Config,
-) -> dict[str, set[int]]:
-    """Read the history and the neighbour table once and send every row to the blocks that
-    need it (`HistoryRoutes`): routed/<table>/block-BBBBB/from-TTTTT-CCCC.parquet. Returns
-    the blocks that got rows, per table."""
-    store = cfg.storage
-    batches = ()
-    if neighbors:
-        batches = storage.open_dataset(neighbors, store, S.NEIGHBORS).to_batches(
-            columns=[S.USER_ID, S.NEIGHBOR_IDS]
-        )
-    routes_ref = ray.put(HistoryRoutes(users, starts, batches))
-    work = []  # (table, its files, its schema), a group of files per task
-    for table, uri, schema in (("history", history, S.INTERACTIONS),
-                               ("neighbors", neighbors, S.NEIGHBORS)):  # fmt: skip
-        if uri:
-            files = np.array(storage.checked_files(uri, store, schema, in_tasks), dtype=object)
-            for group in np.array_split(files, min(len(files), len(starts), ROUTE_TASKS)):
-                work.append((table, list(group), schema))
-
-    def route(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        task, routes = int(batch["id"][0]), ray.get(routes_ref)
-        table, files, schema = work[task]
-        fs, _ = storage.resolve(paths.root, store)
-        held: dict[int, list[pa.Table]] = {}
-        blocks: set[int] = set()
-        chunk = 0
-
-        def flush() -> None:
-            nonlocal chunk
-            for block, parts in held.items():
-                uri = paths.routed_part(table, block, task, chunk)
-                storage.write_table(pa.concat_tables(parts), uri, store)
-                blocks.add(block)
-            held.clear()
-            chunk += 1
-
-        count = 0
-        rows = ds.dataset(files, filesystem=fs, format="parquet")
-        for part in rows.to_batches(columns=schema.names):
-            split = routes.split(pa.Table.from_batches([part]), to_listers=table == "history")
-            for block, routed in split.items():
-                held.setdefault(block, []).append(routed)
-                count += len(routed)
-            if count >= ROUTE_ROWS:
-                flush()
-                count = 0
-        flush()
-        code = ROUTED.index(table)
-        return {"table": np.full(len(blocks), code), "block": np.array(sorted(blocks), np.int64)}
-
-    tasks = ray.data.range(len(work), override_num_blocks=len(work)).map_batches(
-        route, batch_size=1, batch_format="numpy"
-    )
-    routed: dict[str, set[int]] = {table: set() for table in ROUTED}
-    for batch in tasks.iter_batches(batch_size=None):
-        for code, block in zip(batch["table"], batch["block"], strict=True):
-            routed[ROUTED[int(code)]].add(int(block))
-    return routed
+    return ContextTables(
+        paths, ColdStart(**manifest["cold"]), side, manifest["users"], manifest["items"],
+        manifest["parts"],
+    )  # fmt: skip
 
 
 def _user_block(
