@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import platform
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,6 +68,7 @@ class PeakMemory:
         self.pss_every_s = pss_every_s
         self.trace: list[dict] = []
         self.peak_anon_by_kind: dict[str, int] = {}
+        self.peak_single_anon_by_kind: dict[str, int] = {}  # the largest one process's
         self.peak_shmem_by_kind: dict[str, int] = {}
         self.peak = 0
         self.peak_pss = 0
@@ -99,6 +105,8 @@ class PeakMemory:
                     continue
                 by_kind[kind] = by_kind.get(kind, 0) + rss
                 anon[kind] = anon.get(kind, 0) + status.get("RssAnon", 0)
+                single = self.peak_single_anon_by_kind
+                single[kind] = max(single.get(kind, 0), status.get("RssAnon", 0))
                 shmem[kind] = shmem.get(kind, 0) + status.get("RssShmem", 0)
                 count[kind] = count.get(kind, 0) + 1
             self.peak = max(self.peak, sum(by_kind.values()))
@@ -173,3 +181,132 @@ def run_variant(config: str, overrides: list[str], folder: str | None) -> dict:
     trained = train_exits.run(cfg)
     evaluation.run(cfg)
     return {"train": trained, "evaluation": artifacts.load_evaluation(cfg)}
+
+
+# ----------------------------------------------------------------------------- storage requests
+# The driver's storage requests, counted at the filesystem level (`count_driver_requests`).
+
+REQUESTS: Counter = Counter()
+COUNTING = [False]
+PAGE = 1000  # entries per listing request on S3
+
+
+class CountingHandler(pafs.FileSystemHandler):
+    """A filesystem that counts each request (when COUNTING) and passes it on."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        if COUNTING[0]:
+            REQUESTS[kind] += n
+
+    def __eq__(self, other):
+        return isinstance(other, CountingHandler) and self.fs.equals(other.fs)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def get_type_name(self):
+        return "counting"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        self._count("info", len(paths))
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        infos = self.fs.get_file_info(selector)
+        self._count("list", max(1, math.ceil(len(infos) / PAGE)))
+        return infos
+
+    def create_dir(self, path, recursive):
+        self._count("create_dir")
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self._count("delete", 1)
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._count("delete")
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self._count("delete")
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self._count("move")
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self._count("copy")
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        self._count("get")
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self._count("get")
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        self._count("put")
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        self._count("put")
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def count_driver_requests() -> None:
+    """Wrap what `optirag.storage` resolves, and its calls that write a local file or take
+    a lease without the filesystem (a rename, a hard link, a lock): one request each."""
+    import ray.cloudpickle
+
+    from optirag import storage
+
+    # the wrapped filesystems travel to Ray tasks (in_tasks' per-file work): by value, so a
+    # worker needs no import of this module (it counts nothing there: COUNTING is off)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    resolve = storage.resolve
+
+    def counted_resolve(uri, store):
+        fs, path = resolve(uri, store)
+        return pafs.PyFileSystem(CountingHandler(fs)), path
+
+    storage.resolve = counted_resolve
+    for name, kind in (
+        ("write_bytes", "put"),
+        ("write_table", "put"),
+        ("create_exclusive", "put"),
+        ("replace_if_unchanged", "put"),
+        ("read_versioned", "get"),
+    ):
+        setattr(storage, name, _counted(getattr(storage, name), kind))
+
+
+def _counted(fn, kind: str):
+    def wrapped(*args, **kwargs):
+        if COUNTING[0]:
+            REQUESTS[kind] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def counting():
+    """Count the driver's storage requests (into REQUESTS) inside the block."""
+    COUNTING[0] = True
+    try:
+        yield REQUESTS
+    finally:
+        COUNTING[0] = False

@@ -23,127 +23,17 @@ import math
 import resource
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import machine, write_results  # noqa: E402
-from optirag import runs, storage  # noqa: E402
+from bench._common import REQUESTS, count_driver_requests, counting, machine, write_results  # noqa: E402
+from optirag import runs  # noqa: E402
 from optirag import schema as S  # noqa: E402
 from optirag.config import Config  # noqa: E402
-
-REQUESTS: Counter = Counter()
-COUNTING = [False]
-PAGE = 1000  # entries per listing request on S3
-
-
-class CountingHandler(pafs.FileSystemHandler):
-    """A filesystem that counts each request (when COUNTING) and passes it on."""
-
-    def __init__(self, fs: pafs.FileSystem) -> None:
-        self.fs = fs
-
-    def _count(self, kind: str, n: int = 1) -> None:
-        if COUNTING[0]:
-            REQUESTS[kind] += n
-
-    def __eq__(self, other):
-        return isinstance(other, CountingHandler) and self.fs.equals(other.fs)
-
-    def __ne__(self, other):
-        return not self == other
-
-    def get_type_name(self):
-        return "counting"
-
-    def normalize_path(self, path):
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths):
-        self._count("info", len(paths))
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        infos = self.fs.get_file_info(selector)
-        self._count("list", max(1, math.ceil(len(infos) / PAGE)))
-        return infos
-
-    def create_dir(self, path, recursive):
-        self._count("create_dir")
-        self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        self._count("delete", 1)
-        self.fs.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self._count("delete")
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        self.fs.delete_dir_contents("/", accept_root_dir=True)
-
-    def delete_file(self, path):
-        self._count("delete")
-        self.fs.delete_file(path)
-
-    def move(self, src, dest):
-        self._count("move")
-        self.fs.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self._count("copy")
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        self._count("get")
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path):
-        self._count("get")
-        return self.fs.open_input_file(path)
-
-    def open_output_stream(self, path, metadata):
-        self._count("put")
-        return self.fs.open_output_stream(path, metadata=metadata)
-
-    def open_append_stream(self, path, metadata):
-        self._count("put")
-        return self.fs.open_append_stream(path, metadata=metadata)
-
-
-def count_driver_requests() -> None:
-    """Wrap what `optirag.storage` resolves, and its calls that write a local file or take
-    a lease without the filesystem (a rename, a hard link, a lock): one request each."""
-    resolve = storage.resolve
-
-    def counted_resolve(uri, store):
-        fs, path = resolve(uri, store)
-        return pafs.PyFileSystem(CountingHandler(fs)), path
-
-    storage.resolve = counted_resolve
-    for name, kind in (
-        ("write_bytes", "put"),
-        ("write_table", "put"),
-        ("create_exclusive", "put"),
-        ("replace_if_unchanged", "put"),
-        ("read_versioned", "get"),
-    ):
-        setattr(storage, name, _counted(getattr(storage, name), kind))
-
-
-def _counted(fn, kind: str):
-    def wrapped(*args, **kwargs):
-        if COUNTING[0]:
-            REQUESTS[kind] += 1
-        return fn(*args, **kwargs)
-
-    return wrapped
 
 
 def build_tree(root: Path, files: int, rows_per_file: int) -> None:
@@ -181,19 +71,16 @@ def write_done_shards(run: runs.Run, shards: int) -> None:
     for shard, n in enumerate(rows.tolist()):
         pq.write_table(empty, paths.scores(shard))
         pq.write_table(empty, paths.rejects(shard))
-        marker = {"shard_id": shard, "piece": 0, "pieces": 1, "input_rows": n, "scored": n,
-                  "rejected": {}, "exit_histogram": {"6": n}}  # fmt: skip
+        marker = {"shard_id": shard, "piece": 0, "pieces": 1, "input_rows": n}
+        marker |= {"scored": n, "rejected": {}, "exit_histogram": {"6": n}}
         Path(paths.marker(shard, 0, 1, n)).write_text(json.dumps(marker))
 
 
 def phase(name: str, fn, timings: dict, requests: dict):
     REQUESTS.clear()
-    COUNTING[0] = True
     started = time.perf_counter()
-    try:
+    with counting():
         out = fn()
-    finally:
-        COUNTING[0] = False
     timings[name] = round(time.perf_counter() - started, 2)
     requests[name] = dict(REQUESTS)
     print(f"{name}: {timings[name]} s, {sum(REQUESTS.values())} requests {dict(REQUESTS)}")

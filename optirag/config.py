@@ -295,7 +295,16 @@ class ScoringConfig(StrictModel):
         description="wall-clock limit of the run (a backfill's one scoring graph: this times "
         "the partitions it scores)",
     )
-    stall_timeout_s: float = Field(900, gt=0, description="fail when no shard finishes this long")
+    stall_timeout_s: float = Field(
+        900, gt=0, description="fail when no shard finishes and no input is read this long"
+    )
+    max_block_mib: float | None = Field(
+        None,
+        gt=0,
+        description="Ray Data's block size in the scoring graph (target_max_block_size; None: "
+        "Ray's, 128 MiB): a model actor scores about this much token data per call at most, "
+        "and a shard whose token block passes an eighth of it is written in pieces",
+    )
 
 
 PARTITION_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")

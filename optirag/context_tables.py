@@ -285,7 +285,7 @@ def cut_block(block: pa.Table, budget: int) -> list[pa.Table]:
         piece = block.slice(start, end - start)
         if start and users[start] == users[start - 1]:  # a user cut here: repeat the prefix
             own = np.flatnonzero(ok & (users == users[start]))
-            later = own[own >= start]
+            later = own[(own >= start) & (own < end)]
             if len(later) and own[0] < start:
                 prefix = block[S.PREFIX_IDS][int(own[0])].as_py()
                 piece = _set_row(piece, S.PREFIX_IDS, int(later[0] - start), prefix)

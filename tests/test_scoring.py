@@ -217,14 +217,15 @@ def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
     into pieces under the limit, each written whole, and scores as one would."""
     cands = _candidates()
     _write_inputs(local_storage, movie_tables, cands)
-    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=cands.num_rows)  # one shard
-    context = ray.data.DataContext.get_current()
-    limit = context.target_max_block_size
-    context.target_max_block_size = 8 << 10  # the token block is tens of KiB
-    try:
-        summary = scoring.run(cfg)
-    finally:
-        context.target_max_block_size = limit
+    cfg = _config(
+        local_storage,
+        tiny_llama_dir,
+        rows_per_shard=cands.num_rows,  # one shard
+        max_block_mib=8 / 1024,  # Ray Data's block size, for the test: 8 KiB
+    )
+    summary = scoring.run(cfg)
+    default = ray.data.DataContext.get_current().target_max_block_size
+    assert default == 128 << 20  # the process's own is left as it was
     assert summary["shards"] == 1
     root, scores, rejects = _read_run(cfg)
     _assert_exactly_once(scores, rejects, cands)
@@ -281,7 +282,11 @@ def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_
 def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables, tmp_path):
     cands = _candidates(n_users=6, per_user=20)
     _write_inputs(local_storage, movie_tables, cands)
-    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8, lease_s=LEASE_S)
+    # Blocks of 8 KiB: shards reach the actors and the writer a few at a time (the shuffle
+    # gathers them all first), so the kill finds some written and some not.
+    cfg = _config(
+        local_storage, tiny_llama_dir, rows_per_shard=8, lease_s=LEASE_S, max_block_mib=8 / 1024
+    )
     conf = tmp_path / "score.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
     cmd = [sys.executable, str(ROOT / "jobs" / "score.py"), "--config", str(conf), "ray.num_cpus=2"]

@@ -286,8 +286,6 @@ class ReadProgress:
 def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     """read parts (tasks) -> keyed shuffle by (run, shard) -> mark duplicates, assemble
     tokens, cut by bytes (tasks) -> ScoreTokens (actor pool) -> write pieces (tasks)."""
-    from ray.data import DataContext
-
     first = planned[0].run.inputs
     tables = context.build(cfg, first.history, first.items, first.neighbors)
     store = cfg.storage
@@ -299,9 +297,14 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     names = [f"{one.run.run_id} (input {one.run.inputs.candidates})" for one in planned]
     progress = ReadProgress.remote()
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-    # A piece stays under Ray Data's block size: Ray never slices it, so a shard of any size
-    # is written whole (in pieces); see runs.write_pieces.
-    budget = max(1, DataContext.get_current().target_max_block_size // 4)
+    # Ray Data's output buffer emits a block once it holds the block size and slices one
+    # over 1.5 times it. Pieces of an eighth (plus a row: rows are far smaller) never reach
+    # that, so Ray never slices a piece and a shard of any size is written whole, in pieces
+    # (runs.write_pieces).
+    source = ray.data.range(len(work), override_num_blocks=len(work))
+    if cfg.scoring.max_block_mib:
+        source.context.target_max_block_size = int(cfg.scoring.max_block_mib * 2**20)
+    budget = max(1, source.context.target_max_block_size // 8)
 
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
         i, part = work[int(batch["id"][0])]
@@ -335,8 +338,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
     # which it flags as deprecated; the bounds below are deliberate.
     graph = (
-        ray.data.range(len(work), override_num_blocks=len(work))
-        .map_batches(read, batch_size=1, batch_format="numpy")
+        source.map_batches(read, batch_size=1, batch_format="numpy")
         .groupby([RUN, runs.SHARD_ID], num_partitions=shuffle_partitions)
         .map_groups(assemble, batch_format="pyarrow")
         .map_batches(
