@@ -306,3 +306,38 @@ def test_a_damaged_context_table_is_named_and_built_again(
     Path(again.paths.items_file).unlink()  # a missing file: built again too
     third = build()
     assert third.paths.folder != again.paths.folder and Path(third.paths.items_file).exists()
+
+
+def test_a_block_cut_into_pieces_keeps_every_row_and_each_users_prefix():
+    """Pieces of any size: every row once, and in each piece a user's first row to score
+    carries their prefix (a user's rows may start with rejects, which have none)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    users = rng.integers(0, 6, n)
+    reasons = [None if rng.random() < 0.7 else "duplicate_pair" for _ in range(n)]
+    prefix_of, prefixes = {}, []
+    for u, reason in zip(users.tolist(), reasons, strict=True):
+        first = reason is None and u not in prefix_of
+        prefix_of.setdefault(u, [u + 1] * 30) if first else None
+        prefixes.append(prefix_of[u] if first else [])
+    block = pa.table(
+        {
+            S.USER_ID: users,
+            S.ITEM_ID: np.arange(n),
+            S.REASON: pa.array(reasons, pa.string()),
+            S.PREFIX_IDS: pa.array(prefixes, pa.list_(pa.int32())),
+            S.SUFFIX_IDS: pa.array([[7, 8, 9]] * n, pa.list_(pa.int32())),
+            S.SIDE: pa.nulls(n, pa.list_(pa.float32())),
+        }
+    )
+    for budget in (1, 64, 300, 10**6):
+        pieces = cut_block(block, budget)
+        assert (len(pieces) == 1) == (budget == 10**6)
+        items = np.concatenate([p[S.ITEM_ID].to_numpy() for p in pieces])
+        assert sorted(items.tolist()) == list(range(n))
+        for piece in pieces:
+            seen = set()
+            for row in piece.to_pylist():
+                if row[S.REASON] is None and row[S.USER_ID] not in seen:
+                    seen.add(row[S.USER_ID])
+                    assert row[S.PREFIX_IDS] == prefix_of[row[S.USER_ID]]
