@@ -262,7 +262,9 @@ def _kill_when(predicate, match, timeout=SLOW_JOB_S):
 
 
 def _markers(cfg):
-    return list(Path(cfg.storage.root, "scores", "r1").glob("attempt-*/_markers/*.json"))
+    """The shards written whole so far (every piece's marker) in the run's first attempt."""
+    attempt = A.RunPaths(str(Path(cfg.storage.root, "scores", "r1"))).attempt(1)
+    return list(runs.done_pieces(attempt, cfg.storage))
 
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
@@ -280,7 +282,7 @@ def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables, tmp_path):
-    cands = _candidates(n_users=6, per_user=20)
+    cands = _candidates(n_users=12, per_user=10)  # a shard per user, about
     _write_inputs(local_storage, movie_tables, cands)
     # Blocks of 8 KiB: shards reach the actors and the writer a few at a time (the shuffle
     # gathers them all first), so the kill finds some written and some not.

@@ -101,12 +101,12 @@ class ContextTables:
         with self._rebuilt_if_corrupt(files, fs, store):
             return dataset.to_table(filter=rows)
 
-    def read_items(self, items: np.ndarray, store) -> pa.Table:
+    def read_items(self, items: np.ndarray | None, store) -> pa.Table:
+        """The rows of `items` (None: every item)."""
         fs, path = storage.resolve(self.paths.items_file, store)
+        wanted = None if items is None else pc.field(S.ITEM_ID).isin(pa.array(items, pa.int64()))
         with self._rebuilt_if_corrupt([path], fs, store):
-            return storage.open_dataset(self.paths.items, store).to_table(
-                filter=pc.field(S.ITEM_ID).isin(pa.array(items, pa.int64()))
-            )
+            return storage.open_dataset(self.paths.items, store).to_table(filter=wanted)
 
     @contextlib.contextmanager
     def _rebuilt_if_corrupt(self, files: list[str], fs, store):
@@ -168,17 +168,17 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     users, parts = _users_table(history, items, neighbors, side, paths, cfg)
-    item_table = _item_table(cfg, history, items, prompts, side)
-    storage.write_table(item_table, paths.items_file, store)
+    # In a task of its own (the driver holds nothing per item): totals, texts, encoding.
+    n_items = ray.get(ray.remote(_item_table).remote(cfg, history, items, side, paths.items_file))
     cold = ColdStart.make(prompts, side)
     spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
     manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
                 "side": asdict(spec) if spec else None, "users": users,
-                "items": len(item_table), "parts": parts,
+                "items": n_items, "parts": parts,
                 "build_s": round(time.time() - started, 2)}  # fmt: skip
     storage.write_json(manifest, paths.success, store)
     log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.folder,
-             users, len(parts), len(item_table), time.time() - started)  # fmt: skip
+             users, len(parts), n_items, time.time() - started)  # fmt: skip
     return _tables(paths, manifest)
 
 
@@ -244,7 +244,7 @@ def _users_table(
         if neighbors:
             lists = group.filter(pa.array(kinds == LISTS)).select(S.NEIGHBORS.names)
             lists = lists.cast(S.NEIGHBORS)
-        table = _user_block(own, rows, lists, cfg, items, ray.get(side_ref))
+        table = _user_block(own, rows, lists, cfg, items, ray.get(side_ref), paths.folder)
         storage.write_table(table, paths.users_part(block), store, USER_ROW_GROUP)
         hashes = table[S.USER_HASH].to_numpy()  # sorted
         return pa.table(
@@ -355,6 +355,10 @@ def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
     )  # fmt: skip
 
 
+# Per worker process, by build: the items table and the tokenizer, read once, not per block.
+_BLOCK_INPUTS: dict[str, tuple[pa.Table, PromptBuilder]] = {}
+
+
 def _user_block(
     users: np.ndarray,
     rows: pa.Table,
@@ -362,26 +366,34 @@ def _user_block(
     cfg: Config,
     items: str,
     side: SideFeatures | None,
+    build: str,
 ) -> pa.Table:
     """The users table's rows of one block, from the history rows routed to it (its users'
     and their neighbours') and its users' neighbour lists: render and encode."""
-    item_table = storage.read_table(items, cfg.storage, S.ITEMS)
+    if build not in _BLOCK_INPUTS:
+        tokenizer = load_tokenizer(local_backbone(cfg, tokenizer_only=True))
+        _BLOCK_INPUTS[build] = (
+            storage.read_table(items, cfg.storage, S.ITEMS),
+            PromptBuilder(tokenizer, cfg.prompts),
+        )
+    item_table, prompts = _BLOCK_INPUTS[build]
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
-    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     return user_rows(users, contexts, prompts, side)
 
 
-def _item_table(
-    cfg: Config, history: str, items: str, prompts: PromptBuilder, side: SideFeatures | None
-) -> pa.Table:
-    """Every item's target ids, with its rating totals over the whole history."""
+def _item_table(cfg: Config, history: str, items: str, side: SideFeatures | None, uri: str) -> int:
+    """Write every item's target ids, with its rating totals over the whole history (read a
+    batch at a time); returns the items written."""
     store = cfg.storage
     ratings = None
     if cfg.prompts.target_ratings:
         ratings = ItemRatings.totals(storage.open_dataset(history, store, S.INTERACTIONS))
     item_table = storage.read_table(items, store, S.ITEMS)
     contexts = ContextStore(S.INTERACTIONS.empty_table(), item_table, None, cfg.prompts, ratings)
-    return item_rows(contexts, prompts, side)
+    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
+    table = item_rows(contexts, prompts, side)
+    storage.write_table(table, uri, store)
+    return len(table)
 
 
 class TableScorer:

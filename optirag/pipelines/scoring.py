@@ -135,22 +135,26 @@ def naming_the_run(names: list[str], run: int, shard: int | None, files: list[st
         ) from err
 
 
-_ASSEMBLERS: dict[str, TokenAssembler] = {}  # per worker process: the tokenizer loads once
+# Per worker process, by context build: the tokenizer loads once, the item table is read once
+# (not once per shard: a shard's items are most of them at scale).
+_ASSEMBLERS: dict[str, TokenAssembler] = {}
+_ITEM_TABLES: dict[str, pa.Table] = {}
 
 
 def assemble_shard(
     table: pa.Table, shard_id: int, num_shards: int, tables: context.ContextTables, cfg: Config
 ) -> pa.Table:
     """A staged shard joined with its users' and items' context rows into a token block."""
-    if tables.paths.root not in _ASSEMBLERS:
-        _ASSEMBLERS[tables.paths.root] = tables.assembler(cfg)
+    build = tables.paths.folder
+    if build not in _ASSEMBLERS:
+        _ASSEMBLERS[build] = tables.assembler(cfg)
+    if build not in _ITEM_TABLES:
+        _ITEM_TABLES[build] = tables.read_items(None, cfg.storage)
     ok = pc.is_null(table[S.REASON])
     users = np.unique(pc.filter(table[S.USER_ID], ok).to_numpy().astype(np.int64))
-    items = np.unique(pc.filter(table[S.ITEM_ID], ok).to_numpy().astype(np.int64))
     low, high = hash_range(shard_id, num_shards)
     user_rows = tables.read_users(users, low, high, cfg.storage)
-    item_rows = tables.read_items(items, cfg.storage)
-    return _ASSEMBLERS[tables.paths.root].assemble(table, user_rows, item_rows)
+    return _ASSEMBLERS[build].assemble(table, user_rows, _ITEM_TABLES[build])
 
 
 @dataclass
