@@ -1,14 +1,16 @@
 """Scores as an Apache Iceberg table: what warehouses (Spark, Trino, DuckDB, Snowflake) read.
 
-A backfill publishes each committed partition (one scoring run) into the table in one
-atomic commit that replaces that (partition value, model_version) slice, adds any new
-pass-through column to the schema and records, as a table property (which survives snapshot
-expiry), which committed attempt the slice holds and its row count: a reader sees the slice
-whole or not at all, and a commit that fails leaves the previous snapshot current. The table
-is refreshed before each commit and the commit retried when another writer committed first.
-The scoring runs stay the source of truth (exactly once, resumable); the table commit is the
-last step, a rerun republishes every slice whose recorded attempt is not its run's committed
-one (`slice_state`), and republishing a run gives the same table contents.
+A backfill publishes each committed partition (one scoring run) into the table: tasks write
+its rows as the table's data files, then one atomic commit replaces that (partition value,
+model_version) slice with them, adds any new pass-through column to the schema and records,
+as a table property (which survives snapshot expiry), which committed attempt the slice
+holds and its row count (checked against the files written before the commit and against
+the snapshot after it): a reader sees the slice whole or not at all, and a commit that fails
+leaves the previous snapshot current. The table is refreshed before each commit and the
+commit retried when another writer committed first. The scoring runs stay the source of
+truth (exactly once, resumable); the table commit is the last step, a rerun republishes
+every slice whose recorded attempt is not its run's committed one (`slice_state`), and
+republishing a run gives the same table contents.
 """
 
 from __future__ import annotations
@@ -69,15 +71,72 @@ def _slice(key: str, value: str, version: str):
 def publish(
     table, scores: pa.Table, key: str, value: str, version: str, attempt: str | None = None
 ) -> int:
-    """Replace the (key=value, model_version) slice by `scores` in one commit that also adds
-    new pass-through columns to the schema and records the slice's `attempt` and row count
-    (`slice_state`). Returns the snapshot id."""
-    from pyiceberg.exceptions import CommitFailedException
+    """`publish_files` of one data file holding `scores` (a slice small enough for one
+    process). Returns the snapshot id."""
+    schema = slice_schema(table, scores.schema, key)
+    path, rows = write_slice_file(
+        scores, schema, key, value, version, dict(table.io.properties), table.location()
+    )
+    return publish_files(table, [path], schema, key, value, version, attempt, rows, rows)
+
+
+def slice_schema(table, scores: pa.Schema, key: str) -> pa.Schema:
+    """The Arrow schema a slice's data files are written in: the table's, then the run's
+    pass-through columns the table lacks (as the commit's `union_by_name` adds them)."""
+    current = [f.remove_metadata() for f in table.schema().as_arrow()]
+    names = {f.name for f in current}
+    return pa.schema([*current, *(f for f in scores if f.name not in names and f.name != key)])
+
+
+def write_slice_file(
+    scores: pa.Table,
+    schema: pa.Schema,
+    key: str,
+    value: str,
+    version: str,
+    io_properties: dict,
+    location: str,
+) -> tuple[str, int]:
+    """Write score rows as one of a slice's data files under the table's location (any
+    process: a task, in a backfill); returns its path and rows. Files written by an attempt
+    that never commits are not the table's (an unreferenced file)."""
+    import uuid
+
+    import pyarrow.parquet as pq
+    from pyiceberg.io import load_file_io
 
     rows = scores.append_column(
         pa.field(key, pa.string(), nullable=False), pa.array([value] * len(scores), pa.string())
     )
-    state = json.dumps({"attempt": attempt, "rows": len(rows)})
+    rows = _conform(rows, schema)
+    folder = f"{location.rstrip('/')}/data/{key}={value}/{S.MODEL_VERSION}={version}"
+    path = f"{folder}/{uuid.uuid4().hex}.parquet"
+    with load_file_io(io_properties, location).new_output(path).create(overwrite=True) as out:
+        pq.write_table(rows, out)
+    return path, len(rows)
+
+
+def publish_files(
+    table,
+    files: list[str],
+    schema: pa.Schema,
+    key: str,
+    value: str,
+    version: str,
+    attempt: str | None,
+    rows: int,
+    written: int,
+) -> int:
+    """Replace the (key=value, model_version) slice by the data `files` (`write_slice_file`,
+    `written` rows in all, which must be the run's `rows`) in one commit that also adds new
+    pass-through columns to the schema and records the slice's `attempt` and row count
+    (`slice_state`). No row passes through this process. Returns the snapshot id."""
+    from pyiceberg.exceptions import CommitFailedException
+
+    if written != rows:
+        short = ValueError(f"its data files hold {written} rows, the run {rows}")
+        raise _failed(table, key, value, version, "published", short)
+    state = json.dumps({"attempt": attempt, "rows": rows})
     with _COMMITS:
         for retry in range(COMMIT_RETRIES + 1):
             try:
@@ -86,16 +145,22 @@ def publish(
                     # the first publish of a slice deletes nothing
                     warnings.filterwarnings("ignore", "Delete operation did not match any")
                     with tx.update_schema() as update:
-                        update.union_by_name(rows.schema)
-                    schema = tx.table_metadata.schema().as_arrow()
-                    tx.overwrite(_conform(rows, schema), _slice(key, value, version))
+                        update.union_by_name(schema)
+                    tx.delete(_slice(key, value, version))
+                    tx.add_files(files)
                     tx.set_properties({_slice_property(key, value, version): state})
-                return table.current_snapshot().snapshot_id
+                break
             except CommitFailedException as err:  # another writer committed first
                 if retry == COMMIT_RETRIES:
                     raise _failed(table, key, value, version, "published", err) from err
             except Exception as err:  # pyiceberg's errors share no base class
                 raise _failed(table, key, value, version, "published", err) from err
+    snapshot = table.current_snapshot()
+    added = int(snapshot.summary.additional_properties.get("added-records", -1))
+    if added != rows:
+        short = ValueError(f"its snapshot added {added} rows, the run has {rows}")
+        raise _failed(table, key, value, version, "published whole", short)
+    return snapshot.snapshot_id
 
 
 def _failed(table, key, value, version, what: str, err: Exception) -> TableCommitFailed:

@@ -307,6 +307,15 @@ def checked_files(
     return files
 
 
+def read_schema(uri: str, storage: StorageConfig) -> pa.Schema:
+    """A parquet file's schema (its footer only); fails naming the file."""
+    fs, path = resolve(uri, storage)
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{path}: not a readable parquet file ({err})") from None
+
+
 def check_file(fs: pafs.FileSystem, required: pa.Schema | None, path: str) -> None:
     """Fail naming the file when it is not readable parquet or lacks a required column."""
     try:

@@ -146,3 +146,32 @@ def test_a_catalog_that_cannot_be_opened_is_named(tmp_path):
     }
     with pytest.raises(score_table.TableCommitFailed, match="Iceberg catalog 'optirag'.*cannot"):
         score_table.open_table(TableConfig(enabled=True, catalog=catalog), "date", {})
+
+
+def test_a_slice_is_published_from_data_files_with_its_rows_checked(local_storage):
+    """Issue 30: the backfill published a partition by reading all its scores into one
+    process. Tasks now write the slice's data files (`write_slice_file`) and the commit
+    only adds them; a short set of files is refused, the previous snapshot kept."""
+    table = score_table.open_table(
+        TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
+    )
+    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
+    before = table.current_snapshot().snapshot_id
+    parts = [
+        _scores(4, "m1", 0.5, extra="s").slice(0, 3),
+        _scores(4, "m1", 0.5, extra="s").slice(3),
+    ]
+    schema = score_table.slice_schema(table, parts[0].schema, "date")
+    where = (dict(table.io.properties), table.location())
+    files = [
+        score_table.write_slice_file(p, schema, "date", "2026-11-01", "m1", *where) for p in parts
+    ]
+    paths = [path for path, _ in files]
+    with pytest.raises(score_table.TableCommitFailed, match="hold 3 rows, the run 4"):
+        score_table.publish_files(table, paths[:1], schema, "date", "2026-11-01", "m1", "a2", 4, 3)
+    table.refresh()
+    assert table.current_snapshot().snapshot_id == before
+    score_table.publish_files(table, paths, schema, "date", "2026-11-01", "m1", "a2", 4, 4)
+    assert _slices(table) == {("2026-11-01", "m1"): [0.5] * 4}
+    assert score_table.slice_is_current(table, "date", "2026-11-01", "m1", "a2", 4)
+    assert set(table.scan().to_arrow()["segment"].to_pylist()) == {"s"}

@@ -28,6 +28,9 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import pyarrow as pa
 
 from optirag import artifacts as A
 from optirag import runs, score_table, storage
@@ -242,8 +245,7 @@ def run(cfg: Config) -> dict:
             and score_table.slice_is_current(table, key, value, version, attempt, rows)
         ):
             return entry
-        scores = A.read_committed_scores(run_root, store)
-        entry["table_snapshot"] = score_table.publish(table, scores, key, value, version, attempt)
+        entry["table_snapshot"] = _publish_slice(table, run_root, key, value, version, rows, store)
         return entry
 
     def plan(value: str) -> scoring.Planned | None:
@@ -331,3 +333,27 @@ def run(cfg: Config) -> dict:
             f"(see {manifest_uri}); the other partitions are committed, rerun to retry"
         )
     return manifest
+
+
+def _publish_slice(table, run_root: str, key: str, value: str, version: str, rows: int, store):
+    """Publish a committed run as its table slice: its score files are rewritten as the
+    table's data files by tasks (`in_tasks`), then one commit in this process; no score row
+    passes through it."""
+    attempt = A.published_attempt(run_root, store)
+    files = A.read_manifest(attempt, store)["files"]["scores"]
+    found = pa.unify_schemas(in_tasks(partial(storage.read_schema, storage=store), files))
+    schema = score_table.slice_schema(table, found, key)
+    slice_of = {"key": key, "value": value, "version": version}
+    table_at = {"io": dict(table.io.properties), "location": table.location()}
+    written = in_tasks(
+        partial(_slice_file, store=store, schema=schema, **slice_of, **table_at), files
+    )
+    paths, counts = [p for p, _ in written], sum(n for _, n in written)
+    return score_table.publish_files(
+        table, paths, schema, key, value, version, attempt.name, rows, counts
+    )
+
+
+def _slice_file(uri: str, store, schema, key, value, version, io, location) -> tuple[str, int]:
+    scores = storage.read_table(uri, store)
+    return score_table.write_slice_file(scores, schema, key, value, version, io, location)
