@@ -277,8 +277,12 @@ def with_shards(table: pa.Table, num_shards: int) -> pa.Table:
 def mark_duplicates(shard: pa.Table) -> pa.Table:
     """A whole shard (every row of its users, any order) sorted by ROW, with every later copy
     of a (user, item) pair among the rows still to be scored rejected as a duplicate: the
-    first copy in the input wins, wherever the copies sat in the input."""
+    first copy in the input wins, wherever the copies sat in the input. An input row that
+    arrives twice (its part read twice) fails the run: the commit's row sum assumes none."""
     shard = shard.sort_by(ROW)
+    rows = shard[ROW].to_numpy()
+    if len(rows) > 1 and (twice := rows[1:][rows[1:] == rows[:-1]]).size:
+        raise RunFailed(f"input row {int(twice[0])} reached its shard twice")
     ok = pc.is_null(shard[S.REASON]).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(ok)
     keys = np.stack([shard[S.USER_ID].to_numpy()[rows], shard[S.ITEM_ID].to_numpy()[rows]], 1)

@@ -98,6 +98,8 @@ def test_every_row_of_a_user_is_in_one_shard_and_the_first_copy_wins(local_stora
     firsts = {p: i for i, p in reversed(list(enumerate(pairs)))}
     expected = [i for i in shard[runs.ROW].to_pylist() if firsts[pairs[i]] != i]
     assert sorted(dup[runs.ROW].to_pylist()) == expected and 399 in expected
+    with pytest.raises(runs.RunFailed, match="reached its shard twice"):
+        runs.mark_duplicates(pa.concat_tables([shard, shard.slice(2, 1)]))
 
 
 def _scored_batch(users, items, rows, shard=3):
