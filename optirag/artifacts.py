@@ -388,7 +388,8 @@ class ContextPaths:
                                       context, the side features' combination
         <build>/users/part-BBBBB.parquet   USER_CONTEXT rows of block B (a range of the user
                                            hash), sorted by user hash
-        <build>/items/part-00000.parquet   ITEM_CONTEXT rows, sorted by item
+        <build>/items/part-BBBBB.parquet   ITEM_CONTEXT rows of block B (a range of the item
+                                           hash), sorted by item
 
     Each build writes into its own folder (a random id), so two jobs building the same
     tables at once never mix their files; `_SUCCESS` names the one to read.
@@ -429,9 +430,8 @@ class ContextPaths:
     def items(self) -> str:
         return storage.join(self.folder, "items")
 
-    @property
-    def items_file(self) -> str:
-        return storage.join(self.items, "part-00000.parquet")
+    def items_part(self, block: int) -> str:
+        return storage.join(self.items, f"part-{block:05d}.parquet")
 
     @property
     def success(self) -> str:

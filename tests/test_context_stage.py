@@ -224,7 +224,7 @@ def test_users_table_made_in_pieces_equals_one_piece(monkeypatch, tiny_backbone,
 
 
 def test_users_table_is_the_same_for_any_blocks_of_users(
-    ray_session, local_storage, tiny_llama_dir, movie_tables
+    ray_session, local_storage, tiny_llama_dir, movie_tables, monkeypatch
 ):
     """Each block gets its users' history rows and their neighbours' through two keyed
     shuffles: one block or about a block per user, the same rows."""
@@ -237,7 +237,9 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
     )
     inputs = runs.Inputs.from_config(cfg)
     tables, folders = {}, []
+    items = {}
     for per_task in (1000, 1):
+        monkeypatch.setattr(context, "ITEMS_PER_TASK", per_task * 3)  # items too, in blocks
         compute = cfg.compute.model_copy(update={"context_users_per_task": per_task})
         built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
                               inputs.items, inputs.neighbors)  # fmt: skip
@@ -250,11 +252,14 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
             hashes = whole[S.USER_HASH].to_numpy()
             assert got.equals(whole.filter((hashes >= low) & (hashes < high)))
         tables[per_task] = whole
+        assert (len(built.item_parts) == 1) == (per_task == 1000)
+        items[per_task] = built.read_items(None, cfg.storage).sort_by(S.ITEM_ID)
         fs, success = storage.resolve(built.paths.success, cfg.storage)
         fs.delete_file(success)  # the same key: built again
         folders.append(built.paths.users)
     one, many = tables[1000], tables[1]
     assert len(one) == 6 and one.equals(many)
+    assert len(items[1000]) == len(movie_tables[1]) and items[1000].equals(items[1])
     # Each build wrote into a folder of its own: a second build of one key (another job at
     # the same time) never touched the first one's files.
     assert folders[0] != folders[1]
@@ -303,9 +308,9 @@ def test_a_damaged_context_table_is_named_and_built_again(
     again = build()
     assert again.paths.folder != tables.paths.folder
     assert len(again.read_users(users, low, high, cfg.storage)) == 6
-    Path(again.paths.items_file).unlink()  # a missing file: built again too
+    Path(again.item_files()[0]).unlink()  # a missing file: built again too
     third = build()
-    assert third.paths.folder != again.paths.folder and Path(third.paths.items_file).exists()
+    assert third.paths.folder != again.paths.folder and Path(third.item_files()[0]).exists()
 
 
 def test_a_block_cut_into_pieces_keeps_every_row_and_each_users_prefix():

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -74,11 +75,15 @@ class ContextTables:
     users: int
     items: int
     parts: list[list[int]]  # per part of the users table: its block, lowest and highest hash
+    item_parts: list[int]  # the blocks of the items table
 
     def files(self) -> list[str]:
         """Every file of the tables, as the manifest says they are."""
         users = [self.paths.users_part(block) for block, _, _ in self.parts]
-        return [*users, self.paths.items_file]
+        return [*users, *self.item_files()]
+
+    def item_files(self) -> list[str]:
+        return [self.paths.items_part(block) for block in self.item_parts]
 
     def assembler(self, cfg: Config) -> TokenAssembler:
         prompts = PromptBuilder(
@@ -103,9 +108,10 @@ class ContextTables:
 
     def read_items(self, items: np.ndarray | None, store) -> pa.Table:
         """The rows of `items` (None: every item)."""
-        fs, path = storage.resolve(self.paths.items_file, store)
+        fs, _ = storage.resolve(self.paths.items, store)
+        files = [storage.resolve(f, store)[1] for f in self.item_files()]
         wanted = None if items is None else pc.field(S.ITEM_ID).isin(pa.array(items, pa.int64()))
-        with self._rebuilt_if_corrupt([path], fs, store):
+        with self._rebuilt_if_corrupt(files, fs, store):
             return storage.open_dataset(self.paths.items, store).to_table(filter=wanted)
 
     @contextlib.contextmanager
@@ -168,13 +174,12 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     users, parts = _users_table(history, items, neighbors, side, paths, cfg)
-    # In a task of its own (the driver holds nothing per item): totals, texts, encoding.
-    n_items = ray.get(ray.remote(_item_table).remote(cfg, history, items, side, paths.items_file))
+    n_items, item_parts = _item_table(cfg, history, items, side, paths)
     cold = ColdStart.make(prompts, side)
     spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
     manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
                 "side": asdict(spec) if spec else None, "users": users,
-                "items": n_items, "parts": parts,
+                "items": n_items, "parts": parts, "item_parts": item_parts,
                 "build_s": round(time.time() - started, 2)}  # fmt: skip
     storage.write_json(manifest, paths.success, store)
     log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.folder,
@@ -349,9 +354,10 @@ def estimate_distinct(sketches: list[np.ndarray]) -> int:
 def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
     paths = A.ContextPaths(paths.root, manifest["build"])
     side = SideSpec(**manifest["side"]) if manifest["side"] else None
+    cold = ColdStart(**manifest["cold"])
     return ContextTables(
-        paths, ColdStart(**manifest["cold"]), side, manifest["users"], manifest["items"],
-        manifest["parts"],
+        paths, cold, side, manifest["users"], manifest["items"], manifest["parts"],
+        manifest["item_parts"],
     )  # fmt: skip
 
 
@@ -381,19 +387,94 @@ def _user_block(
     return user_rows(users, contexts, prompts, side)
 
 
-def _item_table(cfg: Config, history: str, items: str, side: SideFeatures | None, uri: str) -> int:
-    """Write every item's target ids, with its rating totals over the whole history (read a
-    batch at a time); returns the items written."""
+def _item_table(
+    cfg: Config,
+    history: str,
+    items: str,
+    side: SideFeatures | None,
+    paths: A.ContextPaths,
+) -> tuple[int, list[int]]:
+    """Write the items table in blocks (equal ranges of the item hash, about ITEMS_PER_TASK
+    items each): read tasks emit the items' rows and, for the rating note, each history
+    batch's per-item rating totals, keyed by the item's block; a keyed shuffle gives each
+    block its items and their partial totals, which it adds up and encodes. No process holds
+    more than a block's items. Returns the items written and the blocks written."""
     store = cfg.storage
-    ratings = None
+    files = [(ITEM, path) for path in storage.checked_files(items, store, S.ITEMS, in_tasks)]
     if cfg.prompts.target_ratings:
-        ratings = ItemRatings.totals(storage.open_dataset(history, store, S.INTERACTIONS))
-    item_table = storage.read_table(items, store, S.ITEMS)
-    contexts = ContextStore(S.INTERACTIONS.empty_table(), item_table, None, cfg.prompts, ratings)
-    prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
-    table = item_rows(contexts, prompts, side)
-    storage.write_table(table, uri, store)
-    return len(table)
+        history_files = storage.checked_files(history, store, S.INTERACTIONS, in_tasks)
+        files += [(TOTALS, path) for path in history_files]
+    fs = {ITEM: storage.resolve(items, store)[0], TOTALS: storage.resolve(history, store)[0]}
+    counted = in_tasks(partial(_rows_of, fs[ITEM]), [p for kind, p in files if kind == ITEM])
+    n_blocks = max(1, -(-sum(counted) // ITEMS_PER_TASK))
+    side_ref = ray.put(side)
+
+    def read(batch: dict[str, np.ndarray]):
+        kind, path = files[int(batch["id"][0])]
+        columns = ITEM_COLUMNS[kind]
+        for part in pq.ParquetFile(path, filesystem=fs[kind]).iter_batches(columns=columns):
+            table = pa.Table.from_batches([part])
+            if kind == TOTALS:
+                rated = table.filter(pc.is_valid(table[S.RATING]))
+                table = rated.group_by(S.ITEM_ID).aggregate(
+                    [(S.RATING, "sum"), (S.RATING, "count")]
+                )
+            yield _item_keyed(table, kind, range_of(table[S.ITEM_ID].to_numpy(), n_blocks))
+
+    def encode(group: pa.Table) -> pa.Table:
+        block = int(group[KEY][0].as_py())
+        kinds = group[KIND].to_numpy()
+        texts = group.filter(pa.array(kinds == ITEM)).select(S.ITEMS.names).cast(S.ITEMS)
+        ratings = None
+        if cfg.prompts.target_ratings:
+            totals = group.filter(pa.array(kinds == TOTALS)).group_by(S.ITEM_ID)
+            totals = totals.aggregate([("rating_sum", "sum"), ("rating_count", "sum")])
+            ids = totals[S.ITEM_ID].to_numpy()
+            ratings = ItemRatings(ids, np.full(len(ids), np.iinfo(np.int64).min),
+                                  totals["rating_sum_sum"].to_numpy(),
+                                  totals["rating_count_sum"].to_numpy())  # fmt: skip
+        contexts = ContextStore(S.INTERACTIONS.empty_table(), texts, None, cfg.prompts, ratings)
+        tokenizer = load_tokenizer(local_backbone(cfg, tokenizer_only=True))
+        table = item_rows(contexts, PromptBuilder(tokenizer, cfg.prompts), ray.get(side_ref))
+        storage.write_table(table, paths.items_part(block), store)
+        return pa.table({"part": [block], "items": [len(table)]})
+
+    written = (
+        ray.data.range(len(files), override_num_blocks=len(files))
+        .map_batches(read, batch_size=1, batch_format="numpy")
+        .groupby(KEY, num_partitions=min(n_blocks, SHUFFLE_PARTITIONS))
+        .map_groups(encode, batch_format="pyarrow")
+    )
+    parts, count = [], 0
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        parts += batch["part"].to_pylist()
+        count += sum(batch["items"].to_pylist())
+    return count, sorted(parts)
+
+
+ITEM, TOTALS = 0, 1  # an item's row; one batch's rating totals of an item
+ITEMS_PER_TASK = 100_000
+ITEM_COLUMNS = {ITEM: S.ITEMS.names, TOTALS: [S.ITEM_ID, S.RATING]}
+ITEM_ROUTED = pa.schema(
+    [pa.field(KEY, pa.int64()), pa.field(KIND, pa.int8())]
+    + [f.with_nullable(True) for f in S.ITEMS]
+    + [pa.field("rating_sum", pa.float64()), pa.field("rating_count", pa.int64())]
+)
+
+
+def _item_keyed(table: pa.Table, kind: int, blocks: np.ndarray) -> pa.Table:
+    """Item rows or rating totals in one schema (columns a kind lacks are null), by block."""
+    n = len(table)
+    given = {KEY: pa.array(blocks, pa.int64()), KIND: pa.array(np.full(n, kind, np.int8))}
+    given |= {name: table[name] for name in table.column_names if name in ITEM_ROUTED.names}
+    columns = [
+        given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in ITEM_ROUTED
+    ]
+    return pa.table(columns, schema=ITEM_ROUTED)
+
+
+def _rows_of(fs, path: str) -> int:
+    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
 
 
 class TableScorer:
