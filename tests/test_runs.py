@@ -227,7 +227,7 @@ def test_inputs_are_pinned_by_content_not_by_touch_or_copy(local_storage, tmp_pa
     assert storage.content_fingerprints(folder, local_storage)[0][1:] != before
 
 
-def test_a_changed_input_restages_instead_of_resuming_old_staged_copies(local_storage):
+def test_a_changed_input_starts_a_new_attempt_instead_of_resuming_the_old_one(local_storage):
     folder = storage.join(local_storage.root, "cands")
     _start_inputs(local_storage, folder)
     cfg = _cfg(local_storage, candidates_uri=folder)
@@ -242,6 +242,20 @@ def test_a_changed_input_restages_instead_of_resuming_old_staged_copies(local_st
     assert runs.changed_inputs(
         storage.read_json(first.paths.plan, local_storage)["files"], again.files
     ) == [storage.resolve(storage.join(folder, "a.parquet"), local_storage)[1]]
+
+
+def test_an_unpublished_attempt_of_the_older_layout_is_replaced_not_refused(local_storage):
+    """Issue 30: attempts staged before the keyed shuffle (`_staged/`, sharding 1) cannot be
+    resumed; a rerun starts a new attempt instead of refusing as if the input had changed."""
+    folder = storage.join(local_storage.root, "cands")
+    _start_inputs(local_storage, folder)
+    cfg = _cfg(local_storage, candidates_uri=folder)
+    first = runs.start(cfg, "v1")
+    first.release()
+    plan = storage.read_json(first.paths.plan, local_storage)
+    storage.write_json({**plan, "sharding": "user-hash-ranges-1"}, first.paths.plan, local_storage)
+    again = runs.start(cfg, "v1")
+    assert again.paths.number == first.paths.number + 1
 
 
 def test_input_columns_that_collide_with_the_output_are_refused_when_planned(local_storage):
