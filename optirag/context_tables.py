@@ -156,7 +156,7 @@ class TokenAssembler:
         u_pos = lookup(users[S.USER_ID].to_numpy(), row_users)
         i_pos = lookup(items[S.ITEM_ID].to_numpy(), row_items)
         unknown = ok & (i_pos < 0)
-        if unknown.any():  # staged against an older items table: rejects, as at staging
+        if unknown.any():  # an item the items table lacks: a reject
             reasons = np.asarray(batch[S.REASON].to_pylist(), dtype=object)
             reasons[unknown] = S.REJECT_UNKNOWN_ITEM
             at = batch.schema.get_field_index(S.REASON)

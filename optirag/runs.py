@@ -4,19 +4,25 @@ transactions, and a replace that never unpublishes the run it replaces.
 A run (`<output>/<run_id>/`) is tried in attempt folders. An attempt
 
 1. plans the input into *parts* (file, row group, row range; `_plan.json`, with the shard
-   count and the model version, so a resumed attempt can tell a changed input or model);
-2. stages each part: its rows, checked (null ids, ids outside int64, unknown items become
-   rejects) and cast to int64 ids, go to the *shard* of their user (a hash of the user id),
-   then a part marker. All rows of a user meet in one shard, so a duplicate pair is caught
-   wherever it appears in the input, and a user's candidates share one prompt prefix;
-3. scores each shard: scores and rejects to files named by the shard id, then a marker;
-4. commits: every marker verified, `_manifest.json` written, then the run's `_SUCCESS`
-   (one small JSON object) is pointed at the attempt; older attempts are deleted after.
+   count, the model version and each file's content fingerprint, so a resumed attempt can
+   tell a changed input or model);
+2. reads each part: its rows, checked (null ids and ids outside int64 become rejects) and
+   cast to int64 ids, tagged with the *shard* of their user (a range of the user hash);
+3. gathers each shard's rows (a keyed shuffle, in the job) and, with the whole shard at
+   hand, rejects later copies of a pair (`mark_duplicates`): all rows of a user meet in one
+   shard, so a duplicate is caught wherever it appears in the input, and a user's
+   candidates share one prompt prefix;
+4. scores each shard and writes it in one or more pieces: scores and rejects files named by
+   shard and piece, then a marker naming the piece's rows (`write_pieces`);
+5. commits: the done pieces (one listing) must hold the plan's rows, `_manifest.json` is
+   written, then the run's `_SUCCESS` (one small JSON object) is pointed at the attempt;
+   older attempts are deleted after.
 
-A rerun of the same run_id resumes the newest unpublished attempt (parts and shards whose
-markers verify are skipped). With `scoring.replace=true` a committed run gets a new attempt;
-until it commits, `_SUCCESS` keeps naming the old one. Layout: optirag.artifacts.RunPaths.
-The Ray graph that drives this is optirag.pipelines.scoring.
+A rerun of the same run_id resumes the newest unpublished attempt (shards whose pieces are
+all written are skipped; the rest of the input is read and gathered again). With
+`scoring.replace=true` a committed run gets a new attempt; until it commits, `_SUCCESS` keeps
+naming the old one. Layout: optirag.artifacts.AttemptPaths. The Ray graph that drives this is
+optirag.pipelines.scoring.
 """
 
 from __future__ import annotations
@@ -244,15 +250,20 @@ def _checked_ids(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedAr
     return column.cast(pa.int64()), too_big
 
 
-def read_part(part: Part, fs: pafs.FileSystem, known_items: np.ndarray) -> pa.Table:
-    """A part's rows with int64 ids, the reject reason (null = to be scored) and ROW."""
+def read_part(part: Part, fs: pafs.FileSystem, known_items: np.ndarray | None = None) -> pa.Table:
+    """A part's rows with int64 ids, the reject reason (null = to be scored) and ROW. Items
+    not in `known_items` are rejects; None leaves them to the token assembly, which rejects
+    an item missing from the context tables' items (the job: no process reads every item
+    id per part)."""
     table = pq.ParquetFile(part.path, filesystem=fs).read_row_group(part.row_group)
     table = table.slice(part.start, part.length)
     users, user_too_big = _checked_ids(table[S.USER_ID])
     items, item_too_big = _checked_ids(table[S.ITEM_ID])
     too_big = pc.or_(user_too_big, item_too_big)
     null_id = pc.and_(pc.invert(too_big), pc.or_(pc.is_null(users), pc.is_null(items)))
-    unknown = pc.fill_null(pc.invert(pc.is_in(items, value_set=pa.array(known_items))), False)
+    unknown = pa.scalar(False)
+    if known_items is not None:
+        unknown = pc.fill_null(pc.invert(pc.is_in(items, value_set=pa.array(known_items))), False)
     no_reason = pa.scalar(None, pa.string())
     reason = pc.if_else(
         too_big,

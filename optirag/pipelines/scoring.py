@@ -2,13 +2,17 @@
 early-exit models -> scores and rejects as Parquet, committed exactly once per shard
 (optirag.runs).
 
-    stage by user (tasks)
     context tables (optirag.pipelines.context: built once per set of inputs, else reused)
-    read shard + assemble tokens (tasks) ─► ScoreTokens (actor pool, one model replica each,
-        nothing per user) ─► write shard (tasks)
+    read parts (tasks: ids checked, each row tagged with its user's shard; rows of shards
+        already written are dropped)
+    keyed shuffle by (run, shard) ─► per shard: duplicates rejected, tokens assembled, cut
+        into pieces under the block size (tasks) ─► ScoreTokens (actor pool, one model
+        replica each, nothing per user) ─► write pieces (tasks)
 
 A shard is a range of user hashes, so its users' context rows are one stretch of the users
-table; assembling tokens is CPU work of its own tasks, apart from the model actors.
+table; assembling tokens is CPU work of its own tasks, apart from the model actors. The
+driver plans, lists what is done, watches and commits; its per-file work runs in tasks
+(optirag.pipelines.parallel).
 """
 
 from __future__ import annotations
@@ -293,8 +297,6 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     first = planned[0].run.inputs
     tables = context.build(cfg, first.history, first.items, first.neighbors)
     store = cfg.storage
-    items = storage.read_table(first.items, store, columns=[S.ITEM_ID])
-    known_items = ray.put(items[S.ITEM_ID].to_numpy())
     fs, _ = storage.resolve(first.candidates, store)
     targets = [(one.cfg, one.run.paths, one.run.num_shards, set(one.done)) for one in planned]
     work = [(i, part) for i in pending for part in planned[i].run.parts]
@@ -314,7 +316,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         i, part = work[int(batch["id"][0])]
         _, _, num_shards, done = targets[i]
         with naming_the_run(names, i, None, [part.path]):
-            table = runs.with_shards(runs.read_part(part, fs, ray.get(known_items)), num_shards)
+            table = runs.with_shards(runs.read_part(part, fs), num_shards)
         if done:
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
         progress.add.remote(part.length)
