@@ -396,20 +396,35 @@ def _names(folder: str, store: StorageConfig) -> set[str]:
     return {i.base_name for i in infos if i.type == pafs.FileType.File}
 
 
-def done_pieces(paths: AttemptPaths, store: StorageConfig) -> dict[int, list[Piece]]:
-    """The attempt's done shards and their pieces, from one listing of the markers and one
-    of each output folder (no request per shard): a shard is done when every piece of one
-    cut has its marker and both files."""
-    scores = _names(paths.scores_folder, store)
-    rejects = _names(paths.rejects_folder, store)
+FOLDERS = ("markers", "scores", "rejects")
+
+
+def listed(paths: AttemptPaths, store: StorageConfig, with_files: bool = True) -> dict:
+    """The file names in the attempt's markers folder and (`with_files`) its scores and
+    rejects folders: one listing each, no request per shard."""
+    folders = (paths.markers_folder, paths.scores_folder, paths.rejects_folder)
+    return {
+        name: _names(folder, store) if with_files or name == "markers" else None
+        for name, folder in zip(FOLDERS, folders, strict=True)
+    }
+
+
+def done_pieces(
+    paths: AttemptPaths, store: StorageConfig, names: dict | None = None
+) -> dict[int, list[Piece]]:
+    """The attempt's done shards and their pieces: a shard is done when every piece of one
+    cut has its marker (and, when the listings of `names` include the output folders, both
+    files). Lists the folders unless `names` (`listed`) are given."""
+    names = names if names is not None else listed(paths, store)
     cuts: dict[tuple[int, int], dict[int, Piece]] = {}
-    for name in _names(paths.markers_folder, store):
+    for name in names["markers"]:
         parsed = AttemptPaths.parse_marker(name)
         if parsed is None:
             continue
         piece = Piece(*parsed)
         data = AttemptPaths.piece_file(piece.shard, piece.piece, piece.pieces)
-        if data in scores and data in rejects and piece.piece < piece.pieces:
+        files = names["scores"] is None or (data in names["scores"] and data in names["rejects"])
+        if files and piece.piece < piece.pieces:
             cuts.setdefault((piece.shard, piece.pieces), {})[piece.piece] = piece
     done: dict[int, list[Piece]] = {}
     for (shard, pieces), found in sorted(cuts.items()):
@@ -486,8 +501,9 @@ class Run:
         return sum(p.length for p in self.parts)
 
     def done(self, store: StorageConfig) -> dict[int, list[Piece]]:
-        """The shards already written (a resumed attempt's), from listings."""
-        return done_pieces(self.paths, store)
+        """The shards already written (a resumed attempt's), from one listing of the
+        markers (the commit checks their files)."""
+        return done_pieces(self.paths, store, listed(self.paths, store, with_files=False))
 
 
 def _attempt_numbers(run: RunPaths, store: StorageConfig) -> list[int]:
@@ -642,7 +658,9 @@ def commit(
     store, paths = cfg.storage, run.paths
     if run.lease is not None:
         run.lease.check()  # taken over by another invocation: it commits, not this one
-    pieces = [p for found in run.done(store).values() for p in found]
+    names = listed(paths, store)
+    done = done_pieces(paths, store, names)
+    pieces = [p for found in done.values() for p in found]
     total = run.total_rows
     # Shards partition the users and a piece's rows are unique, so equal sums mean no input
     # row is lost or written twice.
@@ -668,6 +686,7 @@ def commit(
         "output": run.run.root,
         "attempt": paths.name,
         "candidates": total,
+        "shards": len(done),
         "scored": scored,
         "rejected": dict(rejected),
         "exit_histogram": {str(k): v for k, v in sorted(exit_hist.items())},
@@ -709,17 +728,20 @@ def commit(
                 storage.delete_folder(folder, store)
         except OSError as err:  # the run is committed; a leftover folder is harmless
             log.warning("could not delete %s: %s", folder, err)
-    _delete_other_cuts(paths, pieces, store)
+    _delete_other_cuts(paths, pieces, names, store)
     log.info("run %s committed: %s", run.run_id, json.dumps(summary))
     return summary
 
 
-def _delete_other_cuts(paths: AttemptPaths, kept: list[Piece], store: StorageConfig) -> None:
+def _delete_other_cuts(
+    paths: AttemptPaths, kept: list[Piece], names: dict, store: StorageConfig
+) -> None:
     """Delete the files of a shard's other cuts (a resume under another block size), so that
     a reader of the folders, not only of the manifest, sees each row once."""
     stems = {AttemptPaths.piece_stem(p.shard, p.piece, p.pieces) for p in kept}
-    for folder in (paths.scores_folder, paths.rejects_folder, paths.markers_folder):
-        for name in _names(folder, store):
+    folders = (paths.markers_folder, paths.scores_folder, paths.rejects_folder)
+    for key, folder in zip(FOLDERS, folders, strict=True):
+        for name in names[key]:
             if name.split(".", 1)[0] not in stems:
                 try:
                     storage.delete_file(storage.join(folder, name), store)

@@ -454,7 +454,9 @@ def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
                 planned("c", 3, {1: [runs.Piece(1, 0, 1, 1)]})]  # fmt: skip
     committed = []
     monkeypatch.setattr(
-        runs, "commit", lambda run, *_: committed.append(run.run_id) or {"run_id": run.run_id}
+        runs,
+        "commit",
+        lambda run, *_: committed.append(run.run_id) or {"run_id": run.run_id, "shards": 1},
     )
     monkeypatch.setattr(scoring, "_scoring_graph", lambda *_: ("graph", "progress"))
 
@@ -483,7 +485,7 @@ def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
 
     outcomes = scoring.score_planned(together, on_done)
     assert committed == ["b", "a"] and done == [1, 0, 2]
-    assert outcomes[0]["run_id"] == "a" and outcomes[1]["shards_run"] == 0
+    assert outcomes[0]["run_id"] == "a" and outcomes[1]["shards_run"] == 0  # b: 1 of 1 before
     assert isinstance(outcomes[2], runs.RunFailed) and "stalled" in str(outcomes[2])
 
 

@@ -178,8 +178,7 @@ class Planned:
 
     def commit(self) -> dict:
         summary = runs.commit(self.run, self.cfg, self.version, self.started, in_tasks)
-        shards = set(self.run.done(self.cfg.storage))
-        return {**summary, "shards": len(shards), "shards_run": len(shards - set(self.done))}
+        return {**summary, "shards_run": summary["shards"] - len(self.done)}
 
 
 def run(cfg: Config, run_root: str | None = None) -> dict:
