@@ -142,8 +142,14 @@ def main() -> None:
     assert summary["candidates"] == total
     driver_requests = sum(sum(r.values()) for r in requests.values())
     bound = 2 * (args.files + args.shards) / 1000 + 100
+    import subprocess
+
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    here = Path(__file__).parent
+    commit = subprocess.run(git, capture_output=True, text=True, cwd=here).stdout.strip()
     result = {
         "command": " ".join(["python", "bench/driver_dry_run.py", *sys.argv[1:]]),
+        "commit": commit,
         "machine": machine(),
         "files": args.files,
         "shards": args.shards,
