@@ -298,6 +298,12 @@ class ScoringConfig(StrictModel):
     stall_timeout_s: float = Field(
         900, gt=0, description="fail when no shard finishes and no input is read this long"
     )
+    shuffle_min_rows: int = Field(
+        100_000,
+        ge=0,
+        description="below this many rows to score, read and group them by shard in one task "
+        "instead of Ray Data's keyed shuffle (which takes seconds to start); 0: always shuffle",
+    )
     max_block_mib: float | None = Field(
         None,
         gt=0,

@@ -222,6 +222,7 @@ def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
         tiny_llama_dir,
         rows_per_shard=cands.num_rows,  # one shard
         max_block_mib=8 / 1024,  # Ray Data's block size, for the test: 8 KiB
+        shuffle_min_rows=0,  # through Ray Data's shuffle, as a big run
     )
     summary = scoring.run(cfg)
     default = ray.data.DataContext.get_current().target_max_block_size
@@ -287,7 +288,12 @@ def test_driver_killed_then_resumed(local_storage, tiny_llama_dir, movie_tables,
     # Blocks of 8 KiB: shards reach the actors and the writer a few at a time (the shuffle
     # gathers them all first), so the kill finds some written and some not.
     cfg = _config(
-        local_storage, tiny_llama_dir, rows_per_shard=8, lease_s=LEASE_S, max_block_mib=8 / 1024
+        local_storage,
+        tiny_llama_dir,
+        rows_per_shard=8,
+        lease_s=LEASE_S,
+        max_block_mib=8 / 1024,
+        shuffle_min_rows=0,
     )
     conf = tmp_path / "score.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
@@ -412,9 +418,11 @@ def test_duplicates_across_files_and_one_output_schema(
         ),
         folder / "b.parq",
     )
-    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=2)
-    summary = scoring.run(cfg)
-    assert summary["rejected"] == {"duplicate_pair": 1, "id_out_of_range": 1}
+    for shuffle_min_rows in (0, 100):  # through Ray Data's shuffle, then in one task
+        shuffle = {"replace": True, "shuffle_min_rows": shuffle_min_rows}
+        cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=2, **shuffle)
+        summary = scoring.run(cfg)
+        assert summary["rejected"] == {"duplicate_pair": 1, "id_out_of_range": 1}
     _, scores, rejects = _read_run(cfg)
     assert scores.num_rows == 5 and scores.schema.field(S.USER_ID).type == pa.int64()
     dup = rejects.filter(pa.compute.equal(rejects[S.REASON], "duplicate_pair"))

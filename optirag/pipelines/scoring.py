@@ -306,7 +306,11 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     # over 1.5 times it. Pieces of an eighth (plus a row: rows are far smaller) never reach
     # that, so Ray never slices a piece and a shard of any size is written whole, in pieces
     # (runs.write_pieces).
-    source = ray.data.range(len(work), override_num_blocks=len(work))
+    # A small input (`scoring.shuffle_min_rows`) is read and grouped in one task: Ray Data's
+    # shuffle costs seconds to start, more than such a run takes to score on a GPU.
+    small = sum(planned[i].pending_rows for i in pending) < cfg.scoring.shuffle_min_rows
+    tasks = 1 if small else len(work)
+    source = ray.data.range(tasks, override_num_blocks=tasks)
     if cfg.scoring.max_block_mib:
         source.context.target_max_block_size = int(cfg.scoring.max_block_mib * 2**20)
     budget = max(1, source.context.target_max_block_size // 8)
@@ -320,6 +324,13 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
         progress.add.remote(part.length)
         return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
+
+    def read_all(batch: dict[str, np.ndarray]):
+        """Every pending part, then each (run, shard) group: the shuffle in one task."""
+        rows = pa.concat_tables([read({"id": [k]}) for k in range(len(work))])
+        keys = np.stack([rows[RUN].to_numpy(), rows[runs.SHARD_ID].to_numpy()], 1)
+        for key in np.unique(keys, axis=0):
+            yield from assemble(rows.filter(pa.array((keys == key).all(axis=1))))
 
     def assemble(group: pa.Table):
         i, shard = int(group[RUN][0].as_py()), int(group[runs.SHARD_ID][0].as_py())
@@ -342,28 +353,30 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     shuffle_partitions = min(sum(planned[i].run.num_shards for i in pending), 200)
     # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
     # which it flags as deprecated; the bounds below are deliberate.
-    graph = (
-        source.map_batches(read, batch_size=1, batch_format="numpy")
-        .groupby([RUN, runs.SHARD_ID], num_partitions=shuffle_partitions)
-        .map_groups(assemble, batch_format="pyarrow")
-        .map_batches(
-            ScoreTokens,
-            fn_constructor_kwargs={
-                "cfg": cfg,
-                "model_version": planned[0].version[0],
-                "run_names": names,
-                "run_files": [RowFiles.of_run(one.run) for one in planned],
-            },
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
-            num_gpus=compute.num_gpus_per_actor / compute.actors_per_gpu,
-            num_cpus=compute.num_cpus_per_actor,
-            max_restarts=cfg.scoring.max_actor_restarts,
-            max_task_retries=cfg.scoring.max_task_retries,
+    if small:
+        staged = source.map_batches(read_all, batch_size=1, batch_format="numpy")
+    else:
+        staged = (
+            source.map_batches(read, batch_size=1, batch_format="numpy")
+            .groupby([RUN, runs.SHARD_ID], num_partitions=shuffle_partitions)
+            .map_groups(assemble, batch_format="pyarrow")
         )
-        .map_batches(write, batch_size=None, batch_format="pyarrow")
-    )
+    graph = staged.map_batches(
+        ScoreTokens,
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "model_version": planned[0].version[0],
+            "run_names": names,
+            "run_files": [RowFiles.of_run(one.run) for one in planned],
+        },
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+        num_gpus=compute.num_gpus_per_actor / compute.actors_per_gpu,
+        num_cpus=compute.num_cpus_per_actor,
+        max_restarts=cfg.scoring.max_actor_restarts,
+        max_task_retries=cfg.scoring.max_task_retries,
+    ).map_batches(write, batch_size=None, batch_format="pyarrow")
     return graph, progress
 
 
