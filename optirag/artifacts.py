@@ -625,6 +625,13 @@ class BackfillPaths:
         return storage.join(self.root, "_backfills", f"{name or f'model={version}'}.json")
 
 
+def table_data_file(location: str, key: str, value: str, version: str) -> str:
+    """A new data file of the score table's (key=value, model_version) slice, under the
+    table's `location` (Iceberg's own layout: data/<partition>/<name>)."""
+    folder = f"{location.rstrip('/')}/data/{key}={value}/{S.MODEL_VERSION}={version}"
+    return f"{folder}/{uuid.uuid4().hex}.parquet"
+
+
 def embedded_catalog(store: StorageConfig) -> dict[str, str]:
     """pyiceberg properties of the embedded SQL catalog on SQLite, `<root>/_iceberg/`: a
     local root only (SQLite needs a file system; give backfill.table.catalog otherwise)."""

@@ -68,18 +68,6 @@ def _slice(key: str, value: str, version: str):
     return And(EqualTo(key, value), EqualTo(S.MODEL_VERSION, version))
 
 
-def publish(
-    table, scores: pa.Table, key: str, value: str, version: str, attempt: str | None = None
-) -> int:
-    """`publish_files` of one data file holding `scores` (a slice small enough for one
-    process). Returns the snapshot id."""
-    schema = slice_schema(table, scores.schema, key)
-    path, rows = write_slice_file(
-        scores, schema, key, value, version, dict(table.io.properties), table.location()
-    )
-    return publish_files(table, [path], schema, key, value, version, attempt, rows, rows)
-
-
 def slice_schema(table, scores: pa.Schema, key: str) -> pa.Schema:
     """The Arrow schema a slice's data files are written in: the table's, then the run's
     pass-through columns the table lacks (as the commit's `union_by_name` adds them)."""
@@ -93,15 +81,12 @@ def write_slice_file(
     schema: pa.Schema,
     key: str,
     value: str,
-    version: str,
+    path: str,
     io_properties: dict,
-    location: str,
 ) -> tuple[str, int]:
-    """Write score rows as one of a slice's data files under the table's location (any
-    process: a task, in a backfill); returns its path and rows. Files written by an attempt
-    that never commits are not the table's (an unreferenced file)."""
-    import uuid
-
+    """Write score rows as one of a slice's data files at `path`, under the table's location
+    (artifacts.table_data_file), from any process (a task, in a backfill); returns its path
+    and rows. A file whose publish never commits is not the table's (unreferenced)."""
     import pyarrow.parquet as pq
     from pyiceberg.io import load_file_io
 
@@ -109,9 +94,7 @@ def write_slice_file(
         pa.field(key, pa.string(), nullable=False), pa.array([value] * len(scores), pa.string())
     )
     rows = _conform(rows, schema)
-    folder = f"{location.rstrip('/')}/data/{key}={value}/{S.MODEL_VERSION}={version}"
-    path = f"{folder}/{uuid.uuid4().hex}.parquet"
-    with load_file_io(io_properties, location).new_output(path).create(overwrite=True) as out:
+    with load_file_io(io_properties, path).new_output(path).create(overwrite=True) as out:
         pq.write_table(rows, out)
     return path, len(rows)
 

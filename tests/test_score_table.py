@@ -24,6 +24,17 @@ def _scores(n, version, score, extra=None):
     return table.append_column("segment", pa.array([extra] * n)) if extra else table
 
 
+def _publish(table, scores, key, value, version, attempt=None):
+    """A slice published from one data file (a backfill writes one per score file)."""
+    schema = score_table.slice_schema(table, scores.schema, key)
+    path = A.table_data_file(table.location(), key, value, version)
+    where = dict(table.io.properties)
+    _, rows = score_table.write_slice_file(scores, schema, key, value, path, where)
+    return score_table.publish_files(
+        table, [path], schema, key, value, version, attempt, rows, rows
+    )
+
+
 def _slices(table):
     rows = table.scan().to_arrow()
     out = {}
@@ -41,14 +52,14 @@ def test_publish_replaces_one_slice_and_keeps_the_others(local_storage):
     table = score_table.open_table(
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
-    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
-    score_table.publish(table, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1", "attempt-0001")
-    score_table.publish(table, _scores(4, "m2", 0.3, extra="s"), "date", "2026-11-01", "m2")
+    _publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
+    _publish(table, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1", "attempt-0001")
+    _publish(table, _scores(4, "m2", 0.3, extra="s"), "date", "2026-11-01", "m2")
     assert score_table.slice_is_current(table, "date", "2026-11-02", "m1", "attempt-0001", 2)
     assert not score_table.slice_is_current(table, "date", "2026-11-02", "m1", "attempt-0002", 2)
     assert score_table.slice_state(table, "date", "2026-11-03", "m1") is None
     # A replace of one slice: the new rows only, the other slices untouched.
-    score_table.publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1")
+    _publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1")
     assert _slices(table) == {
         ("2026-11-01", "m1"): [0.9] * 5,
         ("2026-11-02", "m1"): [0.2] * 2,
@@ -72,7 +83,7 @@ def test_a_failed_replace_leaves_the_previous_snapshot_current(local_storage, mo
     table = score_table.open_table(
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
-    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1", "attempt-0001")
+    _publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1", "attempt-0001")
     before = table.current_snapshot().snapshot_id
 
     def fail(self, *args, **kwargs):
@@ -80,9 +91,7 @@ def test_a_failed_replace_leaves_the_previous_snapshot_current(local_storage, mo
 
     monkeypatch.setattr(Transaction, "commit_transaction", fail)
     with pytest.raises(score_table.TableCommitFailed, match="date=2026-11-01, model_version=m1"):
-        score_table.publish(
-            table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1", "attempt-0002"
-        )
+        _publish(table, _scores(5, "m1", 0.9), "date", "2026-11-01", "m1", "attempt-0002")
     monkeypatch.undo()
     reader = score_table.open_table(
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
@@ -105,9 +114,9 @@ def test_two_publishers_both_commit_and_a_restart_writes_no_metadata(local_stora
     metadata = sorted(Path(local_storage.root).rglob("*.metadata.json"))
     assert score_table.open_table(cfg, "date", catalog) is not None
     assert sorted(Path(local_storage.root).rglob("*.metadata.json")) == metadata
-    score_table.publish(first, _scores(3, "m1", 0.1, extra="a"), "date", "2026-11-01", "m1", "a1")
+    _publish(first, _scores(3, "m1", 0.1, extra="a"), "date", "2026-11-01", "m1", "a1")
     metadata = sorted(Path(local_storage.root).rglob("*.metadata.json"))
-    score_table.publish(second, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1", "a1")
+    _publish(second, _scores(2, "m1", 0.2), "date", "2026-11-02", "m1", "a1")
     assert _slices(first.refresh()) == {
         ("2026-11-01", "m1"): [0.1] * 3,
         ("2026-11-02", "m1"): [0.2] * 2,
@@ -126,8 +135,8 @@ def test_a_slice_is_dropped_only_when_asked_and_whole(local_storage):
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
     for day in ("2026-11-01", "2026-11-02"):
-        score_table.publish(table, _scores(3, "m1", 0.1), "date", day, "m1", "attempt-0001")
-    score_table.publish(table, _scores(2, "m2", 0.2), "date", "2026-11-02", "m2", "attempt-0001")
+        _publish(table, _scores(3, "m1", 0.1), "date", day, "m1", "attempt-0001")
+    _publish(table, _scores(2, "m2", 0.2), "date", "2026-11-02", "m2", "attempt-0001")
     assert score_table.slice_values(table, "date", "m1") == {"2026-11-01", "2026-11-02"}
     score_table.drop_slice(table, "date", "2026-11-02", "m1")
     assert _slices(table) == {("2026-11-01", "m1"): [0.1] * 3, ("2026-11-02", "m2"): [0.2] * 2}
@@ -155,16 +164,24 @@ def test_a_slice_is_published_from_data_files_with_its_rows_checked(local_storag
     table = score_table.open_table(
         TableConfig(enabled=True), "date", A.embedded_catalog(local_storage)
     )
-    score_table.publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
+    _publish(table, _scores(3, "m1", 0.1), "date", "2026-11-01", "m1")
     before = table.current_snapshot().snapshot_id
     parts = [
         _scores(4, "m1", 0.5, extra="s").slice(0, 3),
         _scores(4, "m1", 0.5, extra="s").slice(3),
     ]
     schema = score_table.slice_schema(table, parts[0].schema, "date")
-    where = (dict(table.io.properties), table.location())
+    io = dict(table.io.properties)
     files = [
-        score_table.write_slice_file(p, schema, "date", "2026-11-01", "m1", *where) for p in parts
+        score_table.write_slice_file(
+            p,
+            schema,
+            "date",
+            "2026-11-01",
+            A.table_data_file(table.location(), "date", "2026-11-01", "m1"),
+            io,
+        )
+        for p in parts
     ]
     paths = [path for path, _ in files]
     with pytest.raises(score_table.TableCommitFailed, match="hold 3 rows, the run 4"):

@@ -343,11 +343,17 @@ def _publish_slice(table, run_root: str, key: str, value: str, version: str, row
     files = A.read_manifest(attempt, store)["files"]["scores"]
     found = pa.unify_schemas(in_tasks(partial(storage.read_schema, storage=store), files))
     schema = score_table.slice_schema(table, found, key)
-    slice_of = {"key": key, "value": value, "version": version}
-    table_at = {"io": dict(table.io.properties), "location": table.location()}
-    written = in_tasks(
-        partial(_slice_file, store=store, schema=schema, **slice_of, **table_at), files
+    write = partial(
+        _slice_file,
+        store=store,
+        schema=schema,
+        key=key,
+        value=value,
+        version=version,
+        io=dict(table.io.properties),
+        location=table.location(),
     )
+    written = in_tasks(write, files)
     paths, counts = [p for p, _ in written], sum(n for _, n in written)
     return score_table.publish_files(
         table, paths, schema, key, value, version, attempt.name, rows, counts
@@ -355,5 +361,7 @@ def _publish_slice(table, run_root: str, key: str, value: str, version: str, row
 
 
 def _slice_file(uri: str, store, schema, key, value, version, io, location) -> tuple[str, int]:
-    scores = storage.read_table(uri, store)
-    return score_table.write_slice_file(scores, schema, key, value, version, io, location)
+    path = A.table_data_file(location, key, value, version)
+    return score_table.write_slice_file(
+        storage.read_table(uri, store), schema, key, value, path, io
+    )
