@@ -386,27 +386,13 @@ def write_piece(batch: pa.Table, cfg: Config, paths: AttemptPaths, piece: Piece)
     return marker
 
 
-def _names(folder: str, store: StorageConfig) -> set[str]:
-    """The file names in a folder, from one listing ({} when it does not exist)."""
-    fs, path = storage.resolve(folder, store)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except (OSError, ValueError):
-        return set()
-    return {i.base_name for i in infos if i.type == pafs.FileType.File}
-
-
-FOLDERS = ("markers", "scores", "rejects")
-
-
 def listed(paths: AttemptPaths, store: StorageConfig, with_files: bool = True) -> dict:
-    """The file names in the attempt's markers folder and (`with_files`) its scores and
-    rejects folders: one listing each, no request per shard."""
-    folders = (paths.markers_folder, paths.scores_folder, paths.rejects_folder)
-    return {
-        name: _names(folder, store) if with_files or name == "markers" else None
-        for name, folder in zip(FOLDERS, folders, strict=True)
-    }
+    """{folder: its file names} of the attempt's markers folder and (`with_files`) its
+    scores and rejects folders: one listing each, no request per shard."""
+    folders = [paths.markers_folder]
+    if with_files:
+        folders += [paths.scores_folder, paths.rejects_folder]
+    return {folder: storage.list_file_names(folder, store) for folder in folders}
 
 
 def done_pieces(
@@ -416,14 +402,15 @@ def done_pieces(
     cut has its marker (and, when the listings of `names` include the output folders, both
     files). Lists the folders unless `names` (`listed`) are given."""
     names = names if names is not None else listed(paths, store)
+    scores, rejects = names.get(paths.scores_folder), names.get(paths.rejects_folder)
     cuts: dict[tuple[int, int], dict[int, Piece]] = {}
-    for name in names["markers"]:
+    for name in names[paths.markers_folder]:
         parsed = AttemptPaths.parse_marker(name)
         if parsed is None:
             continue
         piece = Piece(*parsed)
         data = AttemptPaths.piece_file(piece.shard, piece.piece, piece.pieces)
-        files = names["scores"] is None or (data in names["scores"] and data in names["rejects"])
+        files = scores is None or (data in scores and data in rejects)
         if files and piece.piece < piece.pieces:
             cuts.setdefault((piece.shard, piece.pieces), {})[piece.piece] = piece
     done: dict[int, list[Piece]] = {}
@@ -739,9 +726,8 @@ def _delete_other_cuts(
     """Delete the files of a shard's other cuts (a resume under another block size), so that
     a reader of the folders, not only of the manifest, sees each row once."""
     stems = {AttemptPaths.piece_stem(p.shard, p.piece, p.pieces) for p in kept}
-    folders = (paths.markers_folder, paths.scores_folder, paths.rejects_folder)
-    for key, folder in zip(FOLDERS, folders, strict=True):
-        for name in names[key]:
+    for folder, files in names.items():
+        for name in files:
             if name.split(".", 1)[0] not in stems:
                 try:
                     storage.delete_file(storage.join(folder, name), store)

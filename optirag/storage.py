@@ -176,6 +176,17 @@ def list_folders(uri: str, storage: StorageConfig) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
+def list_file_names(uri: str, storage: StorageConfig) -> set[str]:
+    """Names of the files directly under `uri`, from one listing (empty when it does not
+    exist)."""
+    fs, path = resolve(uri, storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError):
+        return set()
+    return {i.base_name for i in infos if i.type == pafs.FileType.File}
+
+
 # ----------------------------------------------------------------------------- conditional writes
 # A version is the S3 ETag, or on a local disk the sha256 of the content.
 
