@@ -173,8 +173,10 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     paths = paths.new_build()
     side = A.load_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
-    users, parts = _users_table(history, items, neighbors, side, paths, cfg)
-    n_items, item_parts = _item_table(cfg, history, items, side, paths)
+    # the history's files, checked once for both tables
+    history_files = storage.checked_files(history, store, S.INTERACTIONS, in_tasks)
+    users, parts = _users_table(history, history_files, items, neighbors, side, paths, cfg)
+    n_items, item_parts = _item_table(cfg, history, history_files, items, side, paths)
     cold = ColdStart.make(prompts, side)
     spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
     manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
@@ -189,6 +191,7 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
 
 def _users_table(
     history: str,
+    history_files: list[str],
     items: str,
     neighbors: str | None,
     side: SideFeatures | None,
@@ -208,14 +211,12 @@ def _users_table(
 
     Returns the users written and each part's [block, lowest hash, highest hash]."""
     store = cfg.storage
-    sources = [(HISTORY, history, S.INTERACTIONS)]
+    history_fs = storage.resolve(history, store)[0]
+    files = [(HISTORY, history_fs, path) for path in history_files]
     if neighbors:
-        sources.append((LISTS, neighbors, S.NEIGHBORS))
-    files = [
-        (kind, storage.resolve(uri, store)[0], path)
-        for kind, uri, schema in sources
-        for path in storage.checked_files(uri, store, schema, in_tasks)
-    ]
+        lists_fs = storage.resolve(neighbors, store)[0]
+        lists = storage.checked_files(neighbors, store, S.NEIGHBORS, in_tasks)
+        files += [(LISTS, lists_fs, path) for path in lists]
     side_users = _side_users(side)
     sketches = in_tasks(_user_sketch, [(fs, path) for _, fs, path in files])
     users = estimate_distinct([*sketches, np.unique(user_hash(side_users))[:SKETCH]])
@@ -290,13 +291,16 @@ SHUFFLE_PARTITIONS = 200
 SKETCH = 4096  # smallest distinct user hashes kept per file: the users counted to about 2%
 
 
-def _keyed(table: pa.Table, kind: int, blocks: np.ndarray) -> pa.Table:
-    """Rows of one kind in the routed schema (columns it lacks are null), keyed by block."""
+def _keyed(table: pa.Table, kind: int, blocks: np.ndarray, schema: pa.Schema = ROUTED) -> pa.Table:
+    """Rows of one kind in a routed `schema` (the users' ROUTED or ITEM_ROUTED; columns the
+    kind lacks are null), keyed by block."""
     n = len(table)
     given = {KEY: pa.array(blocks, pa.int64()), KIND: pa.array(np.full(n, kind, np.int8))}
-    given |= {name: table[name] for name in table.column_names if name in ROUTED.names}
-    columns = [given[f.name] if f.name in given else pa.nulls(n, f.type) for f in ROUTED]
-    return pa.table(columns, schema=ROUTED)
+    given |= {name: table[name] for name in table.column_names if name in schema.names}
+    columns = [
+        given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in schema
+    ]
+    return pa.table(columns, schema=schema)
 
 
 def _edges(lists: pa.Table, n_blocks: int) -> pa.Table:
@@ -390,6 +394,7 @@ def _user_block(
 def _item_table(
     cfg: Config,
     history: str,
+    history_files: list[str],
     items: str,
     side: SideFeatures | None,
     paths: A.ContextPaths,
@@ -402,7 +407,6 @@ def _item_table(
     store = cfg.storage
     files = [(ITEM, path) for path in storage.checked_files(items, store, S.ITEMS, in_tasks)]
     if cfg.prompts.target_ratings:
-        history_files = storage.checked_files(history, store, S.INTERACTIONS, in_tasks)
         files += [(TOTALS, path) for path in history_files]
     fs = {ITEM: storage.resolve(items, store)[0], TOTALS: storage.resolve(history, store)[0]}
     counted = in_tasks(partial(_rows_of, fs[ITEM]), [p for kind, p in files if kind == ITEM])
@@ -419,7 +423,8 @@ def _item_table(
                 table = rated.group_by(S.ITEM_ID).aggregate(
                     [(S.RATING, "sum"), (S.RATING, "count")]
                 )
-            yield _item_keyed(table, kind, range_of(table[S.ITEM_ID].to_numpy(), n_blocks))
+            blocks = range_of(table[S.ITEM_ID].to_numpy(), n_blocks)
+            yield _keyed(table, kind, blocks, ITEM_ROUTED)
 
     def encode(group: pa.Table) -> pa.Table:
         block = int(group[KEY][0].as_py())
@@ -460,17 +465,6 @@ ITEM_ROUTED = pa.schema(
     + [f.with_nullable(True) for f in S.ITEMS]
     + [pa.field("rating_sum", pa.float64()), pa.field("rating_count", pa.int64())]
 )
-
-
-def _item_keyed(table: pa.Table, kind: int, blocks: np.ndarray) -> pa.Table:
-    """Item rows or rating totals in one schema (columns a kind lacks are null), by block."""
-    n = len(table)
-    given = {KEY: pa.array(blocks, pa.int64()), KIND: pa.array(np.full(n, kind, np.int8))}
-    given |= {name: table[name] for name in table.column_names if name in ITEM_ROUTED.names}
-    columns = [
-        given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in ITEM_ROUTED
-    ]
-    return pa.table(columns, schema=ITEM_ROUTED)
 
 
 def _rows_of(fs, path: str) -> int:
