@@ -320,21 +320,21 @@ def checked_files(
 
 def read_schema(uri: str, storage: StorageConfig) -> pa.Schema:
     """A parquet file's schema (its footer only); fails naming the file."""
-    fs, path = resolve(uri, storage)
-    try:
-        return pq.read_schema(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise StorageError(f"{path}: not a readable parquet file ({err})") from None
+    return _file_schema(*resolve(uri, storage))
 
 
 def check_file(fs: pafs.FileSystem, required: pa.Schema | None, path: str) -> None:
     """Fail naming the file when it is not readable parquet or lacks a required column."""
-    try:
-        schema = pq.read_schema(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise StorageError(f"{path}: not a readable parquet file ({err})") from None
+    schema = _file_schema(fs, path)
     if required is not None:
         check_columns(schema, required, source=path)
+
+
+def _file_schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{path}: not a readable parquet file ({err})") from None
 
 
 def read_table(
