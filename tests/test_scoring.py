@@ -270,9 +270,12 @@ def _markers(cfg):
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_actor_killed_mid_run(ray_session, local_storage, tiny_llama_dir, movie_tables):
-    cands = _candidates(n_users=6, per_user=20)
+    cands = _candidates(n_users=12, per_user=10)  # a shard per user, about
     _write_inputs(local_storage, movie_tables, cands)
-    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8)
+    # As in the driver kill test: 8 KiB blocks through the shuffle, so the actor scores the
+    # shards a few at a time and is killed with some written and some not.
+    small_blocks = {"max_block_mib": 8 / 1024, "shuffle_min_rows": 0}
+    cfg = _config(local_storage, tiny_llama_dir, rows_per_shard=8, **small_blocks)
     killed = _kill_when(lambda: len(_markers(cfg)) >= 2, "ScoreTokens")
     summary = scoring.run(cfg)
     assert killed.is_set(), "the test did not manage to kill a scoring actor"
