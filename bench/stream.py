@@ -9,6 +9,7 @@ pairs/s and peak memory (driver, Ray system processes, workers) per input size.
     python bench/stream.py --pairs 1000000 --users 1000000 10000000 --neighbors 10 \
         --name stream_scale      # issue 30's users axis, with a neighbour table
     python bench/stream.py --pairs 1000000 --users 100000 --items 10000 1000000 --name stream_items
+    python bench/stream.py ... --side-features   # hybrid heads: every user and item has CF sides
 
 The users axis (--users) keeps the pairs fixed and grows the users with a history: every
 k-th user has candidates, all of them are in the context tables. The claim there is that a
@@ -16,6 +17,9 @@ model actor's peak memory does not grow with the users (it holds only the model)
 context tables' build time is recorded.
 
 The items axis (--items) keeps pairs and users fixed and grows the items table.
+`--side-features` stores hybrid heads (random, untrained) with side features of every user
+and item (random MF arrays of dimension 32 and statistics, as `cf.SideFeatures` stores them),
+so the context stage routes each user's side to its block and the actors read side inputs.
 
 Each run also records, per process kind (driver, model actors, other Ray workers, Ray's own
 processes), the largest single process's peak private memory (RssAnon), the driver's and
@@ -63,6 +67,7 @@ from optirag.pipelines import scoring, synthetic  # noqa: E402
 def run_once(
     pairs: int, users: int, per_user: int, workdir: str, actors: int, num_cpus: int,
     extra: list[str], neighbors: int = 0, items: int = 20000, scores_file: str | None = None,
+    side: bool = False,
 ) -> dict:  # fmt: skip
     overrides = [
         f"storage.root={workdir}", "backbone.source=tiny", f"backbone.cache_dir={workdir}/models",
@@ -85,6 +90,8 @@ def run_once(
         synthetic.run(cfg.synthetic, cfg.storage)
         if neighbors:
             write_neighbors(f"{workdir}/synthetic/neighbors", users, neighbors)
+        if side:
+            ray.get(write_side_features.remote(cfg, users, items))
         inputs = sum(1 for _ in Path(workdir, "synthetic").rglob("*.parquet"))
         with PeakMemory() as mem, counting() as requests:
             start = time.perf_counter()
@@ -97,6 +104,7 @@ def run_once(
     )
     result = {
         "pairs": pairs, "users": users, "items": items, "neighbors": neighbors,
+        "side_features": side,
         "scored": summary["scored"], "wall_s": round(wall, 1),
         "pairs_per_s": round(pairs / wall, 1), "peak_rss_gib_total": gib(mem.peak),
         "peak_pss_gib_total": gib(mem.peak_pss), "peak_processes_by_kind": mem.peak_count_by_kind,
@@ -150,6 +158,38 @@ def write_neighbors(folder: str, users: int, k: int) -> None:
     ray.data.range(n, override_num_blocks=n).map_batches(write, batch_size=1).materialize()
 
 
+@ray.remote(max_calls=1)  # a process of its own, gone before the measured run
+def write_side_features(cfg, users: int, items: int, dim: int = 32) -> None:
+    """Hybrid heads (random) with side features of `users` users and `items` items."""
+    from optirag import artifacts as A
+    from optirag import cf
+    from optirag.backbones import load_backbone
+    from optirag.early_exit import ExitHeads
+    from optirag.prompts import PromptBuilder
+
+    rng = np.random.default_rng(11)
+
+    def sides(n: int) -> list[np.ndarray]:
+        ids = np.arange(n, dtype=np.int64)
+        emb = rng.normal(0, 0.1, (n, dim)).astype(np.float32)
+        count = rng.integers(1, 50, n).astype(np.float64)
+        return [ids, emb, rng.normal(0, 0.1, n).astype(np.float32), rng.random(n), count]
+
+    u_ids, u_emb, u_bias, u_rate, u_count = sides(users)
+    i_ids, i_emb, i_bias, i_rate, i_count = sides(items)
+    mf = cf.MatrixFactorisation(u_ids, i_ids, u_emb, i_emb, u_bias, i_bias, 0.1)
+    user_stats, item_stats = (
+        cf.Stats(u_ids, u_rate, u_count, 0.5),
+        cf.Stats(i_ids, i_rate, i_count, 0.5),
+    )
+    side = cf.SideFeatures(list(cf.SIDE_FEATURES), mf, user_stats, item_stats)
+    backbone = load_backbone(cfg.backbone)
+    answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
+    heads = ExitHeads.from_backbone(backbone, [2, 4, 6], list(cf.SIDE_FEATURES), answers=answers)
+    exit_config = {**heads.spec.as_dict(), "rule": "agreement", "threshold": 0.01}
+    A.save_heads(A.StoredHeads(heads.state_dict(), exit_config, None, side.arrays()), cfg)
+
+
 def _scores(workdir: str) -> pa.Table:
     """The run's (user, item, score), sorted: to compare two checkouts' scores."""
     files = [p for p in Path(workdir, "scores").rglob("scores/*.parquet")]
@@ -188,6 +228,9 @@ def main() -> None:
         "--items", type=int, nargs="+", default=[20_000], help="items axis: at one --pairs size"
     )
     parser.add_argument("--neighbors", type=int, default=0, help="neighbours per user (0: none)")
+    parser.add_argument(
+        "--side-features", action="store_true", help="hybrid heads with every user's CF side"
+    )
     parser.add_argument("--per-user", type=int, default=20)
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
@@ -214,7 +257,8 @@ def main() -> None:
         keep = bool(args.save_scores or args.compare_scores) and not runs
         with tempfile.TemporaryDirectory() as workdir:
             runs.append(run_once(pairs, users, args.per_user, workdir, args.actors, args.num_cpus,
-                                 args.overrides, args.neighbors, items, keep))  # fmt: skip
+                                 args.overrides, args.neighbors, items, keep,
+                                 args.side_features))  # fmt: skip
         scores = runs[-1].pop("scores", None)
         if scores is not None and args.save_scores:
             pq.write_table(scores, args.save_scores)

@@ -313,6 +313,55 @@ def read_side_features(uri: str, store: StorageConfig) -> tuple[dict[str, np.nda
     return arrays, storage.read_json(uri + ".json", store)
 
 
+class StoredSideFeatures:
+    """The side features as stored, read in parts: a safetensors file's header names each
+    array's type, shape and bytes, so a task reads just the rows it needs (a range of users)
+    and no process holds every user's arrays (a scale run's context stage)."""
+
+    DTYPES = {"F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "BOOL": "|b1"}
+    USERS = ("mf.user_ids", "mf.user_emb", "mf.user_bias")  # by user, ids sorted
+    USER_STATS = ("users.ids", "users.rate", "users.count")
+    ITEMS = ("mf.item_ids", "mf.item_emb", "mf.item_bias", "items.ids", "items.rate", "items.count")
+
+    def __init__(self, uri: str, store: StorageConfig) -> None:
+        self.uri, self.store = uri, store
+        size = int.from_bytes(storage.read_range(uri, store, 0, 8), "little")
+        self.arrays = json.loads(storage.read_range(uri, store, 8, size))
+        self.arrays.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.meta = storage.read_json(uri + ".json", store)
+
+    def length(self, name: str) -> int:
+        return self.arrays[name]["shape"][0]
+
+    def empty(self, name: str) -> np.ndarray:
+        spec = self.arrays[name]
+        return np.empty((0, *spec["shape"][1:]), self.DTYPES[spec["dtype"]])
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one array."""
+        spec, like = self.arrays[name], self.empty(name)
+        stop = min(stop, spec["shape"][0])
+        if stop <= start:
+            return like
+        row = like.itemsize * int(np.prod(like.shape[1:], dtype=np.int64))
+        offset = self.data_start + spec["data_offsets"][0] + start * row
+        data = storage.read_range(self.uri, self.store, offset, (stop - start) * row)
+        return np.frombuffer(data, like.dtype).reshape(stop - start, *like.shape[1:])
+
+    def features(self, given: dict[str, np.ndarray] | None = None) -> SideFeatures:
+        """Side features from the `given` arrays (a part of them), the others empty: the
+        users and items they lack get the cold-start values."""
+        from optirag.cf import SideFeatures
+
+        arrays = {name: self.empty(name) for name in self.arrays} | (given or {})
+        return SideFeatures.from_arrays(arrays, self.meta)
+
+    def item_features(self) -> SideFeatures:
+        """The items' arrays (what an items table's process needs), no user's."""
+        return self.features({n: self.rows(n, 0, self.length(n)) for n in self.ITEMS})
+
+
 # ----------------------------------------------------------------------------- feature caches
 
 
@@ -438,14 +487,11 @@ class ContextPaths:
         return storage.join(self.root, "_SUCCESS")
 
 
-def load_side_features(cfg: Config) -> SideFeatures | None:
-    """The stored heads' side features (hybrid heads), else None."""
+def stored_side_features(cfg: Config) -> StoredSideFeatures | None:
+    """The stored heads' side features (hybrid heads), to read in parts; else None."""
     if not has_trained_heads(cfg) or not load_exit_config(cfg).get("side_features"):
         return None
-    from optirag.cf import SideFeatures
-
-    uri = heads_file(cfg, SIDE_FEATURES_FILE)
-    return SideFeatures.from_arrays(*read_side_features(uri, cfg.storage))
+    return StoredSideFeatures(heads_file(cfg, SIDE_FEATURES_FILE), cfg.storage)
 
 
 # ----------------------------------------------------------------------------- scoring runs

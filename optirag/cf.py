@@ -32,6 +32,14 @@ def _lookup(ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.maximum(pos, 0), pos >= 0
 
 
+def _at(values: np.ndarray, pos: np.ndarray, found: np.ndarray, missing: float) -> np.ndarray:
+    """`values[pos]` where found, else `missing` (also when `values` is empty: a context
+    block whose users the side features never saw)."""
+    if not len(values):
+        return np.full((len(pos), *values.shape[1:]), missing, values.dtype)
+    return np.where(found.reshape(-1, *[1] * (values.ndim - 1)), values[pos], missing)
+
+
 @dataclass
 class MatrixFactorisation:
     """Biased MF: logit = <u, i> + b_u + b_i + b."""
@@ -138,7 +146,7 @@ class Stats:
 
     def lookup(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pos, found = _lookup(self.ids, query)
-        return np.where(found, self.rate[pos], self.prior), np.where(found, self.count[pos], 0)
+        return _at(self.rate, pos, found, self.prior), _at(self.count, pos, found, 0)
 
 
 def popularity_scores(train: pa.Table, items: np.ndarray) -> np.ndarray:
@@ -156,7 +164,7 @@ def _side(ids, emb, bias, stats: Stats, query: np.ndarray) -> np.ndarray:
     pos, found = _lookup(ids, query)
     rate, count = stats.lookup(query)
     return np.concatenate(
-        [emb[pos] * found[:, None], (bias[pos] * found)[:, None],
+        [_at(emb, pos, found, 0), _at(bias, pos, found, 0)[:, None],
          _logit(rate)[:, None], np.log1p(count)[:, None]],
         axis=1, dtype=np.float32,
     )  # fmt: skip

@@ -427,6 +427,13 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
         return f.read()
 
 
+def read_range(uri: str, storage: StorageConfig, offset: int, length: int) -> bytes:
+    """`length` bytes of a file from `offset` (one ranged GET on object storage)."""
+    fs, path = resolve(uri, storage)
+    with fs.open_input_file(path) as f:
+        return f.read_at(length, offset)
+
+
 def write_bytes(data: bytes, uri: str, storage: StorageConfig) -> None:
     fs, path = resolve(uri, storage)
     fs.create_dir(posixpath.dirname(path), recursive=True)

@@ -44,6 +44,19 @@ def test_side_features_round_trip(movie_tables, local_storage):
     again = cf.SideFeatures.from_arrays(*A.read_side_features(uri, local_storage))
     users, items = np.array([1, 4, 50]), np.array([3, 9, 2])
     np.testing.assert_array_equal(fitted(users, items), again(users, items))
+    # read in parts, as the context stage's tasks do: any rows of any array, by byte ranges
+    stored = A.StoredSideFeatures(uri, local_storage)
+    arrays, _ = fitted.arrays()
+    for name, array in arrays.items():
+        assert stored.length(name) == len(array)
+        np.testing.assert_array_equal(stored.rows(name, 3, 11), array[3:11])
+        assert stored.rows(name, 5, 5).shape == (0, *array.shape[1:])
+    # no user's arrays: every user gets the cold start, the items their own side
+    items_only = stored.item_features()
+    np.testing.assert_array_equal(items_only.item_side(items), fitted.item_side(items))
+    np.testing.assert_array_equal(
+        items_only.user_side(users), fitted.user_side(np.array([-(2**63)] * 3))
+    )
 
 
 @pytest.mark.parametrize("mlp_size", [0, 8])

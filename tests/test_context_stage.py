@@ -41,6 +41,7 @@ def _save_hybrid_heads(cfg, backbone, interactions):
             head.proj.weight[:, -len(SIDE) :].normal_(0, 1.0)
     exit_config = {**heads.spec.as_dict(), "rule": "agreement", "threshold": 0.002}
     A.save_heads(A.StoredHeads(heads.state_dict(), exit_config, None, side.arrays()), cfg)
+    return side
 
 
 @pytest.mark.parametrize("variant", ["plain", "target-ratings", "hybrid"])
@@ -223,11 +224,13 @@ def test_users_table_made_in_pieces_equals_one_piece(monkeypatch, tiny_backbone,
     assert len(users) > 4 and pieces.equals(whole)
 
 
+@pytest.mark.parametrize("side", [False, True])
 def test_users_table_is_the_same_for_any_blocks_of_users(
-    ray_session, local_storage, tiny_llama_dir, movie_tables, monkeypatch
+    ray_session, local_storage, tiny_llama_dir, movie_tables, monkeypatch, side
 ):
     """Each block gets its users' history rows and their neighbours' through two keyed
-    shuffles: one block or about a block per user, the same rows."""
+    shuffles: one block or about a block per user, the same rows. With side features, each
+    block reads only its users' (a user known to the side features alone included)."""
     from optirag.ids import hash_range
 
     _write_inputs(local_storage, movie_tables, _candidates(n_users=2, per_user=2))
@@ -235,6 +238,14 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
     cfg = cfg.model_copy(
         update={"prompts": cfg.prompts.model_copy(update={"target_ratings": True})}
     )
+    fitted = None
+    if side:  # fitted on the history and one user the history lacks
+        monkeypatch.setattr(context, "SIDE_CHUNK", 7)  # the side's users in many tasks
+        alone = movie_tables[0].slice(0, 3).to_pylist()
+        extra = pa.Table.from_pylist([r | {S.USER_ID: 4242} for r in alone], movie_tables[0].schema)
+        fitted = _save_hybrid_heads(
+            cfg, load_backbone(cfg.backbone), pa.concat_tables([movie_tables[0], extra])
+        )
     inputs = runs.Inputs.from_config(cfg)
     tables, folders = {}, []
     items = {}
@@ -258,7 +269,12 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         fs.delete_file(success)  # the same key: built again
         folders.append(built.paths.users)
     one, many = tables[1000], tables[1]
-    assert len(one) == 6 and one.equals(many)
+    assert len(one) == (7 if side else 6) and one.equals(many)
+    if side:
+        users = one[S.USER_ID].to_numpy()
+        assert 4242 in users
+        stored = np.array(one[S.SIDE].to_pylist(), np.float32)
+        np.testing.assert_array_equal(stored, fitted.user_side(users))
     assert len(items[1000]) == len(movie_tables[1]) and items[1000].equals(items[1])
     # Each build wrote into a folder of its own: a second build of one key (another job at
     # the same time) never touched the first one's files.

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -171,14 +172,14 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
             )
     started = time.time()
     paths = paths.new_build()
-    side = A.load_side_features(cfg)
+    side = A.stored_side_features(cfg)
     prompts = PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
     # the history's files, checked once for both tables
     history_files = storage.checked_files(history, store, S.INTERACTIONS, in_tasks)
     users, parts = _users_table(history, history_files, items, neighbors, side, paths, cfg)
     n_items, item_parts = _item_table(cfg, history, history_files, items, side, paths)
-    cold = ColdStart.make(prompts, side)
-    spec = SideSpec(side.names, float(side.mf.bias)) if side is not None else None
+    cold = ColdStart.make(prompts, side.features() if side else None)
+    spec = SideSpec(side.meta["names"], float(side.meta["bias"])) if side else None
     manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
                 "side": asdict(spec) if spec else None, "users": users,
                 "items": n_items, "parts": parts, "item_parts": item_parts,
@@ -194,7 +195,7 @@ def _users_table(
     history_files: list[str],
     items: str,
     neighbors: str | None,
-    side: SideFeatures | None,
+    side: A.StoredSideFeatures | None,
     paths: A.ContextPaths,
     cfg: Config,
 ) -> tuple[int, list[list[int]]]:
@@ -203,8 +204,9 @@ def _users_table(
     parallel tasks). Every row knows its block from its user id, so rows reach their blocks
     through two keyed shuffles and no process holds every user or neighbour edge:
 
-        history rows and neighbour lists (keyed by their user's block), and each neighbour
-        edge (keyed by the neighbour's block, naming the block of the user who lists them)
+        history rows, neighbour lists and side-feature rows (keyed by their user's block),
+        and each neighbour edge (keyed by the neighbour's block, naming the block of the
+        user who lists them)
         -> per block: its rows, and its users' history rows copied to every block that
            lists one of them (a join with the edges)
         -> per block: render its users (histories, neighbours' histories, lists, side)
@@ -212,29 +214,20 @@ def _users_table(
     Returns the users written and each part's [block, lowest hash, highest hash]."""
     store = cfg.storage
     history_fs = storage.resolve(history, store)[0]
-    files = [(HISTORY, history_fs, path) for path in history_files]
+    sources = [(HISTORY, (history_fs, path)) for path in history_files]
     if neighbors:
         lists_fs = storage.resolve(neighbors, store)[0]
         lists = storage.checked_files(neighbors, store, S.NEIGHBORS, in_tasks)
-        files += [(LISTS, lists_fs, path) for path in lists]
-    side_users = _side_users(side)
-    sketches = in_tasks(_user_sketch, [(fs, path) for _, fs, path in files])
-    users = estimate_distinct([*sketches, np.unique(user_hash(side_users))[:SKETCH]])
+        sources += [(LISTS, (lists_fs, path)) for path in lists]
+    sources += _side_sources(side)
+    users = estimate_distinct(in_tasks(_user_sketch, sources))
     if users == 0:
         raise ValueError(f"{history}: no users in the history, neighbour table or side features")
     n_blocks = max(1, -(-users // cfg.compute.context_users_per_task))
-    side_chunks = [side_users[i : i + SIDE_CHUNK] for i in range(0, len(side_users), SIDE_CHUNK)]
-    side_chunks_ref, side_ref = ray.put(side_chunks), ray.put(side)
 
     def read(batch: dict[str, np.ndarray]):
-        task = int(batch["id"][0])
-        if task >= len(files):  # users known to the side features only
-            ids = ray.get(side_chunks_ref)[task - len(files)]
-            yield _keyed(pa.table({S.USER_ID: ids}), SIDE_ONLY, range_of(ids, n_blocks))
-            return
-        kind, fs, path = files[task]
-        for part in pq.ParquetFile(path, filesystem=fs).iter_batches(ROUTE_BATCH):
-            table = pa.Table.from_batches([part])
+        kind, where = sources[int(batch["id"][0])]
+        for table in _source_tables(kind, where):
             yield _keyed(table, kind, range_of(table[S.USER_ID].to_numpy(), n_blocks))
             if kind == LISTS:
                 yield _edges(table, n_blocks)
@@ -250,17 +243,17 @@ def _users_table(
         if neighbors:
             lists = group.filter(pa.array(kinds == LISTS)).select(S.NEIGHBORS.names)
             lists = lists.cast(S.NEIGHBORS)
-        table = _user_block(own, rows, lists, cfg, items, ray.get(side_ref), paths.folder)
+        block_side = _block_side(group, kinds, side) if side else None
+        table = _user_block(own, rows, lists, cfg, items, block_side, paths.folder)
         storage.write_table(table, paths.users_part(block), store, USER_ROW_GROUP)
         hashes = table[S.USER_HASH].to_numpy()  # sorted
         return pa.table(
             {"part": [block], "low": hashes[:1], "high": hashes[-1:], "users": [len(table)]}
         )
 
-    tasks = len(files) + len(side_chunks)
     partitions = min(n_blocks, SHUFFLE_PARTITIONS)
     written = (
-        ray.data.range(tasks, override_num_blocks=tasks)
+        ray.data.range(len(sources), override_num_blocks=len(sources))
         .map_batches(read, batch_size=1, batch_format="numpy")
         .groupby(KEY, num_partitions=partitions)
         .map_groups(_fan_out, batch_format="pyarrow")
@@ -277,13 +270,15 @@ def _users_table(
 
 
 # How the context stage's rows travel to their blocks: the block a row goes to, what it is.
-KEY, KIND, LISTER = "_block", "_kind", "_lister_block"
-HISTORY, LISTS, EDGE, SIDE_ONLY = 0, 1, 2, 3
+KEY, KIND, LISTER, SIDE = "_block", "_kind", "_lister_block", "_side"
+HISTORY, LISTS, EDGE, SIDE_MF, SIDE_STATS = 0, 1, 2, 3, 4
+# a side row's values: the user's stored arrays (beside the ids) side by side, as float64
+SIDE_ARRAYS = {SIDE_MF: A.StoredSideFeatures.USERS, SIDE_STATS: A.StoredSideFeatures.USER_STATS}
 ROUTED = pa.schema(
     [pa.field(KEY, pa.int64()), pa.field(KIND, pa.int8())]
     + [f.with_nullable(True) for f in S.INTERACTIONS]
     + [f.with_nullable(True) for f in S.NEIGHBORS if f.name not in S.INTERACTIONS.names]
-    + [pa.field(LISTER, pa.int64())]
+    + [pa.field(LISTER, pa.int64()), pa.field(SIDE, pa.list_(pa.float64()))]
 )
 ROUTE_BATCH = 1 << 20  # rows read at a time
 SIDE_CHUNK = 1 << 20  # side-feature users per task
@@ -331,19 +326,62 @@ def _fan_out(group: pa.Table) -> pa.Table:
     return pa.concat_tables([rows, copies])
 
 
-def _side_users(side: SideFeatures | None) -> np.ndarray:
-    """Users known to the side features (each gets their own side, not the cold start's)."""
+def _side_sources(side: A.StoredSideFeatures | None) -> list[tuple[int, tuple]]:
+    """Ranges of the side features' users, SIDE_CHUNK each (MF arrays, then statistics:
+    each has its own users), read by tasks like the history's files."""
     if side is None:
-        return np.empty(0, dtype=np.int64)
-    known = (np.asarray(ids, dtype=np.int64) for ids in (side.mf.user_ids, side.users.ids))
-    return np.unique(np.concatenate(list(known)))
+        return []
+    return [
+        (kind, (side, start, start + SIDE_CHUNK))
+        for kind, names in SIDE_ARRAYS.items()
+        for start in range(0, side.length(names[0]), SIDE_CHUNK)
+    ]
 
 
-def _user_sketch(file: tuple) -> np.ndarray:
-    """The SKETCH smallest distinct user hashes of a file (a k-minimum-values sketch)."""
-    fs, path = file
-    users = pq.read_table(path, columns=[S.USER_ID], filesystem=fs)[S.USER_ID].to_numpy()
-    return np.unique(user_hash(users))[:SKETCH]
+def _source_tables(kind: int, where: tuple, users_only: bool = False) -> Iterator[pa.Table]:
+    """A source's rows in batches: a history or neighbour-list file's, or a range of the
+    side features' users (their ids and SIDE values)."""
+    if kind not in SIDE_ARRAYS:
+        fs, path = where
+        columns = [S.USER_ID] if users_only else None
+        batches = pq.ParquetFile(path, filesystem=fs).iter_batches(ROUTE_BATCH, columns=columns)
+        for part in batches:
+            yield pa.Table.from_batches([part])
+        return
+    side, start, stop = where
+    ids, *arrays = SIDE_ARRAYS[kind]
+    users = side.rows(ids, start, stop)
+    if users_only:
+        yield pa.table({S.USER_ID: users})
+        return
+    values = [side.rows(name, start, stop).reshape(len(users), -1) for name in arrays]
+    values = np.concatenate(values, axis=1, dtype=np.float64)
+    lists = pa.FixedSizeListArray.from_arrays(values.reshape(-1), values.shape[1])
+    yield pa.table({S.USER_ID: users, SIDE: lists.cast(pa.list_(pa.float64()))})
+
+
+def _block_side(group: pa.Table, kinds: np.ndarray, side: A.StoredSideFeatures) -> SideFeatures:
+    """A block's users' side features, from the side rows routed to it (the other users'
+    and the items' arrays empty)."""
+    given = {}
+    for kind, (ids, *arrays) in SIDE_ARRAYS.items():
+        rows = group.filter(pa.array(kinds == kind))
+        users = rows[S.USER_ID].to_numpy()
+        order = np.argsort(users)
+        given[ids] = users[order]
+        likes = [side.empty(name) for name in arrays]
+        widths = [int(np.prod(like.shape[1:])) for like in likes]
+        values = pc.list_flatten(rows[SIDE]).to_numpy().reshape(len(users), sum(widths))[order]
+        for name, like, end, width in zip(arrays, likes, np.cumsum(widths), widths, strict=True):
+            part = values[:, end - width : end].reshape(len(users), *like.shape[1:])
+            given[name] = part.astype(like.dtype)
+    return side.features(given)
+
+
+def _user_sketch(source: tuple) -> np.ndarray:
+    """The SKETCH smallest distinct user hashes of a source (a k-minimum-values sketch)."""
+    users = [t[S.USER_ID].to_numpy() for t in _source_tables(*source, users_only=True)]
+    return np.unique(user_hash(np.concatenate([np.empty(0, np.int64), *users])))[:SKETCH]
 
 
 def estimate_distinct(sketches: list[np.ndarray]) -> int:
@@ -396,7 +434,7 @@ def _item_table(
     history: str,
     history_files: list[str],
     items: str,
-    side: SideFeatures | None,
+    side: A.StoredSideFeatures | None,
     paths: A.ContextPaths,
 ) -> tuple[int, list[int]]:
     """Write the items table in blocks (equal ranges of the item hash, about ITEMS_PER_TASK
@@ -411,7 +449,6 @@ def _item_table(
     fs = {ITEM: storage.resolve(items, store)[0], TOTALS: storage.resolve(history, store)[0]}
     counted = in_tasks(partial(_rows_of, fs[ITEM]), [p for kind, p in files if kind == ITEM])
     n_blocks = max(1, -(-sum(counted) // ITEMS_PER_TASK))
-    side_ref = ray.put(side)
 
     def read(batch: dict[str, np.ndarray]):
         kind, path = files[int(batch["id"][0])]
@@ -440,7 +477,8 @@ def _item_table(
                                   totals["rating_count_sum"].to_numpy())  # fmt: skip
         contexts = ContextStore(S.INTERACTIONS.empty_table(), texts, None, cfg.prompts, ratings)
         tokenizer = load_tokenizer(local_backbone(cfg, tokenizer_only=True))
-        table = item_rows(contexts, PromptBuilder(tokenizer, cfg.prompts), ray.get(side_ref))
+        item_side = _item_side(side, paths.folder) if side else None
+        table = item_rows(contexts, PromptBuilder(tokenizer, cfg.prompts), item_side)
         storage.write_table(table, paths.items_part(block), store)
         return pa.table({"part": [block], "items": [len(table)]})
 
@@ -455,6 +493,17 @@ def _item_table(
         parts += batch["part"].to_pylist()
         count += sum(batch["items"].to_pylist())
     return count, sorted(parts)
+
+
+# Per worker process, by build: the items' side features, read once, not per block.
+_ITEM_SIDES: dict[str, SideFeatures] = {}
+
+
+def _item_side(side: A.StoredSideFeatures, build: str) -> SideFeatures:
+    if build not in _ITEM_SIDES:
+        _ITEM_SIDES.clear()
+        _ITEM_SIDES[build] = side.item_features()
+    return _ITEM_SIDES[build]
 
 
 ITEM, TOTALS = 0, 1  # an item's row; one batch's rating totals of an item
