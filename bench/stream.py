@@ -177,7 +177,7 @@ def write_side_features(cfg, users: int, items: int, dim: int = 32) -> None:
 
     u_ids, u_emb, u_bias, u_rate, u_count = sides(users)
     i_ids, i_emb, i_bias, i_rate, i_count = sides(items)
-    mf = cf.MatrixFactorisation(u_ids, i_ids, u_emb, i_emb, u_bias, i_bias, 0.1)
+    mf = cf.MatrixFactorisation(u_ids.copy(), i_ids.copy(), u_emb, i_emb, u_bias, i_bias, 0.1)
     user_stats, item_stats = (
         cf.Stats(u_ids, u_rate, u_count, 0.5),
         cf.Stats(i_ids, i_rate, i_count, 0.5),
