@@ -44,6 +44,44 @@ def machine() -> dict:
     return info
 
 
+class ObjectStorePeak:
+    """Samples the local Ray's object store every `interval_s` (what `ray memory
+    --stats-only` reads from the raylet): `.peak` the most bytes it held at once, `.spilled`
+    the bytes it spilled to disk in all, `.capacity` its size."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s, self.peak, self.spilled, self.capacity = interval_s, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ObjectStorePeak:
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply
+
+        stats = get_memory_info_reply(self._state).store_stats
+        self.peak = max(self.peak, stats.object_store_bytes_used)
+        self.spilled = max(self.spilled, stats.spilled_bytes_total)
+        self.capacity = stats.object_store_bytes_avail
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(Exception):  # a slow raylet: the next sample counts
+                self._sample()
+
+
 class PeakMemory:
     """Samples the memory of this process and its descendants (Ray's raylet, GCS and workers
     when Ray was started here) in a background thread. `.peak` is the maximum summed RSS;
