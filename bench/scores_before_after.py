@@ -25,32 +25,40 @@ try:
 except ImportError:
     from optirag.backbone import load_backbone
 
-cfg = load_config("conf/demo.yaml", [])
-bb = load_backbone(cfg.backbone)
-builder = PromptBuilder(bb.tokenizer, cfg.prompts)
-layers = default_exit_layers(bb.num_layers, 6)
-try:
-    heads = ExitHeads.from_backbone(bb, layers, answers=builder.answer_ids)
-except (TypeError, AttributeError):
-    heads = ExitHeads.from_backbone(bb, layers)
-train, items, neighbors = A.read_prompt_tables(cfg)
-contexts = ContextStore(train, items, neighbors, cfg.prompts)
-rng = np.random.default_rng(0)
-users = rng.choice(np.unique(train[S.USER_ID].to_numpy()), 4, replace=False)
-pu = np.repeat(users, 10)
-pi = np.concatenate([rng.choice(items[S.ITEM_ID].to_numpy(), 10, replace=False) for _ in users])
-out = {}
-for engine in ("packed", "reference"):
-    scorer = PairScorer(
-        bb,
-        heads,
-        ExitRule("none"),
-        contexts,
-        builder,
-        share_prefixes=True,
-        engine=engine,
-        batch_tokens=cfg.compute.batch_tokens,
-    )
-    out[engine] = scorer.score(pu, pi).scores
-np.savez(sys.argv[1], **out)
-print({k: v[:4] for k, v in out.items()})
+
+def demo_pair_scores(cfg) -> dict[str, np.ndarray]:
+    """Each engine's full-depth scores of the 40 pairs (4 users drawn with seed 0, 10 items
+    each); tests/test_slow.py checks them against the golden file."""
+    bb = load_backbone(cfg.backbone)
+    builder = PromptBuilder(bb.tokenizer, cfg.prompts)
+    layers = default_exit_layers(bb.num_layers, 6)
+    try:
+        heads = ExitHeads.from_backbone(bb, layers, answers=builder.answer_ids)
+    except (TypeError, AttributeError):  # commits before the answer ids were the prompt's
+        heads = ExitHeads.from_backbone(bb, layers)
+    train, items, neighbors = A.read_prompt_tables(cfg)
+    contexts = ContextStore(train, items, neighbors, cfg.prompts)
+    rng = np.random.default_rng(0)
+    users = rng.choice(np.unique(train[S.USER_ID].to_numpy()), 4, replace=False)
+    pu = np.repeat(users, 10)
+    pi = np.concatenate([rng.choice(items[S.ITEM_ID].to_numpy(), 10, replace=False) for _ in users])
+    out = {}
+    for engine in ("packed", "reference"):
+        scorer = PairScorer(
+            bb,
+            heads,
+            ExitRule("none"),
+            contexts,
+            builder,
+            share_prefixes=True,
+            engine=engine,
+            batch_tokens=cfg.compute.batch_tokens,
+        )
+        out[engine] = scorer.score(pu, pi).scores
+    return out
+
+
+if __name__ == "__main__":
+    scores = demo_pair_scores(load_config("conf/demo.yaml", []))
+    np.savez(sys.argv[1], **scores)
+    print({k: v[:4] for k, v in scores.items()})

@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -192,30 +193,8 @@ def test_smollm2_with_its_chat_template_scores_as_before_the_family_registry(mov
     now run HF's own layers: each engine's scores equal its bdfc462 scores within 1e-6 (the
     golden file; the two engines differ from each other by float rounding, ~4e-6)."""
     golden = json.loads((ROOT / "tests" / "golden" / "smollm2_template.json").read_text())
-    cfg = movielens
-    backbone = load_backbone(cfg.backbone)
-    builder = PromptBuilder(backbone.tokenizer, cfg.prompts)
-    heads = ExitHeads.from_backbone(
-        backbone, default_exit_layers(backbone.num_layers, 6), answers=builder.answer_ids
-    )
-    train, items, neighbors = A.read_prompt_tables(cfg)
-    contexts = ContextStore(train, items, neighbors, cfg.prompts)
-    rng = np.random.default_rng(0)  # bench/scores_before_after.py's pairs
-    users = rng.choice(np.unique(train["user_id"].to_numpy()), 4, replace=False)
-    pair_users = np.repeat(users, 10)
-    pair_items = np.concatenate(
-        [rng.choice(items["item_id"].to_numpy(), 10, replace=False) for _ in users]
-    )
-    for engine in ("packed", "reference"):
-        scorer = PairScorer(
-            backbone,
-            heads,
-            ExitRule("none"),
-            contexts,
-            builder,
-            share_prefixes=True,
-            engine=engine,
-            batch_tokens=cfg.compute.batch_tokens,
-        )
-        scores = scorer.score(pair_users, pair_items).scores
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scores_before_after import demo_pair_scores  # the pairs and scorers golden came from
+
+    for engine, scores in demo_pair_scores(movielens).items():
         np.testing.assert_allclose(scores, golden["scores"][engine], atol=1e-6, rtol=0)
