@@ -100,9 +100,8 @@ def run_once(
             wall = time.perf_counter() - start
     finally:
         ray.shutdown()
-    written = sum(
-        1 for d in ("scores", "context") for p in Path(workdir, d).rglob("*") if p.is_file()
-    )
+    files = [p for d in ("scores", "context") for p in Path(workdir, d).rglob("*") if p.is_file()]
+    written, written_bytes = len(files), sum(p.stat().st_size for p in files)
     result = {
         "pairs": pairs, "users": users, "items": items, "neighbors": neighbors,
         "side_features": side,
@@ -120,7 +119,7 @@ def run_once(
         "context_build_s": _context_build_s(workdir),
         "driver_storage_requests": sum(requests.values()),
         "driver_storage_requests_by_kind": dict(requests),
-        "input_files": inputs, "objects_written": written,
+        "input_files": inputs, "objects_written": written, "gib_written": gib(written_bytes),
         "objects_bound": 3 * summary["shards"] + 2 * inputs + 100,
     }  # fmt: skip
     result["objects_written_over_bound"] = round(written / result["objects_bound"], 3)
