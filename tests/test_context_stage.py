@@ -249,7 +249,10 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
     inputs = runs.Inputs.from_config(cfg)
     tables, folders = {}, []
     items = {}
-    for per_task in (1000, 1):
+    # files read a row at a time: a neighbour listed from several batches is copied to
+    # the lister's block once all the same
+    monkeypatch.setattr(context, "ROUTE_BATCH", 1)
+    for per_task in (1000, 4):  # 4: two blocks, users 1 and 3 (both list user 2) in one
         monkeypatch.setattr(context, "ITEMS_PER_TASK", per_task * 3)  # items too, in blocks
         compute = cfg.compute.model_copy(update={"context_users_per_task": per_task})
         built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
@@ -268,14 +271,14 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         fs, success = storage.resolve(built.paths.success, cfg.storage)
         fs.delete_file(success)  # the same key: built again
         folders.append(built.paths.users)
-    one, many = tables[1000], tables[1]
+    one, many = tables[1000], tables[4]
     assert len(one) == (7 if side else 6) and one.equals(many)
     if side:
         users = one[S.USER_ID].to_numpy()
         assert 4242 in users
         stored = np.array(one[S.SIDE].to_pylist(), np.float32)
         np.testing.assert_array_equal(stored, fitted.user_side(users))
-    assert len(items[1000]) == len(movie_tables[1]) and items[1000].equals(items[1])
+    assert len(items[1000]) == len(movie_tables[1]) and items[1000].equals(items[4])
     # Each build wrote into a folder of its own: a second build of one key (another job at
     # the same time) never touched the first one's files.
     assert folders[0] != folders[1]

@@ -224,10 +224,11 @@ def _users_table(
     if users == 0:
         raise ValueError(f"{history}: no users in the history, neighbour table or side features")
     n_blocks = max(1, -(-users // cfg.compute.context_users_per_task))
+    batch_rows = ROUTE_BATCH  # read here: tasks run in other processes
 
     def read(batch: dict[str, np.ndarray]):
         kind, where = sources[int(batch["id"][0])]
-        for table in _source_tables(kind, where):
+        for table in _source_tables(kind, where, batch_rows=batch_rows):
             yield _keyed(table, kind, range_of(table[S.USER_ID].to_numpy(), n_blocks))
             if kind == LISTS:
                 yield _edges(table, n_blocks)
@@ -315,7 +316,10 @@ def _fan_out(group: pa.Table) -> pa.Table:
     """A block's own rows, and its users' history rows copied to every block that lists one
     of them as a neighbour."""
     kinds = group[KIND].to_numpy()
+    # each (neighbour, lister block) once: read batches dedupe only their own edges, and a
+    # second copy of a neighbour's rows would count their ratings twice
     edges = group.filter(pa.array(kinds == EDGE)).select([S.USER_ID, LISTER])
+    edges = edges.group_by([S.USER_ID, LISTER], use_threads=False).aggregate([])
     rows = group.filter(pa.array(kinds != EDGE))
     history = rows.filter(pc.equal(rows[KIND], HISTORY))
     if not len(edges) or not len(history):
@@ -338,13 +342,15 @@ def _side_sources(side: A.StoredSideFeatures | None) -> list[tuple[int, tuple]]:
     ]
 
 
-def _source_tables(kind: int, where: tuple, users_only: bool = False) -> Iterator[pa.Table]:
+def _source_tables(
+    kind: int, where: tuple, users_only: bool = False, batch_rows: int = ROUTE_BATCH
+) -> Iterator[pa.Table]:
     """A source's rows in batches: a history or neighbour-list file's, or a range of the
     side features' users (their ids and SIDE values)."""
     if kind not in SIDE_ARRAYS:
         fs, path = where
         columns = [S.USER_ID] if users_only else None
-        batches = pq.ParquetFile(path, filesystem=fs).iter_batches(ROUTE_BATCH, columns=columns)
+        batches = pq.ParquetFile(path, filesystem=fs).iter_batches(batch_rows, columns=columns)
         for part in batches:
             yield pa.Table.from_batches([part])
         return
