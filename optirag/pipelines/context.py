@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # Part of the tables' key: bump it when what a row holds or how it is made changes (the rows'
 # schema, neighbour ranking, rating lists), so tables made by older code are not reused.
-CONTEXT_FORMAT = 5
+CONTEXT_FORMAT = 6  # 6: a neighbour's rows copied once per lister block (a71e670)
 
 # A user's row holds hundreds of prefix ids and their neighbours' ratings: row groups of a few
 # thousand users keep a shard's filtered read (row groups skipped by user_hash) small.
