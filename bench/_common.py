@@ -342,7 +342,8 @@ def _counted(fn, kind: str):
 
 @contextlib.contextmanager
 def counting():
-    """Count the driver's storage requests (into REQUESTS) inside the block."""
+    """Count the driver's storage requests (into REQUESTS, emptied first) inside the block."""
+    REQUESTS.clear()
     COUNTING[0] = True
     try:
         yield REQUESTS
