@@ -300,8 +300,9 @@ def _keyed(table: pa.Table, kind: int, blocks: np.ndarray, schema: pa.Schema = R
 
 
 def _edges(lists: pa.Table, n_blocks: int) -> pa.Table:
-    """Each (neighbour, block of a user listing them) once, keyed by the neighbour's block,
-    where the neighbour's history rows are: they are copied from there to the lister's."""
+    """Each (neighbour, block of a user listing them) once in this batch (other batches may
+    repeat it: `_fan_out` dedupes per block), keyed by the neighbour's block, where the
+    neighbour's history rows are: they are copied from there to the lister's."""
     listed = lists[S.NEIGHBOR_IDS]
     lengths = pc.fill_null(pc.list_value_length(listed), 0).to_numpy()
     neighbours = pc.list_flatten(listed).to_numpy().astype(np.int64)
