@@ -248,7 +248,7 @@ def stored_heads_digests(cfg: Config) -> dict[str, str]:
     for key, name in names.items():
         uri = heads_file(cfg, name)
         if storage.exists(uri, cfg.storage):
-            digests[key] = hashlib.sha256(storage.read_bytes(uri, cfg.storage)).hexdigest()
+            digests[key] = storage.sha256(uri, cfg.storage)  # streamed: not O(users)
     return digests
 
 

@@ -427,6 +427,17 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
         return f.read()
 
 
+def sha256(uri: str, storage: StorageConfig, chunk: int = 16 << 20) -> str:
+    """The sha256 of a file's content, read `chunk` bytes at a time: a file of any size
+    (hybrid heads' side features grow with the users) costs this process one chunk."""
+    fs, path = resolve(uri, storage)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_range(uri: str, storage: StorageConfig, offset: int, length: int) -> bytes:
     """`length` bytes of a file from `offset` (one ranged GET on object storage)."""
     fs, path = resolve(uri, storage)

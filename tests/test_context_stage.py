@@ -295,6 +295,10 @@ def test_the_users_are_counted_by_sketches_without_a_list_of_them():
     sketches = [np.unique(user_hash(f))[: context.SKETCH] for f in files]
     assert abs(context.estimate_distinct(sketches) / len(users) - 1) < 0.05
     assert context.estimate_distinct([np.unique(user_hash(users[:100]))]) == 100  # exact
+    # merged in any grouping (each task merges its files' sketches): the same users counted
+    merged = [context.merge_sketches(sketches[:3]), context.merge_sketches(sketches[3:])]
+    assert context.estimate_distinct(merged) == context.estimate_distinct(sketches)
+    assert len(context.merge_sketches(merged)) == context.SKETCH
 
 
 def test_a_damaged_context_table_is_named_and_built_again(
@@ -365,3 +369,22 @@ def test_a_block_cut_into_pieces_keeps_every_row_and_each_users_prefix():
                 if row[S.REASON] is None and row[S.USER_ID] not in seen:
                     seen.add(row[S.USER_ID])
                     assert row[S.PREFIX_IDS] == prefix_of[row[S.USER_ID]]
+
+
+def test_per_file_results_are_combined_in_the_tasks(ray_session):
+    """The driver gets one combined value per task (not one per file) and the same answer."""
+    from optirag.pipelines import parallel
+
+    items = list(range(3 * parallel.SERIAL_BELOW + 5))  # several tasks
+
+    def square(x):
+        if x == 150:
+            raise ValueError("item 150 is bad")
+        return x * x
+
+    fine = items[:150] + items[151:]
+    assert parallel.in_tasks(square, fine) == [x * x for x in fine]
+    assert parallel.combined_in_tasks(square, fine, sum) == sum(x * x for x in fine)
+    assert parallel.combined_in_tasks(square, fine[:10], sum) == sum(x * x for x in fine[:10])
+    with pytest.raises(ValueError, match="item 150 is bad"):
+        parallel.combined_in_tasks(square, items, sum)

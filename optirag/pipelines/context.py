@@ -52,7 +52,7 @@ from optirag.context_tables import (
 )
 from optirag.ids import HASH_SPACE, range_of, user_hash
 from optirag.model_files import local_backbone, model_digest
-from optirag.pipelines.parallel import in_tasks
+from optirag.pipelines.parallel import combined_in_tasks, in_tasks
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def _users_table(
         lists = storage.checked_files(neighbors, store, S.NEIGHBORS, in_tasks)
         sources += [(LISTS, (lists_fs, path)) for path in lists]
     sources += _side_sources(side)
-    users = estimate_distinct(in_tasks(_user_sketch, sources))
+    users = estimate_distinct([combined_in_tasks(_user_sketch, sources, merge_sketches)])
     if users == 0:
         raise ValueError(f"{history}: no users in the history, neighbour table or side features")
     n_blocks = max(1, -(-users // cfg.compute.context_users_per_task))
@@ -391,10 +391,15 @@ def _user_sketch(source: tuple) -> np.ndarray:
     return np.unique(user_hash(np.concatenate([np.empty(0, np.int64), *users])))[:SKETCH]
 
 
+def merge_sketches(sketches: list[np.ndarray]) -> np.ndarray:
+    """One sketch of the users behind several: their SKETCH smallest distinct hashes."""
+    return np.unique(np.concatenate([np.empty(0, np.int64), *sketches]).astype(np.int64))[:SKETCH]
+
+
 def estimate_distinct(sketches: list[np.ndarray]) -> int:
     """The number of distinct users behind per-file sketches: exact below SKETCH, else the
     k-minimum-values estimate (k - 1) / (k-th smallest hash / 2**32)."""
-    smallest = np.unique(np.concatenate([np.asarray(s, np.int64) for s in sketches]))
+    smallest = merge_sketches(sketches)
     if len(smallest) < SKETCH:
         return len(smallest)
     return int((SKETCH - 1) * HASH_SPACE / (smallest[SKETCH - 1] + 1))
