@@ -255,6 +255,13 @@ class ComputeConfig(StrictModel):
     context_users_per_task: int = Field(
         20_000, gt=0, description="users per task of the context stage's users table"
     )
+    shuffle_batch_mib: float = Field(
+        128,
+        gt=0,
+        description="input a keyed shuffle's map task takes at once (Ray Data's "
+        "shuffle_input_batch_bytes, 1024 MiB by Ray's default): blocks wait for it in the "
+        "object store, so it bounds what each shuffle parks there",
+    )
 
     @model_validator(mode="after")
     def _actor_range(self) -> ComputeConfig:

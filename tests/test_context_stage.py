@@ -388,3 +388,15 @@ def test_per_file_results_are_combined_in_the_tasks(ray_session):
     assert parallel.combined_in_tasks(square, fine[:10], sum) == sum(x * x for x in fine[:10])
     with pytest.raises(ValueError, match="item 150 is bad"):
         parallel.combined_in_tasks(square, items, sum)
+
+
+def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
+    """What a shuffle parks in the object store before its map tasks start is bounded by
+    compute.shuffle_batch_mib, not Ray's 1 GiB default (issue 30's object-store figure)."""
+    from optirag.config import ComputeConfig
+    from optirag.pipelines import parallel
+
+    ds = parallel.task_ids(5, ComputeConfig(shuffle_batch_mib=2))
+    assert ds.context.shuffle_input_batch_bytes == 2 << 20
+    grouped = ds.groupby("id", num_partitions=2).map_groups(lambda g: g, batch_format="pyarrow")
+    assert sorted(grouped.to_pandas()["id"]) == list(range(5))

@@ -33,7 +33,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import ray
 
 from optirag import artifacts as A
 from optirag import schema as S
@@ -52,7 +51,7 @@ from optirag.context_tables import (
 )
 from optirag.ids import HASH_SPACE, range_of, user_hash
 from optirag.model_files import local_backbone, model_digest
-from optirag.pipelines.parallel import combined_in_tasks, in_tasks
+from optirag.pipelines.parallel import combined_in_tasks, in_tasks, task_ids
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -254,7 +253,7 @@ def _users_table(
 
     partitions = min(n_blocks, SHUFFLE_PARTITIONS)
     written = (
-        ray.data.range(len(sources), override_num_blocks=len(sources))
+        task_ids(len(sources), cfg.compute)
         .map_batches(read, batch_size=1, batch_format="numpy")
         .groupby(KEY, num_partitions=partitions)
         .map_groups(_fan_out, batch_format="pyarrow")
@@ -495,7 +494,7 @@ def _item_table(
         return pa.table({"part": [block], "items": [len(table)]})
 
     written = (
-        ray.data.range(len(files), override_num_blocks=len(files))
+        task_ids(len(files), cfg.compute)
         .map_batches(read, batch_size=1, batch_format="numpy")
         .groupby(KEY, num_partitions=min(n_blocks, SHUFFLE_PARTITIONS))
         .map_groups(encode, batch_format="pyarrow")

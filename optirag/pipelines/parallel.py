@@ -10,9 +10,19 @@ from typing import Any
 import ray
 
 from optirag import storage
+from optirag.config import ComputeConfig
 
 SERIAL_BELOW = 64  # fewer items than this: in the driver (a task costs more than it saves)
 MAX_PER_TASK = 1000
+
+
+def task_ids(n: int, compute: ComputeConfig) -> ray.data.Dataset:
+    """A dataset of the ids 0..n-1, one per block (a task each downstream), whose keyed
+    shuffles start a map task per `compute.shuffle_batch_mib` of input: what waits in the
+    object store is bounded by that, not by the data."""
+    ds = ray.data.range(n, override_num_blocks=n)
+    ds.context.shuffle_input_batch_bytes = int(compute.shuffle_batch_mib * 2**20)
+    return ds
 
 
 def in_tasks(fn: Callable[[Any], Any], items: list) -> list:

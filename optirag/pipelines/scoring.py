@@ -40,7 +40,7 @@ from optirag.config import Config
 from optirag.context_tables import TokenAssembler, cut_block, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
-from optirag.pipelines.parallel import in_tasks
+from optirag.pipelines.parallel import in_tasks, task_ids
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     # shuffle costs seconds to start, more than such a run takes to score on a GPU.
     small = sum(planned[i].pending_rows for i in pending) < cfg.scoring.shuffle_min_rows
     tasks = 1 if small else len(work)
-    source = ray.data.range(tasks, override_num_blocks=tasks)
+    source = task_ids(tasks, cfg.compute)
     if cfg.scoring.max_block_mib:
         source.context.target_max_block_size = int(cfg.scoring.max_block_mib * 2**20)
     budget = max(1, source.context.target_max_block_size // 8)
