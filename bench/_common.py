@@ -92,7 +92,8 @@ class PeakMemory:
     /proc/PID/status, and of its shared-memory part, `RssShmem`: a Ray worker that reads a
     block from the object store maps the store's pages, and those count in its RSS as shmem
     although the store, not the worker, holds them. `.trace` has, every `trace_every_s`, the
-    model actors' summed RSS, anon and shmem (GiB) by seconds since the first sample.
+    model actors' summed RSS, anon and shmem (GiB) by seconds since the first sample, and
+    `.driver_trace` this process's anon.
 
     RSS comes from /proc/PID/status every `interval_s`; PSS needs a walk of every mapping
     (/proc/PID/smaps), which cost the benchmark's driver ~40% of a core at 0.1 s, so it is
@@ -105,6 +106,7 @@ class PeakMemory:
         self.trace_every_s = trace_every_s
         self.pss_every_s = pss_every_s
         self.trace: list[dict] = []
+        self.driver_trace: list[dict] = []  # this process's anon, to place its peak in a run
         self.peak_anon_by_kind: dict[str, int] = {}
         self.peak_single_anon_by_kind: dict[str, int] = {}  # the largest one process's
         self.peak_shmem_by_kind: dict[str, int] = {}
@@ -159,11 +161,15 @@ class PeakMemory:
             now = time.monotonic()
             with_pss = now - last_pss >= self.pss_every_s
             last_pss = now if with_pss else last_pss
-            if "model_actors" in by_kind and now - last_trace >= self.trace_every_s:
+            if now - last_trace >= self.trace_every_s:
                 last_trace = now
-                self.trace.append({"s": round(now - start), "rss": gib(by_kind["model_actors"]),
-                                   "anon": gib(anon["model_actors"]),
-                                   "shmem": gib(shmem["model_actors"])})  # fmt: skip
+                self.driver_trace.append(
+                    {"s": round(now - start), "anon": gib(anon.get("driver", 0))}
+                )
+                if "model_actors" in by_kind:
+                    self.trace.append({"s": round(now - start), "rss": gib(by_kind["model_actors"]),
+                                       "anon": gib(anon["model_actors"]),
+                                       "shmem": gib(shmem["model_actors"])})  # fmt: skip
             time.sleep(self.interval_s)
 
 

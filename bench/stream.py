@@ -114,7 +114,7 @@ def run_once(
         "peak_shmem_gib_by_kind": {k: gib(v) for k, v in mem.peak_shmem_by_kind.items()},
         "object_store_peak_gib": gib(store.peak), "object_store_spilled_gib": gib(store.spilled),
         "object_store_capacity_gib": gib(store.capacity),
-        "model_actor_trace": mem.trace,
+        "model_actor_trace": mem.trace, "driver_trace": mem.driver_trace,
         "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
         "context_build_s": _context_build_s(workdir),
         "driver_storage_requests": sum(requests.values()),
@@ -279,7 +279,7 @@ def main() -> None:
             diff = np.abs(before[S.SCORE].to_numpy() - scores[S.SCORE].to_numpy()) if same else None
             runs[-1]["max_abs_score_diff_vs_before"] = float(diff.max()) if same else None
             runs[-1]["same_pairs_as_before"] = same
-        shown = {k: v for k, v in runs[-1].items() if k != "model_actor_trace"}
+        shown = {k: v for k, v in runs[-1].items() if not k.endswith("_trace")}
         print(json.dumps(shown), flush=True)
     results_file = RESULTS / f"{args.name}.json"
     if args.merge and results_file.exists():
