@@ -262,6 +262,12 @@ class ComputeConfig(StrictModel):
         "shuffle_input_batch_bytes, 1024 MiB by Ray's default): blocks wait for it in the "
         "object store, so it bounds what each shuffle parks there",
     )
+    disk_shuffle: bool = Field(
+        False,
+        description="keyed shuffles write their map outputs to the workers' local disks "
+        "(Ray Data's use_disk_based_hash_shuffle) instead of the object store: for shuffles "
+        "bigger than the object store",
+    )
 
     @model_validator(mode="after")
     def _actor_range(self) -> ComputeConfig:

@@ -252,9 +252,12 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
     # files read a row at a time: a neighbour listed from several batches is copied to
     # the lister's block once all the same
     monkeypatch.setattr(context, "ROUTE_BATCH", 1)
-    for per_task in (1000, 4):  # 4: two blocks, users 1 and 3 (both list user 2) in one
+    # 4: two blocks, users 1 and 3 (both list user 2) in one; its shuffles go through disk
+    for per_task, disk in ((1000, False), (4, True)):
         monkeypatch.setattr(context, "ITEMS_PER_TASK", per_task * 3)  # items too, in blocks
-        compute = cfg.compute.model_copy(update={"context_users_per_task": per_task})
+        compute = cfg.compute.model_copy(
+            update={"context_users_per_task": per_task, "disk_shuffle": disk}
+        )
         built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
                               inputs.items, inputs.neighbors)  # fmt: skip
         whole = storage.read_table(built.paths.users, cfg.storage)
@@ -396,7 +399,9 @@ def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
     from optirag.config import ComputeConfig
     from optirag.pipelines import parallel
 
-    ds = parallel.task_ids(5, ComputeConfig(shuffle_batch_mib=2))
-    assert ds.context.shuffle_input_batch_bytes == 2 << 20
-    grouped = ds.groupby("id", num_partitions=2).map_groups(lambda g: g, batch_format="pyarrow")
-    assert sorted(grouped.to_pandas()["id"]) == list(range(5))
+    for disk in (False, True):
+        ds = parallel.task_ids(5, ComputeConfig(shuffle_batch_mib=2, disk_shuffle=disk))
+        assert ds.context.shuffle_input_batch_bytes == 2 << 20
+        assert ds.context.use_disk_based_hash_shuffle == disk
+        grouped = ds.groupby("id", num_partitions=2).map_groups(lambda g: g, batch_format="pyarrow")
+        assert sorted(grouped.to_pandas()["id"]) == list(range(5))

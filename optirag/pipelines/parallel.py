@@ -19,9 +19,11 @@ MAX_PER_TASK = 1000
 def task_ids(n: int, compute: ComputeConfig) -> ray.data.Dataset:
     """A dataset of the ids 0..n-1, one per block (a task each downstream), whose keyed
     shuffles start a map task per `compute.shuffle_batch_mib` of input: what waits in the
-    object store is bounded by that, not by the data."""
+    object store is bounded by that, not by the data (and `compute.disk_shuffle` puts the
+    map outputs on local disk)."""
     ds = ray.data.range(n, override_num_blocks=n)
     ds.context.shuffle_input_batch_bytes = int(compute.shuffle_batch_mib * 2**20)
+    ds.context.use_disk_based_hash_shuffle = compute.disk_shuffle
     return ds
 
 
