@@ -405,3 +405,19 @@ def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
         assert ds.context.use_disk_based_hash_shuffle == disk
         grouped = ds.groupby("id", num_partitions=2).map_groups(lambda g: g, batch_format="pyarrow")
         assert sorted(grouped.to_pandas()["id"]) == list(range(5))
+
+
+def test_a_worker_keeps_one_builds_shared_inputs():
+    """The items table, tokenizer and items' side are made once per build in a process, and a
+    task of another build drops them (a long-lived worker does not keep every build's)."""
+    made = []
+
+    def make(value):
+        return lambda: made.append(value) or value
+
+    assert context._once_per_build("b1", "items", make("items 1")) == "items 1"
+    assert context._once_per_build("b1", "items", make("again")) == "items 1"  # cached
+    assert context._once_per_build("b2", "items", make("items 2")) == "items 2"
+    assert context._once_per_build("b2", "side", make("side 2")) == "side 2"
+    assert made == ["items 1", "items 2", "side 2"]
+    assert "items 1" not in context._PER_BUILD.values()

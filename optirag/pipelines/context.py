@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -414,8 +414,19 @@ def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
     )  # fmt: skip
 
 
-# Per worker process, by build: the items table and the tokenizer, read once, not per block.
-_BLOCK_INPUTS: dict[str, tuple[pa.Table, PromptBuilder]] = {}
+# Per worker process: what the current build's tasks share (the items table and tokenizer,
+# the items' side features), made once per process, not per block. A task of another build
+# drops them: a long-lived worker holds one build's, not every build's it has served.
+_PER_BUILD: dict[str, object] = {}
+
+
+def _once_per_build(build: str, name: str, make: Callable[[], object]):
+    if _PER_BUILD.get("build") != build:
+        _PER_BUILD.clear()
+        _PER_BUILD["build"] = build
+    if name not in _PER_BUILD:
+        _PER_BUILD[name] = make()
+    return _PER_BUILD[name]
 
 
 def _user_block(
@@ -429,13 +440,14 @@ def _user_block(
 ) -> pa.Table:
     """The users table's rows of one block, from the history rows routed to it (its users'
     and their neighbours') and its users' neighbour lists: render and encode."""
-    if build not in _BLOCK_INPUTS:
-        tokenizer = load_tokenizer(local_backbone(cfg, tokenizer_only=True))
-        _BLOCK_INPUTS[build] = (
+    item_table, prompts = _once_per_build(
+        build,
+        "block inputs",
+        lambda: (
             storage.read_table(items, cfg.storage, S.ITEMS),
-            PromptBuilder(tokenizer, cfg.prompts),
-        )
-    item_table, prompts = _BLOCK_INPUTS[build]
+            PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts),
+        ),
+    )
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
     return user_rows(users, contexts, prompts, side)
 
@@ -488,7 +500,7 @@ def _item_table(
                                   totals["rating_count_sum"].to_numpy())  # fmt: skip
         contexts = ContextStore(S.INTERACTIONS.empty_table(), texts, None, cfg.prompts, ratings)
         tokenizer = load_tokenizer(local_backbone(cfg, tokenizer_only=True))
-        item_side = _item_side(side, paths.folder) if side else None
+        item_side = _once_per_build(paths.folder, "item side", side.item_features) if side else None
         table = item_rows(contexts, PromptBuilder(tokenizer, cfg.prompts), item_side)
         storage.write_table(table, paths.items_part(block), store)
         return pa.table({"part": [block], "items": [len(table)]})
@@ -504,17 +516,6 @@ def _item_table(
         parts += batch["part"].to_pylist()
         count += sum(batch["items"].to_pylist())
     return count, sorted(parts)
-
-
-# Per worker process, by build: the items' side features, read once, not per block.
-_ITEM_SIDES: dict[str, SideFeatures] = {}
-
-
-def _item_side(side: A.StoredSideFeatures, build: str) -> SideFeatures:
-    if build not in _ITEM_SIDES:
-        _ITEM_SIDES.clear()
-        _ITEM_SIDES[build] = side.item_features()
-    return _ITEM_SIDES[build]
 
 
 ITEM, TOTALS = 0, 1  # an item's row; one batch's rating totals of an item
