@@ -395,7 +395,8 @@ def test_per_file_results_are_combined_in_the_tasks(ray_session):
 
 def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
     """What a shuffle parks in the object store before its map tasks start is bounded by
-    compute.shuffle_batch_mib, not Ray's 1 GiB default (issue 30's object-store figure)."""
+    compute.shuffle_batch_mib (Ray's 1 GiB by default), and compute.disk_shuffle reaches
+    Ray Data too; both give the same groups."""
     from optirag.config import ComputeConfig
     from optirag.pipelines import parallel
 

@@ -39,7 +39,7 @@ def combined_in_tasks(fn: Callable[[Any], Any], items: list, combine: Callable[[
     k-minimum-values sketch's merge): each task combines its items' results first, so the
     driver receives one value per task, not one per item (per file: O(users) at 10^5
     files). Errors as in `in_tasks`."""
-    return combine([combine(chunk) for chunk in _chunk_results(fn, items, combine)])
+    return combine([value for chunk in _chunk_results(fn, items, combine) for value in chunk])
 
 
 def _chunk_results(fn, items: list, combine: Callable[[list], Any] | None) -> list[list]:
