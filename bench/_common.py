@@ -47,10 +47,12 @@ def machine() -> dict:
 class ObjectStorePeak:
     """Samples the local Ray's object store every `interval_s` (what `ray memory
     --stats-only` reads from the raylet): `.peak` the most bytes it held at once, `.spilled`
-    the bytes it spilled to disk in all, `.capacity` its size."""
+    the bytes it spilled to disk in all, `.capacity` its size, `.trace` (seconds, GiB held)
+    every `trace_s`."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 1.0, trace_s: float = 5.0) -> None:
         self.interval_s, self.peak, self.spilled, self.capacity = interval_s, 0, 0, 0
+        self.trace_s, self.trace, self._start = trace_s, [], time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -73,6 +75,9 @@ class ObjectStorePeak:
 
         stats = get_memory_info_reply(self._state).store_stats
         self.peak = max(self.peak, stats.object_store_bytes_used)
+        seconds = time.monotonic() - self._start
+        if not self.trace or seconds - self.trace[-1]["s"] >= self.trace_s:
+            self.trace.append({"s": round(seconds), "gib": gib(stats.object_store_bytes_used)})
         self.spilled = max(self.spilled, stats.spilled_bytes_total)
         self.capacity = stats.object_store_bytes_avail
 

@@ -115,6 +115,7 @@ def run_once(
         "object_store_peak_gib": gib(store.peak), "object_store_spilled_gib": gib(store.spilled),
         "object_store_capacity_gib": gib(store.capacity),
         "model_actor_trace": mem.trace, "driver_trace": mem.driver_trace,
+        "object_store_trace": store.trace,
         "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
         "context_build_s": _context_build_s(workdir),
         "driver_storage_requests": sum(requests.values()),

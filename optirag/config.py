@@ -256,19 +256,18 @@ class ComputeConfig(StrictModel):
         20_000, gt=0, description="users per task of the context stage's users table"
     )
     shuffle_batch_mib: float = Field(
-        1024,
+        128,
         gt=0,
         description="input a keyed shuffle's map task takes at once (Ray Data's "
-        "shuffle_input_batch_bytes): blocks wait for it in the object store. Smaller parks "
-        "less there, but with the object-store shuffle a map task's shard per partition "
-        "shrinks with it, and shards under Ray's 100 KiB inline limit are kept in the "
-        "driver's heap (128 at 3e6 users: the driver 1.5 GiB; docs/design.md)",
+        "shuffle_input_batch_bytes): blocks wait for it in the object store. With the "
+        "object-store shuffle keep Ray's 1024: a map task returns a shard per partition, and "
+        "shards under Ray's 100 KiB inline limit are kept in the driver's heap (docs/design.md)",
     )
     disk_shuffle: bool = Field(
-        False,
+        True,
         description="keyed shuffles write their map outputs to the workers' local disks "
-        "(Ray Data's use_disk_based_hash_shuffle) instead of the object store: for shuffles "
-        "bigger than the object store",
+        "($TMPDIR; Ray Data's use_disk_based_hash_shuffle) and return metadata only: the "
+        "driver and the object store stay flat in the users. False: Ray's object-store shuffle",
     )
 
     @model_validator(mode="after")

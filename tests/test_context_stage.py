@@ -395,7 +395,7 @@ def test_per_file_results_are_combined_in_the_tasks(ray_session):
 
 def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
     """What a shuffle parks in the object store before its map tasks start is bounded by
-    compute.shuffle_batch_mib (Ray's 1 GiB by default), and compute.disk_shuffle reaches
+    compute.shuffle_batch_mib (128 MiB by default), and compute.disk_shuffle reaches
     Ray Data too; both give the same groups."""
     from optirag.config import ComputeConfig
     from optirag.pipelines import parallel
@@ -406,6 +406,9 @@ def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
         assert ds.context.use_disk_based_hash_shuffle == disk
         grouped = ds.groupby("id", num_partitions=2).map_groups(lambda g: g, batch_format="pyarrow")
         assert sorted(grouped.to_pandas()["id"]) == list(range(5))
+    # a partition per block (a reduce task holds its partition), up to the cap
+    blocks = [0, 1, 150, parallel.MAX_PARTITIONS, 10 * parallel.MAX_PARTITIONS]
+    assert [parallel.shuffle_partitions(n) for n in blocks] == [1, 1, 150, 1000, 1000]
 
 
 def test_a_worker_keeps_one_builds_shared_inputs():

@@ -51,7 +51,7 @@ from optirag.context_tables import (
 )
 from optirag.ids import HASH_SPACE, range_of, user_hash
 from optirag.model_files import local_backbone, model_digest
-from optirag.pipelines.parallel import combined_in_tasks, in_tasks, task_ids
+from optirag.pipelines.parallel import combined_in_tasks, in_tasks, shuffle_partitions, task_ids
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def _users_table(
             {"part": [block], "low": hashes[:1], "high": hashes[-1:], "users": [len(table)]}
         )
 
-    partitions = min(n_blocks, SHUFFLE_PARTITIONS)
+    partitions = shuffle_partitions(n_blocks)
     written = (
         task_ids(len(sources), cfg.compute)
         .map_batches(read, batch_size=1, batch_format="numpy")
@@ -281,8 +281,8 @@ ROUTED = pa.schema(
     + [pa.field(LISTER, pa.int64()), pa.field(SIDE, pa.list_(pa.float64()))]
 )
 ROUTE_BATCH = 1 << 20  # rows read at a time
-SIDE_CHUNK = 1 << 20  # side-feature users per task
-SHUFFLE_PARTITIONS = 200
+# side-feature users per task: a read block of 35 MB at most (33 float64 MF values a user)
+SIDE_CHUNK = 1 << 17
 SKETCH = 4096  # smallest distinct user hashes kept per file: the users counted to about 2%
 
 
@@ -508,7 +508,7 @@ def _item_table(
     written = (
         task_ids(len(files), cfg.compute)
         .map_batches(read, batch_size=1, batch_format="numpy")
-        .groupby(KEY, num_partitions=min(n_blocks, SHUFFLE_PARTITIONS))
+        .groupby(KEY, num_partitions=shuffle_partitions(n_blocks))
         .map_groups(encode, batch_format="pyarrow")
     )
     parts, count = [], 0

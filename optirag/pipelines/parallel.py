@@ -14,6 +14,12 @@ from optirag.config import ComputeConfig
 
 SERIAL_BELOW = 64  # fewer items than this: in the driver (a task costs more than it saves)
 MAX_PER_TASK = 1000
+# A keyed shuffle's most partitions. Ray Data's reduce task holds its whole partition, so a
+# partition per group (a context block, a scoring shard) keeps a task's memory flat in the
+# data; but the driver keeps, per map task, a reference per partition (object-store shuffle)
+# or a handle with a row per partition (disk shuffle). At 1,000 a partition holds one block up
+# to 2 x 10^7 users (20,000 a block), several beyond (docs/design.md).
+MAX_PARTITIONS = 1000
 
 
 def task_ids(n: int, compute: ComputeConfig) -> ray.data.Dataset:
@@ -25,6 +31,11 @@ def task_ids(n: int, compute: ComputeConfig) -> ray.data.Dataset:
     ds.context.shuffle_input_batch_bytes = int(compute.shuffle_batch_mib * 2**20)
     ds.context.use_disk_based_hash_shuffle = compute.disk_shuffle
     return ds
+
+
+def shuffle_partitions(groups: int) -> int:
+    """The partitions of a keyed shuffle of `groups` groups: one each, up to MAX_PARTITIONS."""
+    return max(1, min(groups, MAX_PARTITIONS))
 
 
 def in_tasks(fn: Callable[[Any], Any], items: list) -> list:

@@ -40,7 +40,7 @@ from optirag.config import Config
 from optirag.context_tables import TokenAssembler, cut_block, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
-from optirag.pipelines.parallel import in_tasks, task_ids
+from optirag.pipelines.parallel import in_tasks, shuffle_partitions, task_ids
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         return pa.table({"marker": [json.dumps(m) for m in markers]})
 
     compute = cfg.compute
-    shuffle_partitions = min(sum(planned[i].run.num_shards for i in pending), 200)
+    partitions = shuffle_partitions(sum(planned[i].run.num_shards for i in pending))
     # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
     # which it flags as deprecated; the bounds below are deliberate.
     if small:
@@ -358,7 +358,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     else:
         staged = (
             source.map_batches(read, batch_size=1, batch_format="numpy")
-            .groupby([RUN, runs.SHARD_ID], num_partitions=shuffle_partitions)
+            .groupby([RUN, runs.SHARD_ID], num_partitions=partitions)
             .map_groups(assemble, batch_format="pyarrow")
         )
     graph = staged.map_batches(
