@@ -440,16 +440,20 @@ def _user_block(
 ) -> pa.Table:
     """The users table's rows of one block, from the history rows routed to it (its users'
     and their neighbours') and its users' neighbour lists: render and encode."""
-    item_table, prompts = _once_per_build(
-        build,
-        "block inputs",
-        lambda: (
-            storage.read_table(items, cfg.storage, S.ITEMS),
-            PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts),
-        ),
+    item_table = _once_per_build(
+        build, "items", lambda: storage.read_table(items, cfg.storage, S.ITEMS)
     )
     contexts = ContextStore(rows, item_table, lists, cfg.prompts)
-    return user_rows(users, contexts, prompts, side)
+    return user_rows(users, contexts, _prompts(cfg, build), side)
+
+
+def _prompts(cfg: Config, build: str) -> PromptBuilder:
+    """The build's prompt builder (its tokenizer loaded once per worker process)."""
+
+    def make() -> PromptBuilder:
+        return PromptBuilder(load_tokenizer(local_backbone(cfg, tokenizer_only=True)), cfg.prompts)
+
+    return _once_per_build(build, "prompts", make)
 
 
 def _item_table(
@@ -499,9 +503,8 @@ def _item_table(
                                   totals["rating_sum_sum"].to_numpy(),
                                   totals["rating_count_sum"].to_numpy())  # fmt: skip
         contexts = ContextStore(S.INTERACTIONS.empty_table(), texts, None, cfg.prompts, ratings)
-        tokenizer = load_tokenizer(local_backbone(cfg, tokenizer_only=True))
         item_side = _once_per_build(paths.folder, "item side", side.item_features) if side else None
-        table = item_rows(contexts, PromptBuilder(tokenizer, cfg.prompts), item_side)
+        table = item_rows(contexts, _prompts(cfg, paths.folder), item_side)
         storage.write_table(table, paths.items_part(block), store)
         return pa.table({"part": [block], "items": [len(table)]})
 
