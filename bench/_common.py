@@ -98,7 +98,7 @@ class PeakMemory:
     block from the object store maps the store's pages, and those count in its RSS as shmem
     although the store, not the worker, holds them. `.trace` has, every `trace_every_s`, the
     model actors' summed RSS, anon and shmem (GiB) by seconds since the first sample, and
-    `.driver_trace` this process's anon.
+    `.driver_trace` this process's anon (GiB) and shmem (MiB).
 
     RSS comes from /proc/PID/status every `interval_s`; PSS needs a walk of every mapping
     (/proc/PID/smaps), which cost the benchmark's driver ~40% of a core at 0.1 s, so it is
@@ -168,9 +168,11 @@ class PeakMemory:
             last_pss = now if with_pss else last_pss
             if now - last_trace >= self.trace_every_s:
                 last_trace = now
-                self.driver_trace.append(
-                    {"s": round(now - start), "anon": gib(anon.get("driver", 0))}
-                )
+                driver = {
+                    "anon": gib(anon.get("driver", 0)),
+                    "shmem_mib": mib(shmem.get("driver", 0)),
+                }
+                self.driver_trace.append({"s": round(now - start), **driver})
                 if "model_actors" in by_kind:
                     self.trace.append({"s": round(now - start), "rss": gib(by_kind["model_actors"]),
                                        "anon": gib(anon["model_actors"]),
@@ -201,6 +203,12 @@ def _kind(name: str) -> str:
 
 def gib(n_bytes: int) -> float:
     return round(n_bytes / 2**30, 3)
+
+
+def mib(n_bytes: int) -> float:
+    """MiB to 0.1: for figures of a few MiB (a driver's shared memory), where GiB to 0.001
+    would make a ratio of its rounding."""
+    return round(n_bytes / 2**20, 1)
 
 
 def write_results(name: str, result: dict, table_rows: Iterable[tuple], header: tuple) -> None:

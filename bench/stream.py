@@ -59,6 +59,7 @@ from _common import (  # noqa: E402
     counting,
     gib,
     machine,
+    mib,
     write_results,
 )
 
@@ -114,6 +115,7 @@ def run_once(
         "peak_anon_gib_by_kind": {k: gib(v) for k, v in mem.peak_anon_by_kind.items()},
         "peak_single_anon_gib_by_kind": _gibs(mem.peak_single_anon_by_kind),
         "peak_shmem_gib_by_kind": {k: gib(v) for k, v in mem.peak_shmem_by_kind.items()},
+        "peak_shmem_mib_by_kind": {k: mib(v) for k, v in mem.peak_shmem_by_kind.items()},
         "object_store_peak_gib": gib(store.peak), "object_store_spilled_gib": gib(store.spilled),
         "object_store_capacity_gib": gib(store.capacity),
         "model_actor_trace": mem.trace, "driver_trace": mem.driver_trace,
@@ -234,7 +236,10 @@ RATIOS = {  # the issue-30 figures, largest run over smallest along an axis
     ),
     "build_s_per_user": lambda r: (r["context_build_s"] or 0) / r["users"],
     "driver_storage_calls": lambda r: r["driver_storage_requests"],
-    "driver_shared": lambda r: r["peak_shmem_gib_by_kind"].get("driver"),
+    # in MiB where recorded (a few MiB: GiB to 0.001 made a ratio of rounding)
+    "driver_shared": lambda r: r.get("peak_shmem_mib_by_kind", r["peak_shmem_gib_by_kind"]).get(
+        "driver"
+    ),
     # the raylet's figure (bench/_common.ObjectStorePeak); runs recorded before it have the
     # proxy: the object store's pages as shared memory of the processes that map them
     "object_store_peak": lambda r: (
