@@ -263,15 +263,15 @@ class ComputeConfig(StrictModel):
         "object-store shuffle keep Ray's 1024: a map task returns a shard per partition, and "
         "shards under Ray's 100 KiB inline limit are kept in the driver's heap (docs/design.md)",
     )
-    object_store_mib_per_cpu: float | None = Field(
-        256,
+    object_store_fraction: float | None = Field(
+        0.075,
         gt=0,
-        description="what a stage's Ray Data graph may hold in the object store at once, per "
-        "CPU of the cluster when the graph starts (Ray Data's "
-        "execution_options.resource_limits.object_store_memory): reads wait for the shuffles "
-        "and actors downstream instead of filling the store ahead of them, so the store's "
-        "peak follows the cluster, not the data. None: Ray Data's own budget, a share of the "
-        "object store, which a fast read fills in the first seconds of a large build",
+        le=1,
+        description="the share of the cluster's object store a stage's Ray Data graph may "
+        "hold at once (Ray Data's override_object_store_memory_limit_fraction, followed as "
+        "the cluster scales): reads wait for the shuffles and actors downstream instead of "
+        "filling the store ahead of them, so its peak follows the cluster, not the data. "
+        "None: Ray Data's 0.5, which a fast read fills in the first seconds of a large build",
     )
     disk_shuffle: bool = Field(
         True,

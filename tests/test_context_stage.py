@@ -396,23 +396,17 @@ def test_per_file_results_are_combined_in_the_tasks(ray_session):
 def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
     """What a shuffle parks in the object store before its map tasks start is bounded by
     compute.shuffle_batch_mib (128 MiB by default), and compute.disk_shuffle reaches
-    Ray Data too; both give the same groups. The graph's object-store budget follows the
-    cluster's CPUs (compute.object_store_mib_per_cpu), or is Ray Data's own with None."""
-    import math
-
-    import ray
-
+    Ray Data too; both give the same groups. The graph's share of the object store
+    (compute.object_store_fraction) reaches Ray Data, or is Ray Data's own with None."""
     from optirag.config import ComputeConfig
     from optirag.pipelines import parallel
 
-    cpus = ray.cluster_resources()["CPU"]
-    for disk, per_cpu in ((False, None), (True, 3)):
-        compute = ComputeConfig(shuffle_batch_mib=2, disk_shuffle=disk)
-        ds = parallel.task_ids(5, compute.model_copy(update={"object_store_mib_per_cpu": per_cpu}))
+    for disk, share in ((False, None), (True, 0.1)):
+        compute = ComputeConfig(shuffle_batch_mib=2, disk_shuffle=disk, object_store_fraction=share)
+        ds = parallel.task_ids(5, compute)
         assert ds.context.shuffle_input_batch_bytes == 2 << 20
         assert ds.context.use_disk_based_hash_shuffle == disk
-        budget = ds.context.execution_options.resource_limits.object_store_memory
-        assert budget == (int(per_cpu * 2**20 * cpus) if per_cpu else math.inf)
+        assert ds.context.override_object_store_memory_limit_fraction == share
         grouped = ds.groupby("id", num_partitions=2).map_groups(lambda g: g, batch_format="pyarrow")
         assert sorted(grouped.to_pandas()["id"]) == list(range(5))
     # a partition per block (a reduce task holds its partition), up to the cap

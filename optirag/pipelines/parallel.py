@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.data import ExecutionResources
 
 from optirag import storage
 from optirag.config import ComputeConfig
@@ -27,17 +26,13 @@ def task_ids(n: int, compute: ComputeConfig) -> ray.data.Dataset:
     """A dataset of the ids 0..n-1, one per block (a task each downstream), whose keyed
     shuffles start a map task per `compute.shuffle_batch_mib` of input (`compute.disk_shuffle`
     puts the map outputs on local disk), and whose graph holds at most
-    `compute.object_store_mib_per_cpu` per cluster CPU in the object store: what waits there
-    is bounded by those and the cluster, not by the data."""
+    `compute.object_store_fraction` of the cluster's object store: what waits there is
+    bounded by those and the cluster, not by the data."""
     ds = ray.data.range(n, override_num_blocks=n)
     ds.context.shuffle_input_batch_bytes = int(compute.shuffle_batch_mib * 2**20)
     ds.context.use_disk_based_hash_shuffle = compute.disk_shuffle
-    if compute.object_store_mib_per_cpu:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        budget = int(compute.object_store_mib_per_cpu * 2**20 * cpus)
-        ds.context.execution_options.resource_limits = ExecutionResources(
-            object_store_memory=budget
-        )
+    if compute.object_store_fraction:
+        ds.context.override_object_store_memory_limit_fraction = compute.object_store_fraction
     return ds
 
 
