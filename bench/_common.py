@@ -159,10 +159,12 @@ class PeakMemory:
             for kind, rss in by_kind.items():
                 self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), rss)
                 self.peak_anon_by_kind[kind] = max(self.peak_anon_by_kind.get(kind, 0), anon[kind])
-                self.peak_shmem_by_kind[kind] = max(self.peak_shmem_by_kind.get(kind, 0),
-                                                    shmem[kind])  # fmt: skip
-                self.peak_count_by_kind[kind] = max(self.peak_count_by_kind.get(kind, 0),
-                                                    count[kind])  # fmt: skip
+                self.peak_shmem_by_kind[kind] = max(
+                    self.peak_shmem_by_kind.get(kind, 0), shmem[kind]
+                )
+                self.peak_count_by_kind[kind] = max(
+                    self.peak_count_by_kind.get(kind, 0), count[kind]
+                )
             now = time.monotonic()
             with_pss = now - last_pss >= self.pss_every_s
             last_pss = now if with_pss else last_pss
@@ -174,9 +176,14 @@ class PeakMemory:
                 }
                 self.driver_trace.append({"s": round(now - start), **driver})
                 if "model_actors" in by_kind:
-                    self.trace.append({"s": round(now - start), "rss": gib(by_kind["model_actors"]),
-                                       "anon": gib(anon["model_actors"]),
-                                       "shmem": gib(shmem["model_actors"])})  # fmt: skip
+                    self.trace.append(
+                        {
+                            "s": round(now - start),
+                            "rss": gib(by_kind["model_actors"]),
+                            "anon": gib(anon["model_actors"]),
+                            "shmem": gib(shmem["model_actors"]),
+                        }
+                    )
             time.sleep(self.interval_s)
 
 
@@ -231,8 +238,11 @@ def run_variant(config: str, overrides: list[str], folder: str | None) -> dict:
     from optirag.pipelines import evaluation, train_exits
 
     if folder is not None:
-        overrides = [*overrides, f"exits.heads_uri={folder}/exits",
-                     f"evaluation.output_uri={folder}/evaluation"]  # fmt: skip
+        overrides = [
+            *overrides,
+            f"exits.heads_uri={folder}/exits",
+            f"evaluation.output_uri={folder}/evaluation",
+        ]
     cfg = load_config(config, overrides)
     _init_ray(cfg)
     trained = train_exits.run(cfg)

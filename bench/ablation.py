@@ -50,12 +50,27 @@ def main() -> None:
     for name, r in results.items():
         models = {m["model"]: m["slices"]["all"]["auc"] for m in r["evaluation"]["models"]}
         ee = next(v for k, v in models.items() if k.startswith("early exit"))
-        rows.append((name, f"{models['trained heads, full depth']:.4f}", f"{ee:.4f}",
-                     f"{r['evaluation']['compute_vs_full_depth']:.2f}",
-                     f"{max(r['train']['valid_auc_per_head']):.4f}"))  # fmt: skip
-    write_results("ablation", {"machine": machine(), "variants": results}, rows,
-                  ("variant", "test AUC full depth", "test AUC early exit", "compute",
-                   "best valid AUC of a head"))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{models['trained heads, full depth']:.4f}",
+                f"{ee:.4f}",
+                f"{r['evaluation']['compute_vs_full_depth']:.2f}",
+                f"{max(r['train']['valid_auc_per_head']):.4f}",
+            )
+        )
+    write_results(
+        "ablation",
+        {"machine": machine(), "variants": results},
+        rows,
+        (
+            "variant",
+            "test AUC full depth",
+            "test AUC early exit",
+            "compute",
+            "best valid AUC of a head",
+        ),
+    )
 
 
 if __name__ == "__main__":

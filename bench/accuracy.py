@@ -40,8 +40,13 @@ from optirag.config import load_config  # noqa: E402
 HYBRID = "heads.side_features=[mf,user_rate,user_count,item_rate,item_count]"
 CF_PROMPT = "prompts.target_ratings=true"
 # LoRA on a GPU: every training pair, one epoch (what 15 minutes of a lent GPU allow).
-LORA_GPU = ["heads.lora.enabled=true", "heads.lora.epochs=1", "heads.lora.batch_size=32",
-            "compute.train_use_gpu=true", "compute.train_workers=1"]  # fmt: skip
+LORA_GPU = [
+    "heads.lora.enabled=true",
+    "heads.lora.epochs=1",
+    "heads.lora.batch_size=32",
+    "compute.train_use_gpu=true",
+    "compute.train_workers=1",
+]
 VARIANTS = {
     "frozen-linear": [],
     "frozen-mlp": ["heads.mlp_size=64"],
@@ -49,15 +54,27 @@ VARIANTS = {
     "hybrid-mlp": [HYBRID, "heads.mlp_size=64"],
     "cf-prompt-linear": [CF_PROMPT],
     "cf-prompt-hybrid": [CF_PROMPT, HYBRID],
-    "lora-hybrid": [HYBRID, "heads.lora.enabled=true", "heads.max_train_pairs=400",
-                    "heads.valid_users=40", "heads.lora.epochs=1", "evaluation.test_users=100",
-                    "evaluation.speed_pairs=0"],
+    "lora-hybrid": [
+        HYBRID,
+        "heads.lora.enabled=true",
+        "heads.max_train_pairs=400",
+        "heads.valid_users=40",
+        "heads.lora.epochs=1",
+        "evaluation.test_users=100",
+        "evaluation.speed_pairs=0",
+    ],
     "lora-hybrid-gpu": [HYBRID, *LORA_GPU],
     # Every lever at once: CF in the prompt, hybrid MLP heads, LoRA (64 prompts a step: the
     # run had to fit the GPU minutes left).
-    "combination-gpu": [CF_PROMPT, HYBRID, "heads.mlp_size=64", "heads.lr=0.002", *LORA_GPU,
-                        "heads.lora.batch_size=64"],
-}  # fmt: skip
+    "combination-gpu": [
+        CF_PROMPT,
+        HYBRID,
+        "heads.mlp_size=64",
+        "heads.lr=0.002",
+        *LORA_GPU,
+        "heads.lora.batch_size=64",
+    ],
+}
 FAST_EVAL = ["evaluation.speed_pairs=0"]
 
 
@@ -91,8 +108,14 @@ def main() -> None:
         except Exception as err:  # one failed variant must not lose the others' hours
             logging.exception("variant %s failed", name)
             failed[name] = f"{type(err).__name__}: {err}"
-        result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
-                  "primary": primary, "variants": results, "failed": failed}  # fmt: skip
+        result = {
+            "machine": machine(),
+            "config": args.config,
+            "overrides": args.overrides,
+            "primary": primary,
+            "variants": results,
+            "failed": failed,
+        }
         write(args.name, result)  # after every variant: a long study keeps what it finished
 
 
@@ -111,8 +134,9 @@ def write(name: str, result: dict) -> None:
     ]
     primary = (result.get("primary") or {}).get("variant")
     for m in baselines:  # identical in every variant
-        rows.append((m["model"], "exploratory", "-", *(_cell(m["slices"][s]) for s in slices),
-                     "-", "-"))  # fmt: skip
+        rows.append(
+            (m["model"], "exploratory", "-", *(_cell(m["slices"][s]) for s in slices), "-", "-")
+        )
     for variant, r in variants.items():
         ev = r["evaluation"]
         by_name = {m["model"]: m for m in ev["models"]}
@@ -120,11 +144,24 @@ def write(name: str, result: dict) -> None:
         ee = next(m for k, m in by_name.items() if k.startswith("early exit"))
         ee_auc, compute = ee["slices"]["all"]["auc"], ev["compute_vs_full_depth"]
         role = "primary (early exit vs MF, all)" if variant == primary else "exploratory"
-        rows.append((variant, role, r["train"]["train_pairs"],
-                     *(_cell(full["slices"][s]) for s in slices),
-                     f"{ee_auc:.4f}", f"{compute:.2f}"))  # fmt: skip
-    header = ("model", "role", "train pairs", *(f"AUC {s} (vs MF [95% CI])" for s in slices),
-              "early exit AUC", "compute")  # fmt: skip
+        rows.append(
+            (
+                variant,
+                role,
+                r["train"]["train_pairs"],
+                *(_cell(full["slices"][s]) for s in slices),
+                f"{ee_auc:.4f}",
+                f"{compute:.2f}",
+            )
+        )
+    header = (
+        "model",
+        "role",
+        "train pairs",
+        *(f"AUC {s} (vs MF [95% CI])" for s in slices),
+        "early exit AUC",
+        "compute",
+    )
     write_results(name, result, rows, header)
 
 

@@ -38,15 +38,24 @@ def run_split(cfg, split: str) -> dict:
     interactions = data.canonical_interactions(raw, dc.like_threshold, dc.movielens_dir)
     splits = data.split(interactions, dc)
     train, valid = splits["train"], splits["valid"]
-    pairs = P.candidate_pairs(data.candidates_from(splits["test"]), cfg.evaluation.test_users,
-                              cfg.heads.seed)  # fmt: skip
+    pairs = P.candidate_pairs(
+        data.candidates_from(splits["test"]), cfg.evaluation.test_users, cfg.heads.seed
+    )
     ec = cfg.evaluation
     started = time.perf_counter()
     tuned = [
-        B.tune_mf(train, valid, pairs.users, pairs.items, ec.baseline_seeds, ec.mf_l2_grid,
-                  ec.mf_max_epochs, ec.mf_patience),
+        B.tune_mf(
+            train,
+            valid,
+            pairs.users,
+            pairs.items,
+            ec.baseline_seeds,
+            ec.mf_l2_grid,
+            ec.mf_max_epochs,
+            ec.mf_patience,
+        ),
         B.tune_id_lr(train, valid, pairs.users, pairs.items, ec.baseline_seeds, ec.lr_c_grid),
-    ]  # fmt: skip
+    ]
     models = B.baseline_scores(train, pairs.users, pairs.items)
     models[UNTUNED_MF] = cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items)
     models.update({t.name: t.scores for t in tuned})
@@ -54,10 +63,18 @@ def run_split(cfg, split: str) -> dict:
     # Settings are chosen; the test labels are read from here on.
     labels = pairs.labels
     masks = M.slice_masks(train, pairs.users, pairs.items)
-    table = M.model_table(models, labels, masks, B.MF_BASELINE, set(models),
-                          ec.bootstrap_resamples, groups=pairs.users)  # fmt: skip
-    pair_level = M.model_table(models, labels, masks, B.MF_BASELINE, set(models),
-                               ec.bootstrap_resamples, groups=None)  # fmt: skip
+    table = M.model_table(
+        models,
+        labels,
+        masks,
+        B.MF_BASELINE,
+        set(models),
+        ec.bootstrap_resamples,
+        groups=pairs.users,
+    )
+    pair_level = M.model_table(
+        models, labels, masks, B.MF_BASELINE, set(models), ec.bootstrap_resamples, groups=None
+    )
     widths = {}
     for user_row, pair_row in zip(table, pair_level, strict=True):
         for name, e in user_row["slices"].items():
@@ -67,13 +84,18 @@ def run_split(cfg, split: str) -> dict:
                     e["diff_ci"][1] - e["diff_ci"][0]
                 ) / (pe["diff_ci"][1] - pe["diff_ci"][0])
     return {
-        "split": split, "time_quantiles": list(dc.time_quantiles) if split == "global_time"
-        else None, "train_rows": train.num_rows, "valid_rows": valid.num_rows,
-        "test_pairs": len(pairs), "test_users": int(len(np.unique(pairs.users))),
-        "models": table, "baselines": [t.report(labels, masks) for t in tuned],
-        "interval_width_user_over_pair": widths, "fit_s": round(fit_s, 1),
+        "split": split,
+        "time_quantiles": list(dc.time_quantiles) if split == "global_time" else None,
+        "train_rows": train.num_rows,
+        "valid_rows": valid.num_rows,
+        "test_pairs": len(pairs),
+        "test_users": int(len(np.unique(pairs.users))),
+        "models": table,
+        "baselines": [t.report(labels, masks) for t in tuned],
+        "interval_width_user_over_pair": widths,
+        "fit_s": round(fit_s, 1),
         "intervals": f"paired user-level bootstrap, {ec.bootstrap_resamples} resamples",
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -84,8 +106,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
-              "splits": {}}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "config": args.config,
+        "overrides": args.overrides,
+        "splits": {},
+    }
     rows = []
     for split in args.splits:
         r = result["splits"][split] = run_split(cfg, split)
@@ -95,12 +121,24 @@ def main() -> None:
             if "diff_ci" in e:
                 lo, hi = e["diff_ci"]
                 diff = f"{e['diff_vs_reference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            over = next((b["test_auc_over_seeds"]["all"] for b in r["baselines"]
-                         if b["model"] == m["model"]), None)  # fmt: skip
+            over = next(
+                (
+                    b["test_auc_over_seeds"]["all"]
+                    for b in r["baselines"]
+                    if b["model"] == m["model"]
+                ),
+                None,
+            )
             seeds = f"{over['mean']:.4f} +- {over['std']:.4f}" if over else "-"
             rows.append((split, r["test_pairs"], m["model"], f"{e['auc']:.4f}", seeds, diff))
-    header = ("split", "test pairs", "model", "AUC all (seed 0)", "AUC over seeds (mean +- sd)",
-              "vs tuned MF [95% CI, user-level]")  # fmt: skip
+    header = (
+        "split",
+        "test pairs",
+        "model",
+        "AUC all (seed 0)",
+        "AUC over seeds (mean +- sd)",
+        "vs tuned MF [95% CI, user-level]",
+    )
     write_results(args.name, result, rows, header)
 
 

@@ -56,13 +56,13 @@ def main() -> None:
     users = rng.choice(np.unique(train[S.USER_ID].to_numpy()), args.users, replace=False)
     catalog = items[S.ITEM_ID].to_numpy()
     pair_users = np.repeat(users, args.per_user)
-    pair_items = np.concatenate([rng.choice(catalog, args.per_user, replace=False)
-                                 for _ in users])  # fmt: skip
+    pair_items = np.concatenate([rng.choice(catalog, args.per_user, replace=False) for _ in users])
 
     def run(name: str, rule: ExitRule, share: bool) -> dict:
         compute = cfg.compute.model_copy(update={"share_prefixes": share})
-        scorer = make_pair_scorer(cfg.model_copy(update={"compute": compute}), backbone, model,
-                                  contexts, rule)  # fmt: skip
+        scorer = make_pair_scorer(
+            cfg.model_copy(update={"compute": compute}), backbone, model, contexts, rule
+        )
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -71,21 +71,32 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         n = len(pair_users)
-        return {"variant": name, "rule": rule.kind, "tau": rule.threshold, "shared": share,
-                "pairs": n, "seconds": round(seconds, 2), "pairs_per_s": round(n / seconds, 2),
-                "tokens_per_pair": round(out.layer_tokens / backbone.num_layers / n, 1),
-                "layer_tokens_per_pair": round(out.layer_tokens / n),
-                "mean_exit_layer": float(out.exit_layers.mean()),
-                "scores": out.scores}  # fmt: skip
+        return {
+            "variant": name,
+            "rule": rule.kind,
+            "tau": rule.threshold,
+            "shared": share,
+            "pairs": n,
+            "seconds": round(seconds, 2),
+            "pairs_per_s": round(n / seconds, 2),
+            "tokens_per_pair": round(out.layer_tokens / backbone.num_layers / n, 1),
+            "layer_tokens_per_pair": round(out.layer_tokens / n),
+            "mean_exit_layer": float(out.exit_layers.mean()),
+            "scores": out.scores,
+        }
 
     # Warm-up so the first variant does not pay for lazy initialisation.
     make_pair_scorer(cfg, backbone, model, contexts, ExitRule("none")).score(
         pair_users[:2], pair_items[:2]
     )
-    rows = [run("full depth, no sharing", ExitRule("none"), False),
-            run("full depth, shared prefixes", ExitRule("none"), True)]  # fmt: skip
-    rows += [run(f"early exit tau={t}, shared", ExitRule("agreement", float(t)), True)
-             for t in args.taus.split(",")]  # fmt: skip
+    rows = [
+        run("full depth, no sharing", ExitRule("none"), False),
+        run("full depth, shared prefixes", ExitRule("none"), True),
+    ]
+    rows += [
+        run(f"early exit tau={t}, shared", ExitRule("agreement", float(t)), True)
+        for t in args.taus.split(",")
+    ]
     base, shared = rows[0], rows[1]
     max_diff = float(np.abs(base["scores"] - shared["scores"]).max())
     for r in rows:
@@ -96,19 +107,44 @@ def main() -> None:
             shared["layer_tokens_per_pair"] / r["layer_tokens_per_pair"], 2
         )
         del r["scores"]
-    result = {"machine": machine(), "backbone": backbone.version, "dtype": str(backbone.dtype),
-              "device": str(backbone.device), "trained_heads": trained, "layers": heads.layers,
-              "side_features": heads.side_names, "batch_rows": cfg.compute.batch_rows,
-              "users": args.users, "candidates_per_user": args.per_user,
-              "shared_vs_plain_max_score_diff": max_diff, "rows": rows}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "backbone": backbone.version,
+        "dtype": str(backbone.dtype),
+        "device": str(backbone.device),
+        "trained_heads": trained,
+        "layers": heads.layers,
+        "side_features": heads.side_names,
+        "batch_rows": cfg.compute.batch_rows,
+        "users": args.users,
+        "candidates_per_user": args.per_user,
+        "shared_vs_plain_max_score_diff": max_diff,
+        "rows": rows,
+    }
     name = args.name or ("early_exit_gpu" if backbone.device.type == "cuda" else "early_exit")
     write_results(
-        name, result,
-        [(r["variant"], r["pairs_per_s"], r["tokens_per_pair"], f"{r['mean_exit_layer']:.1f}",
-          r["speedup_vs_shared_full"], r["predicted_speedup_from_layer_tokens"]) for r in rows],
-        ("variant", "pairs/s", "tokens/pair", "mean exit layer", "speedup vs shared full",
-         "predicted (layer-tokens)"),
-    )  # fmt: skip
+        name,
+        result,
+        [
+            (
+                r["variant"],
+                r["pairs_per_s"],
+                r["tokens_per_pair"],
+                f"{r['mean_exit_layer']:.1f}",
+                r["speedup_vs_shared_full"],
+                r["predicted_speedup_from_layer_tokens"],
+            )
+            for r in rows
+        ],
+        (
+            "variant",
+            "pairs/s",
+            "tokens/pair",
+            "mean exit layer",
+            "speedup vs shared full",
+            "predicted (layer-tokens)",
+        ),
+    )
 
 
 if __name__ == "__main__":

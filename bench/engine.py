@@ -52,8 +52,17 @@ from optirag.model_files import local_backbone  # noqa: E402
 from optirag.prompts import PromptBuilder  # noqa: E402
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; SXM parts).
-GPU_PEAK_BF16 = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0,
-                 "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0}  # fmt: skip
+GPU_PEAK_BF16 = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "H800": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+}
 
 
 # Real checkpoints' shapes (their config.json), as transformers config classes and arguments.
@@ -157,8 +166,9 @@ class _Recorder:
     def score(self, suffixes, prefixes=None, prefix_of=None, keep_hidden=False, side=None):
         self.calls.append((suffixes, prefixes, prefix_of, side))
         n = len(suffixes)
-        return ScoreResult(torch.zeros(n), torch.zeros(n, dtype=torch.int16),
-                           torch.zeros(n, self.num_heads))  # fmt: skip
+        return ScoreResult(
+            torch.zeros(n), torch.zeros(n, dtype=torch.int16), torch.zeros(n, self.num_heads)
+        )
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -265,10 +275,15 @@ def main() -> None:
     )
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--per-user", type=int, default=20)
-    parser.add_argument("--tau", type=float, default=0.1, help="early exit tau besides the "
-                        "calibrated one (agreement rule)")  # fmt: skip
-    parser.add_argument("--one-call", action="store_true",
-                        help="also score every pair in one engine call")  # fmt: skip
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=0.1,
+        help="early exit tau besides the calibrated one (agreement rule)",
+    )
+    parser.add_argument(
+        "--one-call", action="store_true", help="also score every pair in one engine call"
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
     parser.add_argument("--name", help="results file name (default by device and backbone)")
     parser.add_argument("overrides", nargs="*")
@@ -304,16 +319,22 @@ def main() -> None:
     users = rng.choice(np.unique(train[S.USER_ID].to_numpy()), args.users, replace=False)
     catalog = items[S.ITEM_ID].to_numpy()
     pair_users = np.repeat(users, args.per_user)
-    pair_items = np.concatenate([rng.choice(catalog, args.per_user, replace=False)
-                                 for _ in users])  # fmt: skip
+    pair_items = np.concatenate([rng.choice(catalog, args.per_user, replace=False) for _ in users])
 
     def record(engine: str) -> list[tuple]:
         """The engine inputs of each call the pair scorer makes for this engine kind."""
         scorer = _pair_scorer_class()(
-            backbone, heads, ExitRule("none"), contexts, prompts, share_prefixes=True,
-            batch_rows=cfg.compute.batch_rows, side_features=side_features, engine=engine,
+            backbone,
+            heads,
+            ExitRule("none"),
+            contexts,
+            prompts,
+            share_prefixes=True,
+            batch_rows=cfg.compute.batch_rows,
+            side_features=side_features,
+            engine=engine,
             batch_tokens=cfg.compute.batch_tokens,
-        )  # fmt: skip
+        )
         scorer.engine = recorder = _Recorder(len(heads.layers))
         scorer.score(pair_users, pair_items)
         return recorder.calls
@@ -324,8 +345,12 @@ def main() -> None:
     rules = [("full depth", ExitRule("none"))]
     if exit_config.get("threshold") is not None:
         kind = exit_config.get("rule", "agreement")
-        rules.append((f"calibrated {kind} {exit_config['threshold']}",
-                      ExitRule(kind, float(exit_config["threshold"]))))  # fmt: skip
+        rules.append(
+            (
+                f"calibrated {kind} {exit_config['threshold']}",
+                ExitRule(kind, float(exit_config["threshold"])),
+            )
+        )
     rules.append((f"agreement tau={args.tau}", ExitRule("agreement", args.tau)))
     max_tokens = cfg.compute.batch_tokens
     engines = {
@@ -356,23 +381,34 @@ def main() -> None:
                 if engine_name == "old":
                     reference[key] = out
                 ref = reference[key]
-                rows.append({
-                    "engine": engine_name, "batching": batching, "rule": rule_name,
-                    "pairs": n, "seconds": round(seconds, 3), "pairs_per_s": round(n / seconds, 2),
-                    "process_cpu_seconds": round(cpu, 3),
-                    "layer_tokens_per_pair": round(out.layer_tokens / n, 1),
-                    "mean_exit_layer": round(float(exits.mean()), 2),
-                    "model_gflop_per_pair": round(flops / n / 1e9, 3),
-                    "achieved_tflop_s": round(flops / seconds / 1e12, 4),
-                    "fraction_of_peak": round(flops / seconds / peak["flops"], 4),
-                    "max_abs_score_diff_vs_old": float((out.scores - ref.scores).abs().max()),
-                    "exit_layers_equal_old": bool(torch.equal(out.exit_layers, ref.exit_layers)),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "engine": engine_name,
+                        "batching": batching,
+                        "rule": rule_name,
+                        "pairs": n,
+                        "seconds": round(seconds, 3),
+                        "pairs_per_s": round(n / seconds, 2),
+                        "process_cpu_seconds": round(cpu, 3),
+                        "layer_tokens_per_pair": round(out.layer_tokens / n, 1),
+                        "mean_exit_layer": round(float(exits.mean()), 2),
+                        "model_gflop_per_pair": round(flops / n / 1e9, 3),
+                        "achieved_tflop_s": round(flops / seconds / 1e12, 4),
+                        "fraction_of_peak": round(flops / seconds / peak["flops"], 4),
+                        "max_abs_score_diff_vs_old": float((out.scores - ref.scores).abs().max()),
+                        "exit_layers_equal_old": bool(
+                            torch.equal(out.exit_layers, ref.exit_layers)
+                        ),
+                    }
+                )
                 print(rows[-1], flush=True)
 
     def speed(engine, batching, rule_name):
-        return next(r["pairs_per_s"] for r in rows if (r["engine"], r["batching"], r["rule"])
-                    == (engine, batching, rule_name))  # fmt: skip
+        return next(
+            r["pairs_per_s"]
+            for r in rows
+            if (r["engine"], r["batching"], r["rule"]) == (engine, batching, rule_name)
+        )
 
     tau_name = rules[-1][0]
     summary = {}
@@ -387,33 +423,61 @@ def main() -> None:
             )
     prompt_tokens = [(sum(map(len, c[0])), sum(map(len, c[1] or []))) for c in one_call]
     result = {
-        "machine": machine(), "backbone": backbone.version, "dtype": str(backbone.dtype),
-        "family": backbone.family.name, "shape": args.shape,
+        "machine": machine(),
+        "backbone": backbone.version,
+        "dtype": str(backbone.dtype),
+        "family": backbone.family.name,
+        "shape": args.shape,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "peak_flops": peak, "trained_heads": trained is not None, "layers": heads.layers,
-        "side_features": list(heads.side_names), "batch_rows": cfg.compute.batch_rows,
+        "peak_flops": peak,
+        "trained_heads": trained is not None,
+        "layers": heads.layers,
+        "side_features": list(heads.side_names),
+        "batch_rows": cfg.compute.batch_rows,
         "batch_tokens": max_tokens,
         "engine_calls": {k: len(v) for k, v in job_calls.items()},
-        "users": args.users, "candidates_per_user": args.per_user,
+        "users": args.users,
+        "candidates_per_user": args.per_user,
         "suffix_tokens_per_pair": round(sum(s for s, _ in prompt_tokens) / n, 1),
         "prefix_tokens_per_user": round(sum(p for _, p in prompt_tokens) / args.users, 1),
         "timed": "engine.score calls only (prompts built once beforehand)",
-        "summary": summary, "rows": rows,
-    }  # fmt: skip
+        "summary": summary,
+        "rows": rows,
+    }
     name = args.name or ("engine_gpu" if dev.type == "cuda" else "engine")
     if args.backbone == "tiny" and not args.name:
         name += "_tiny"
     if args.shape and not args.name:
         name += "_" + args.shape.replace("-", "_").replace(".", "_")
     write_results(
-        name, result,
-        [(r["engine"], r["batching"], r["rule"], r["pairs_per_s"], r["layer_tokens_per_pair"],
-          r["mean_exit_layer"], r["achieved_tflop_s"], r["fraction_of_peak"]) for r in rows],
-        ("engine", "batching", "rule", "pairs/s", "layer-tokens/pair", "mean exit layer",
-         "TFLOP/s", "fraction of peak"),
-    )  # fmt: skip
+        name,
+        result,
+        [
+            (
+                r["engine"],
+                r["batching"],
+                r["rule"],
+                r["pairs_per_s"],
+                r["layer_tokens_per_pair"],
+                r["mean_exit_layer"],
+                r["achieved_tflop_s"],
+                r["fraction_of_peak"],
+            )
+            for r in rows
+        ],
+        (
+            "engine",
+            "batching",
+            "rule",
+            "pairs/s",
+            "layer-tokens/pair",
+            "mean exit layer",
+            "TFLOP/s",
+            "fraction of peak",
+        ),
+    )
     for key, value in summary.items():
         print(f"{key}: {value}")
 

@@ -105,21 +105,45 @@ def main() -> None:
     for name, cands in (("movielens", test), (f"dense-{args.per_user}", dense)):
         for target_ratings in (False, True):
             prompts = cfg.prompts.model_copy(update={"target_ratings": target_ratings})
-            one = measure(cfg.model_copy(update={"prompts": prompts}), history, items,
-                          neighbors, cands)  # fmt: skip
+            one = measure(
+                cfg.model_copy(update={"prompts": prompts}), history, items, neighbors, cands
+            )
             rows.append({"candidates": name, "target_ratings": target_ratings, **one})
             print(rows[-1], flush=True)
-    result = {"machine": machine(), "config": args.config, "overrides": args.overrides,
-              "rows": rows, "goal_pairs_per_s_per_core": 5000}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "config": args.config,
+        "overrides": args.overrides,
+        "rows": rows,
+        "goal_pairs_per_s_per_core": 5000,
+    }
     write_results(
         args.name,
         result,
-        [(r["candidates"], r["target_ratings"], r["pairs"], r["pairs_per_user"],
-          r["ms_per_user"], r["us_per_pair_assembly"], r["pairs_per_s"], r["items_s"])
-         for r in rows],
-        ("candidates", "target_ratings", "pairs", "pairs/user", "ms/user (users table)",
-         "µs/pair (assembly)", "pairs/s per core", "items table s (once)"),
-    )  # fmt: skip
+        [
+            (
+                r["candidates"],
+                r["target_ratings"],
+                r["pairs"],
+                r["pairs_per_user"],
+                r["ms_per_user"],
+                r["us_per_pair_assembly"],
+                r["pairs_per_s"],
+                r["items_s"],
+            )
+            for r in rows
+        ],
+        (
+            "candidates",
+            "target_ratings",
+            "pairs",
+            "pairs/user",
+            "ms/user (users table)",
+            "µs/pair (assembly)",
+            "pairs/s per core",
+            "items table s (once)",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -85,19 +85,35 @@ def main() -> None:
             "mean_score": float(attacked.mean()),
         }
         r = rows[name]
-        table.append((name, f"{r['mean_abs_change']:.3f}", f"{r['p95_abs_change']:.3f}",
-                      f"{r['mean_change']:+.3f}", f"{r['share_raised']:.0%}"))  # fmt: skip
+        table.append(
+            (
+                name,
+                f"{r['mean_abs_change']:.3f}",
+                f"{r['p95_abs_change']:.3f}",
+                f"{r['mean_change']:+.3f}",
+                f"{r['share_raised']:.0%}",
+            )
+        )
     worst_mean = max(r["mean_abs_change"] for r in rows.values())
     worst_raised = max(r["share_raised"] for r in rows.values())
     result = {
-        "machine": machine(), "backbone": backbone.version, "config": args.config,
-        "overrides": args.overrides, "trained_heads": A.has_trained_heads(cfg),
-        "heads": A.heads_location(cfg), "users": args.users, "pairs": len(users),
-        "mean_clean_score": float(clean.mean()), "patterns": rows,
+        "machine": machine(),
+        "backbone": backbone.version,
+        "config": args.config,
+        "overrides": args.overrides,
+        "trained_heads": A.has_trained_heads(cfg),
+        "heads": A.heads_location(cfg),
+        "users": args.users,
+        "pairs": len(users),
+        "mean_clean_score": float(clean.mean()),
+        "patterns": rows,
         "seconds": round(time.perf_counter() - start, 1),
-        "goal": {"mean_abs_change_max": 0.05, "share_raised_max": 0.6,
-                 "met": worst_mean <= 0.05 and worst_raised <= 0.6},
-    }  # fmt: skip
+        "goal": {
+            "mean_abs_change_max": 0.05,
+            "share_raised_max": 0.6,
+            "met": worst_mean <= 0.05 and worst_raised <= 0.6,
+        },
+    }
     header = ("pattern", "mean |change|", "p95 |change|", "mean change", "rows raised")
     write_results(args.name, result, table, header)
     print(f"clean mean score {clean.mean():.3f}; goal met: {result['goal']['met']}")

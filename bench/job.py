@@ -36,8 +36,12 @@ def run_job(checkout: Path, config: Path, overrides: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run(
         [sys.executable, "jobs/score.py", "--config", str(config), *overrides],
-        cwd=checkout, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise SystemExit(f"the job failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout[done.stdout.index("{") :])
@@ -58,8 +62,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra a.b=c config overrides")
     args = parser.parse_args()
     checkout = args.checkout.resolve()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
+    ).stdout.strip()
     storage_root = ROOT / "data" / "demo"
     sample = pq.read_table(storage_root / "candidates" / "test_sample.parquet")
     if args.users is not None:
@@ -70,24 +75,39 @@ def main() -> None:
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
             pq.write_table(sample, f"{out}/candidates.parquet")
-            overrides = [f"storage.root={storage_root}",
-                         f"backbone.cache_dir={ROOT / 'data' / 'cache' / 'models'}",
-                         f"scoring.candidates_uri={out}/candidates.parquet",
-                         f"scoring.output_uri={out}/scores", "scoring.run_id=bench",
-                         *args.overrides]  # fmt: skip
+            overrides = [
+                f"storage.root={storage_root}",
+                f"backbone.cache_dir={ROOT / 'data' / 'cache' / 'models'}",
+                f"scoring.candidates_uri={out}/candidates.parquet",
+                f"scoring.output_uri={out}/scores",
+                "scoring.run_id=bench",
+                *args.overrides,
+            ]
             summary = run_job(checkout, args.config.resolve(), overrides)
-        rows.append({"repeat": repeat, "pairs": summary["scored"],
-                     "wall_s": summary["wall_s"], "pairs_per_s": summary["pairs_per_s"],
-                     "mean_exit_layer": summary.get("mean_exit_layer")})  # fmt: skip
+        rows.append(
+            {
+                "repeat": repeat,
+                "pairs": summary["scored"],
+                "wall_s": summary["wall_s"],
+                "pairs_per_s": summary["pairs_per_s"],
+                "mean_exit_layer": summary.get("mean_exit_layer"),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": machine(), "commit": commit, "config": str(args.config.name),
-              "users": args.users,
-              "overrides": args.overrides, "runs": rows}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "commit": commit,
+        "config": str(args.config.name),
+        "users": args.users,
+        "overrides": args.overrides,
+        "runs": rows,
+    }
     write_results(
-        args.name, result,
+        args.name,
+        result,
         [(commit, r["repeat"], r["pairs"], r["wall_s"], r["pairs_per_s"]) for r in rows],
         ("commit", "run", "pairs", "wall s", "pairs/s"),
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

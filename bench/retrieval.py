@@ -71,31 +71,51 @@ def main() -> None:
     llm_full_s = llm_sample_s * len(docs) / len(sample)
 
     test = storage.read_table(A.candidates_uri(root, "test"), store)
-    pairs = Pairs(test[S.USER_ID].to_numpy(), test[S.ITEM_ID].to_numpy(),
-                  test[S.LABEL].to_numpy())  # fmt: skip
+    pairs = Pairs(test[S.USER_ID].to_numpy(), test[S.ITEM_ID].to_numpy(), test[S.LABEL].to_numpy())
     gcn_auc = auc(pairs.labels, lightgcn_scores(embeddings, meta, pairs.users, pairs.items))
     result = {
-        "machine": machine(), "users": int(len(universe)), "neighbors_rows": gcn_table.num_rows,
-        "gcn_train_s": round(train_s, 1), "gcn_neighbor_table_s": round(gcn_s, 3),
+        "machine": machine(),
+        "users": int(len(universe)),
+        "neighbors_rows": gcn_table.num_rows,
+        "gcn_train_s": round(train_s, 1),
+        "gcn_neighbor_table_s": round(gcn_s, 3),
         "minilm_neighbor_table_s": round(minilm_s, 1),
-        "llm_embedder_sample_users": len(sample), "llm_embedder_sample_s": round(llm_sample_s, 1),
+        "llm_embedder_sample_users": len(sample),
+        "llm_embedder_sample_s": round(llm_sample_s, 1),
         "llm_embedder_full_s_extrapolated": round(llm_full_s, 1),
         "gcn_speedup_vs_minilm": round(minilm_s / gcn_s, 1),
         "gcn_speedup_vs_llm_embedder": round(llm_full_s / gcn_s, 1),
-        "lightgcn": report, "lightgcn_dot_auc_test": gcn_auc, "test_pairs": len(pairs),
-    }  # fmt: skip
+        "lightgcn": report,
+        "lightgcn_dot_auc_test": gcn_auc,
+        "test_pairs": len(pairs),
+    }
     rows = [
-        ("LightGCN (Ray Train, 2 workers)", f"{gcn_s:.3f} (+ {train_s:.0f} training)",
-         f"{report['test']['recall@20']:.3f}", f"{report['test']['ndcg@20']:.3f}"),
-        ("most popular items", "-", f"{report['test_most_popular']['recall@20']:.3f}",
-         f"{report['test_most_popular']['ndcg@20']:.3f}"),
+        (
+            "LightGCN (Ray Train, 2 workers)",
+            f"{gcn_s:.3f} (+ {train_s:.0f} training)",
+            f"{report['test']['recall@20']:.3f}",
+            f"{report['test']['ndcg@20']:.3f}",
+        ),
+        (
+            "most popular items",
+            "-",
+            f"{report['test_most_popular']['recall@20']:.3f}",
+            f"{report['test_most_popular']['ndcg@20']:.3f}",
+        ),
         ("MiniLM text embedder", f"{minilm_s:.1f}", "-", "-"),
-        (f"SmolLM2 mean-pooled (extrapolated from {len(sample)} users)", f"{llm_full_s:.0f}",
-         "-", "-"),
-    ]  # fmt: skip
-    write_results("retrieval", result, rows,
-                  ("retriever", "neighbour table for all users (s)", "test recall@20",
-                   "test NDCG@20"))  # fmt: skip
+        (
+            f"SmolLM2 mean-pooled (extrapolated from {len(sample)} users)",
+            f"{llm_full_s:.0f}",
+            "-",
+            "-",
+        ),
+    ]
+    write_results(
+        "retrieval",
+        result,
+        rows,
+        ("retriever", "neighbour table for all users (s)", "test recall@20", "test NDCG@20"),
+    )
     print(f"LightGCN dot-product AUC on {len(pairs)} test pairs: {gcn_auc:.4f}")
 
 

@@ -69,23 +69,39 @@ from optirag.pipelines import scoring, synthetic  # noqa: E402
 
 
 def run_once(
-    pairs: int, users: int, per_user: int, workdir: str, actors: int, num_cpus: int,
-    extra: list[str], neighbors: int = 0, items: int = 20000, scores_file: str | None = None,
+    pairs: int,
+    users: int,
+    per_user: int,
+    workdir: str,
+    actors: int,
+    num_cpus: int,
+    extra: list[str],
+    neighbors: int = 0,
+    items: int = 20000,
+    scores_file: str | None = None,
     side: bool = False,
-) -> dict:  # fmt: skip
+) -> dict:
     overrides = [
-        f"storage.root={workdir}", "backbone.source=tiny", f"backbone.cache_dir={workdir}/models",
-        f"synthetic.num_users={users}", f"synthetic.num_items={items}",
-        f"synthetic.candidates_per_user={per_user}", "synthetic.history_per_user=10",
+        f"storage.root={workdir}",
+        "backbone.source=tiny",
+        f"backbone.cache_dir={workdir}/models",
+        f"synthetic.num_users={users}",
+        f"synthetic.num_items={items}",
+        f"synthetic.candidates_per_user={per_user}",
+        "synthetic.history_per_user=10",
         f"synthetic.candidate_users={pairs // per_user}",
         "synthetic.users_per_shard=25000",
         f"scoring.candidates_uri={workdir}/synthetic/candidates",
         f"scoring.history_uri={workdir}/synthetic/interactions/train",
         f"scoring.items_uri={workdir}/synthetic/items.parquet",
-        "scoring.rows_per_shard=20000", "scoring.run_id=bench",
-        f"compute.min_actors={actors}", f"compute.max_actors={actors}",
-        "exits.rule=agreement", "exits.threshold=0.01", *extra,
-    ]  # fmt: skip
+        "scoring.rows_per_shard=20000",
+        "scoring.run_id=bench",
+        f"compute.min_actors={actors}",
+        f"compute.max_actors={actors}",
+        "exits.rule=agreement",
+        "exits.threshold=0.01",
+        *extra,
+    ]
     if neighbors:
         overrides.append(f"scoring.neighbors_uri={workdir}/synthetic/neighbors")
     cfg = load_config(None, overrides)
@@ -106,27 +122,38 @@ def run_once(
     files = [p for d in ("scores", "context") for p in Path(workdir, d).rglob("*") if p.is_file()]
     written, written_bytes = len(files), sum(p.stat().st_size for p in files)
     result = {
-        "pairs": pairs, "users": users, "items": items, "neighbors": neighbors,
+        "pairs": pairs,
+        "users": users,
+        "items": items,
+        "neighbors": neighbors,
         "side_features": side,
-        "scored": summary["scored"], "wall_s": round(wall, 1),
-        "pairs_per_s": round(pairs / wall, 1), "peak_rss_gib_total": gib(mem.peak),
-        "peak_pss_gib_total": gib(mem.peak_pss), "peak_processes_by_kind": mem.peak_count_by_kind,
+        "scored": summary["scored"],
+        "wall_s": round(wall, 1),
+        "pairs_per_s": round(pairs / wall, 1),
+        "peak_rss_gib_total": gib(mem.peak),
+        "peak_pss_gib_total": gib(mem.peak_pss),
+        "peak_processes_by_kind": mem.peak_count_by_kind,
         "peak_rss_gib_by_kind": {k: gib(v) for k, v in mem.peak_by_kind.items()},
         "peak_anon_gib_by_kind": {k: gib(v) for k, v in mem.peak_anon_by_kind.items()},
         "peak_single_anon_gib_by_kind": _gibs(mem.peak_single_anon_by_kind),
         "peak_shmem_gib_by_kind": {k: gib(v) for k, v in mem.peak_shmem_by_kind.items()},
         "peak_shmem_mib_by_kind": {k: mib(v) for k, v in mem.peak_shmem_by_kind.items()},
-        "object_store_peak_gib": gib(store.peak), "object_store_spilled_gib": gib(store.spilled),
+        "object_store_peak_gib": gib(store.peak),
+        "object_store_spilled_gib": gib(store.spilled),
         "object_store_capacity_gib": gib(store.capacity),
-        "model_actor_trace": mem.trace, "driver_trace": mem.driver_trace,
+        "model_actor_trace": mem.trace,
+        "driver_trace": mem.driver_trace,
         "object_store_trace": store.trace,
-        "shards": summary["shards"], "mean_exit_layer": summary["mean_exit_layer"],
+        "shards": summary["shards"],
+        "mean_exit_layer": summary["mean_exit_layer"],
         "context_build_s": _context_build_s(workdir),
         "driver_storage_requests": sum(requests.values()),
         "driver_storage_requests_by_kind": dict(requests),
-        "input_files": inputs, "objects_written": written, "gib_written": gib(written_bytes),
+        "input_files": inputs,
+        "objects_written": written,
+        "gib_written": gib(written_bytes),
         "objects_bound": 3 * summary["shards"] + 2 * inputs + 100,
-    }  # fmt: skip
+    }
     result["objects_written_over_bound"] = round(written / result["objects_bound"], 3)
     if scores_file:
         result["scores"] = _scores(workdir)
@@ -285,9 +312,21 @@ def main() -> None:
     for pairs, users, items in sizes:
         keep = bool(args.save_scores or args.compare_scores) and not runs
         with tempfile.TemporaryDirectory() as workdir:
-            runs.append(in_a_fresh_process(pairs, users, args.per_user, workdir, args.actors,
-                                           args.num_cpus, args.overrides, args.neighbors, items,
-                                           keep, args.side_features))  # fmt: skip
+            runs.append(
+                in_a_fresh_process(
+                    pairs,
+                    users,
+                    args.per_user,
+                    workdir,
+                    args.actors,
+                    args.num_cpus,
+                    args.overrides,
+                    args.neighbors,
+                    items,
+                    keep,
+                    args.side_features,
+                )
+            )
         scores = runs[-1].pop("scores", None)
         if scores is not None and args.save_scores:
             pq.write_table(scores, args.save_scores)
@@ -304,12 +343,20 @@ def main() -> None:
     results_file = RESULTS / f"{args.name}.json"
     if args.merge and results_file.exists():
         previous = json.loads(results_file.read_text())["runs"]
-        runs = sorted([r for r in previous if r[axis] not in {r[axis] for r in runs}] + runs,
-                      key=lambda r: r[axis])  # fmt: skip
-    result = {"machine": machine(), "model": "tiny random Llama (6 layers, hidden 32)",
-              "command": " ".join(["python", "bench/stream.py", *sys.argv[1:]]),
-              "actors": args.actors, "num_cpus": args.num_cpus, "overrides": args.overrides,
-              "axis": axis, "runs": runs}  # fmt: skip
+        runs = sorted(
+            [r for r in previous if r[axis] not in {r[axis] for r in runs}] + runs,
+            key=lambda r: r[axis],
+        )
+    result = {
+        "machine": machine(),
+        "model": "tiny random Llama (6 layers, hidden 32)",
+        "command": " ".join(["python", "bench/stream.py", *sys.argv[1:]]),
+        "actors": args.actors,
+        "num_cpus": args.num_cpus,
+        "overrides": args.overrides,
+        "axis": axis,
+        "runs": runs,
+    }
     if len(runs) > 1:
         for metric in ("rss", "pss"):
             result[f"peak_{metric}_ratio_largest_vs_smallest"] = round(
@@ -337,17 +384,38 @@ def main() -> None:
     if "max_abs_score_diff_vs_before" in runs[0]:
         result["max_abs_score_diff_vs_before"] = runs[0]["max_abs_score_diff_vs_before"]
     write_results(
-        args.name, result,
-        [(f"{r['pairs']:,}", f"{r['users']:,}", f"{r.get('items', 20000):,}", r["shards"],
-          r["wall_s"], r["pairs_per_s"], r["context_build_s"],
-          r["peak_single_anon_gib_by_kind"].get("driver", "-"),
-          max(v for k, v in r["peak_single_anon_gib_by_kind"].items() if k != "driver"),
-          r["driver_storage_requests"], f"{r['objects_written']} / {r['objects_bound']}")
-         for r in runs],
-        ("pairs", "users", "items", "shards", "wall s", "pairs/s", "context build s",
-         "driver peak anon GiB", "largest other process peak anon GiB", "driver requests",
-         "objects written / bound"),
-    )  # fmt: skip
+        args.name,
+        result,
+        [
+            (
+                f"{r['pairs']:,}",
+                f"{r['users']:,}",
+                f"{r.get('items', 20000):,}",
+                r["shards"],
+                r["wall_s"],
+                r["pairs_per_s"],
+                r["context_build_s"],
+                r["peak_single_anon_gib_by_kind"].get("driver", "-"),
+                max(v for k, v in r["peak_single_anon_gib_by_kind"].items() if k != "driver"),
+                r["driver_storage_requests"],
+                f"{r['objects_written']} / {r['objects_bound']}",
+            )
+            for r in runs
+        ],
+        (
+            "pairs",
+            "users",
+            "items",
+            "shards",
+            "wall s",
+            "pairs/s",
+            "context build s",
+            "driver peak anon GiB",
+            "largest other process peak anon GiB",
+            "driver requests",
+            "objects written / bound",
+        ),
+    )
 
 
 if __name__ == "__main__":

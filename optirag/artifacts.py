@@ -241,9 +241,13 @@ def stored_heads_digests(cfg: Config) -> dict[str, str]:
     config, adapter, side features); {} when no heads are stored."""
     if not has_trained_heads(cfg):
         return {}
-    names = {"heads": HEADS_FILE, "exit_config": EXIT_CONFIG_FILE, "adapter": ADAPTER_FILE,
-             "side_features": SIDE_FEATURES_FILE,
-             "side_features_meta": SIDE_FEATURES_FILE + ".json"}  # fmt: skip
+    names = {
+        "heads": HEADS_FILE,
+        "exit_config": EXIT_CONFIG_FILE,
+        "adapter": ADAPTER_FILE,
+        "side_features": SIDE_FEATURES_FILE,
+        "side_features_meta": SIDE_FEATURES_FILE + ".json",
+    }
     digests = {}
     for key, name in names.items():
         uri = heads_file(cfg, name)
@@ -281,8 +285,9 @@ def load_scoring_model(cfg: Config, backbone: Backbone, side_features: bool = Tr
         return ScoringModel(heads, stored.exit_config, side)
     if cfg.exits.heads_uri:
         raise FileNotFoundError(f"exits.heads_uri {heads_location(cfg)}: no {HEADS_FILE}")
-    log.warning("no trained heads under %s: scoring with untrained (zero-shot) heads",
-                heads_location(cfg))  # fmt: skip
+    log.warning(
+        "no trained heads under %s: scoring with untrained (zero-shot) heads", heads_location(cfg)
+    )
     layers = cfg.exits.layers or default_exit_layers(backbone.num_layers, cfg.exits.num_heads)
     answers = PromptBuilder(backbone.tokenizer, cfg.prompts).answer_ids
     return ScoringModel(ExitHeads.from_backbone(backbone, layers, answers=answers), {})
@@ -735,8 +740,10 @@ def read_committed_scores(location: str, store: StorageConfig) -> pa.Table:
     """The score rows of every committed run at or under `location`, one table; a backfill's
     Hive values (`date`, `model`, ...) become string columns. Only published attempts are
     read (never staged or unpublished files)."""
-    runs = [(values, read_manifest(attempt, store))
-            for values, attempt in committed_runs(location, store)]  # fmt: skip
+    runs = [
+        (values, read_manifest(attempt, store))
+        for values, attempt in committed_runs(location, store)
+    ]
     if not runs:
         raise storage.StorageError(f"{location}: no committed scoring run (no _SUCCESS)")
     return read_run_scores(runs, store)

@@ -46,17 +46,25 @@ class Tuned:
         standard deviation) over seeds per slice."""
         per_seed = []
         for info, scores in zip(self.seeds, self.seed_scores, strict=True):
-            test = {k: auc(labels[m], scores[m]) if m.any() else math.nan
-                    for k, m in masks.items()}  # fmt: skip
+            test = {k: auc(labels[m], scores[m]) if m.any() else math.nan for k, m in masks.items()}
             per_seed.append({**info, "test_auc": test})
         summary = {}
         for k in masks:
             values = np.array([s["test_auc"][k] for s in per_seed], dtype=float)
             spread = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            summary[k] = {"mean": float(values.mean()), "std": spread,
-                          "min": float(values.min()), "max": float(values.max())}  # fmt: skip
-        return {"model": self.name, "chosen_on_valid": self.settings, "grid": self.grid,
-                "per_seed": per_seed, "test_auc_over_seeds": summary}  # fmt: skip
+            summary[k] = {
+                "mean": float(values.mean()),
+                "std": spread,
+                "min": float(values.min()),
+                "max": float(values.max()),
+            }
+        return {
+            "model": self.name,
+            "chosen_on_valid": self.settings,
+            "grid": self.grid,
+            "per_seed": per_seed,
+            "test_auc_over_seeds": summary,
+        }
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -69,8 +77,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def _valid_triple(valid: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (valid[S.USER_ID].to_numpy(), valid[S.ITEM_ID].to_numpy(),
-            valid[S.LABEL].to_numpy())  # fmt: skip
+    return (valid[S.USER_ID].to_numpy(), valid[S.ITEM_ID].to_numpy(), valid[S.LABEL].to_numpy())
 
 
 def tune_mf(
@@ -89,18 +96,25 @@ def tune_mf(
     v = _valid_triple(valid)
     grid = []
     for l2 in l2_grid:
-        mf = cf.MatrixFactorisation.fit(train, epochs=max_epochs, l2=l2, seed=seeds[0], valid=v,
-                                        patience=patience)  # fmt: skip
+        mf = cf.MatrixFactorisation.fit(
+            train, epochs=max_epochs, l2=l2, seed=seeds[0], valid=v, patience=patience
+        )
         grid.append({"l2": l2, "epochs": mf.epochs, "valid_auc": max(mf.valid_auc)})
     chosen = max(grid, key=lambda g: g["valid_auc"])
     infos, scores = [], []
     for seed in seeds:
-        mf = cf.MatrixFactorisation.fit(train, epochs=max_epochs, l2=chosen["l2"], seed=seed,
-                                        valid=v, patience=patience)  # fmt: skip
+        mf = cf.MatrixFactorisation.fit(
+            train, epochs=max_epochs, l2=chosen["l2"], seed=seed, valid=v, patience=patience
+        )
         infos.append({"seed": seed, "epochs": mf.epochs, "valid_auc": max(mf.valid_auc)})
         scores.append(mf.probs(users, items))
-    settings = {"l2": chosen["l2"], "epochs": [i["epochs"] for i in infos],
-                "max_epochs": max_epochs, "patience": patience, "dim": 32}  # fmt: skip
+    settings = {
+        "l2": chosen["l2"],
+        "epochs": [i["epochs"] for i in infos],
+        "max_epochs": max_epochs,
+        "patience": patience,
+        "dim": 32,
+    }
     return Tuned(MF_BASELINE, settings, grid, infos, scores)
 
 
@@ -115,13 +129,13 @@ def tune_id_lr(
     """Logistic regression on ids with C chosen on valid AUC, refitted per seed (the lbfgs
     fit is deterministic, so the seeds agree; they are run to show it)."""
     vu, vi, vy = _valid_triple(valid)
-    grid = [{"C": c, "valid_auc": auc(vy, id_logistic_regression(train, vu, vi, c))}
-            for c in c_grid]  # fmt: skip
+    grid = [
+        {"C": c, "valid_auc": auc(vy, id_logistic_regression(train, vu, vi, c))} for c in c_grid
+    ]
     chosen = max(grid, key=lambda g: g["valid_auc"])
     infos, scores = [], []
     for seed in seeds:
-        both = id_logistic_regression(train, np.r_[vu, users], np.r_[vi, items], chosen["C"],
-                                      seed)  # fmt: skip
+        both = id_logistic_regression(train, np.r_[vu, users], np.r_[vi, items], chosen["C"], seed)
         infos.append({"seed": seed, "valid_auc": auc(vy, both[: len(vu)])})
         scores.append(both[len(vu) :])
     return Tuned(ID_LR_BASELINE, {"C": chosen["C"]}, grid, infos, scores)
@@ -178,8 +192,9 @@ def id_logistic_regression(
         return sparse.csr_matrix((np.ones(2 * n), (rows, cols)), shape=(n, len(u_all) + len(i_all)))
 
     model = LogisticRegression(C=c, max_iter=1000, random_state=seed)
-    model.fit(design(train[S.USER_ID].to_numpy(), train[S.ITEM_ID].to_numpy()),
-              train[S.LABEL].to_numpy())  # fmt: skip
+    model.fit(
+        design(train[S.USER_ID].to_numpy(), train[S.ITEM_ID].to_numpy()), train[S.LABEL].to_numpy()
+    )
     return model.predict_proba(design(users, items))[:, 1]
 
 

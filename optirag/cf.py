@@ -164,10 +164,15 @@ def _side(ids, emb, bias, stats: Stats, query: np.ndarray) -> np.ndarray:
     pos, found = _lookup(ids, query)
     rate, count = stats.lookup(query)
     return np.concatenate(
-        [_at(emb, pos, found, 0), _at(bias, pos, found, 0)[:, None],
-         _logit(rate)[:, None], np.log1p(count)[:, None]],
-        axis=1, dtype=np.float32,
-    )  # fmt: skip
+        [
+            _at(emb, pos, found, 0),
+            _at(bias, pos, found, 0)[:, None],
+            _logit(rate)[:, None],
+            np.log1p(count)[:, None],
+        ],
+        axis=1,
+        dtype=np.float32,
+    )
 
 
 def combine_sides(
@@ -228,21 +233,38 @@ class SideFeatures:
         """Everything the features are computed from: named arrays + small metadata."""
         mf, us, it = self.mf, self.users, self.items
         arrays = {
-            "mf.user_ids": mf.user_ids, "mf.item_ids": mf.item_ids, "mf.user_emb": mf.user_emb,
-            "mf.item_emb": mf.item_emb, "mf.user_bias": mf.user_bias, "mf.item_bias": mf.item_bias,
-            "users.ids": us.ids, "users.rate": us.rate, "users.count": us.count,
-            "items.ids": it.ids, "items.rate": it.rate, "items.count": it.count,
-        }  # fmt: skip
-        meta = {"names": self.names, "bias": mf.bias, "user_prior": us.prior,
-                "item_prior": it.prior}  # fmt: skip
+            "mf.user_ids": mf.user_ids,
+            "mf.item_ids": mf.item_ids,
+            "mf.user_emb": mf.user_emb,
+            "mf.item_emb": mf.item_emb,
+            "mf.user_bias": mf.user_bias,
+            "mf.item_bias": mf.item_bias,
+            "users.ids": us.ids,
+            "users.rate": us.rate,
+            "users.count": us.count,
+            "items.ids": it.ids,
+            "items.rate": it.rate,
+            "items.count": it.count,
+        }
+        meta = {
+            "names": self.names,
+            "bias": mf.bias,
+            "user_prior": us.prior,
+            "item_prior": it.prior,
+        }
         return arrays, meta
 
     @classmethod
     def from_arrays(cls, t: dict[str, np.ndarray], meta: dict) -> SideFeatures:
         mf = MatrixFactorisation(
-            t["mf.user_ids"], t["mf.item_ids"], t["mf.user_emb"], t["mf.item_emb"],
-            t["mf.user_bias"], t["mf.item_bias"], meta["bias"],
-        )  # fmt: skip
+            t["mf.user_ids"],
+            t["mf.item_ids"],
+            t["mf.user_emb"],
+            t["mf.item_emb"],
+            t["mf.user_bias"],
+            t["mf.item_bias"],
+            meta["bias"],
+        )
         users = Stats(t["users.ids"], t["users.rate"], t["users.count"], meta["user_prior"])
         items = Stats(t["items.ids"], t["items.rate"], t["items.count"], meta["item_prior"])
         return cls(meta["names"], mf, users, items)

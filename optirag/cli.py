@@ -61,8 +61,11 @@ def _parse(
     for name, path in sources:
         named = [f"{variant_key}={name}"] if name else []
         cfg = load_config(path, [*args.overrides, *named])
-        log.info("config%s (secrets redacted): %s", f" of variant {name}" if name else "",
-                 json.dumps(cfg.redacted(), sort_keys=True))  # fmt: skip
+        log.info(
+            "config%s (secrets redacted): %s",
+            f" of variant {name}" if name else "",
+            json.dumps(cfg.redacted(), sort_keys=True),
+        )
         configs.append((name, cfg))
     return configs
 
@@ -105,8 +108,9 @@ def _start_local_ray(cfg: Config) -> None:
         except Exception as err:  # Ray raises a bare Exception for this one
             if "timed out during startup" not in str(err) or attempt == RAY_START_ATTEMPTS:
                 raise
-            log.warning("local Ray did not start in time (try %d of %d); again", attempt,
-                        RAY_START_ATTEMPTS)  # fmt: skip
+            log.warning(
+                "local Ray did not start in time (try %d of %d); again", attempt, RAY_START_ATTEMPTS
+            )
             ray.shutdown()
             started = [c for c in me.children(recursive=True) if c.pid not in before]
             for child in started:

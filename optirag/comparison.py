@@ -95,8 +95,9 @@ def pair_up(a: pa.Table, b: pa.Table, keys: list[str], names: tuple[str, str]) -
     both = merged[where == "both"].reset_index(drop=True)
     for side in SIDES:
         both[column(S.EXIT_LAYER, side)] = both[column(S.EXIT_LAYER, side)].astype(np.int64)
-    return Paired(both, list(keys), int((where == "left_only").sum()),
-                  int((where == "right_only").sum()))  # fmt: skip
+    return Paired(
+        both, list(keys), int((where == "left_only").sum()), int((where == "right_only").sum())
+    )
 
 
 def attach_labels(paired: Paired, labels: pd.DataFrame) -> tuple[Paired, int]:
@@ -204,8 +205,12 @@ def topk_overlap(
     shared = np.bincount(ids, weights=both.astype(np.float64))
     sizes = np.bincount(ids)
     overlap = shared / np.minimum(k, sizes)
-    return {"k": k, "users": len(sizes), "mean": float(overlap.mean()),
-            "median": float(np.median(overlap))}  # fmt: skip
+    return {
+        "k": k,
+        "users": len(sizes),
+        "mean": float(overlap.mean()),
+        "median": float(np.median(overlap)),
+    }
 
 
 # ----------------------------------------------------------------------------- labels
@@ -223,11 +228,15 @@ def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_B
     filled = count > 0
     ece = float((count[filled] * np.abs(predicted - observed)[filled]).sum() / count.sum())
     rows = [
-        {"lo": float(edges[i]), "hi": float(edges[i + 1]), "count": int(count[i]),
-         "mean_predicted": float(predicted[i]) if filled[i] else None,
-         "observed_rate": float(observed[i]) if filled[i] else None}
+        {
+            "lo": float(edges[i]),
+            "hi": float(edges[i + 1]),
+            "count": int(count[i]),
+            "mean_predicted": float(predicted[i]) if filled[i] else None,
+            "observed_rate": float(observed[i]) if filled[i] else None,
+        }
         for i in range(bins)
-    ]  # fmt: skip
+    ]
     return {"bins": rows, "ece": ece}
 
 
@@ -267,13 +276,15 @@ def label_metrics(paired: Paired, n_resamples: int, seed: int) -> dict:
     LogLoss with paired user-level bootstrap intervals."""
     y = paired.frame[S.LABEL].to_numpy(np.int64)
     a, b, users = paired.scores("a"), paired.scores("b"), paired.users
-    out: dict = {"pairs": len(y), "users": int(len(np.unique(users))),
-                 "positives": int(y.sum())}  # fmt: skip
+    out: dict = {"pairs": len(y), "users": int(len(np.unique(users))), "positives": int(y.sum())}
     if not len(y):
         return out
     for side, s in (("a", a), ("b", b)):
-        out[side] = {"auc": M.auc(y, s), "logloss": M.logloss(y, s),
-                     "calibration": calibration(y, s)}  # fmt: skip
+        out[side] = {
+            "auc": M.auc(y, s),
+            "logloss": M.logloss(y, s),
+            "calibration": calibration(y, s),
+        }
     d, lo, hi = M.auc_difference(y, b, a, n_resamples, seed, groups=users)
     out["auc_diff_b_minus_a"] = {"diff": d, "ci95": [lo, hi]}
     d, lo, hi = logloss_difference(y, a, b, users, n_resamples, seed)
@@ -297,8 +308,10 @@ def compare(paired: Paired, deepest: tuple[int, int], top_k: int) -> dict:
         "join_keys": paired.keys,
     }
     for side, depth in zip(SIDES, deepest, strict=True):
-        out[side] = {"scores": score_summary(paired.scores(side)),
-                     "exits": exit_summary(paired.exits(side), depth)}  # fmt: skip
+        out[side] = {
+            "scores": score_summary(paired.scores(side)),
+            "exits": exit_summary(paired.exits(side), depth),
+        }
     a, b = paired.scores("a"), paired.scores("b")
     out["score_shift"] = score_shift(a, b)
     out["rank_agreement"] = rank_agreement(lists, a, b)

@@ -76,8 +76,12 @@ class ItemRatings:
                 parts = [_fold(parts)]
         table = _fold(parts)
         items = table[S.ITEM_ID].to_numpy()
-        return cls(items, np.full(len(items), np.iinfo(np.int64).min),
-                   table["rating_sum"].to_numpy(), table["rating_count"].to_numpy())  # fmt: skip
+        return cls(
+            items,
+            np.full(len(items), np.iinfo(np.int64).min),
+            table["rating_sum"].to_numpy(),
+            table["rating_count"].to_numpy(),
+        )
 
     def lookup(self, item: int, before_ts: int | None = None) -> tuple[float, int]:
         """(mean rating, count); (nan, 0) for an item without ratings."""
@@ -95,9 +99,12 @@ class ItemRatings:
 
 
 _EMPTY_TOTALS = pa.table(
-    {S.ITEM_ID: pa.array([], pa.int64()), "rating_sum": pa.array([], pa.float64()),
-     "rating_count": pa.array([], pa.int64())}
-)  # fmt: skip
+    {
+        S.ITEM_ID: pa.array([], pa.int64()),
+        "rating_sum": pa.array([], pa.float64()),
+        "rating_count": pa.array([], pa.int64()),
+    }
+)
 
 
 def _fold(parts: list[pa.Table]) -> pa.Table:
@@ -105,9 +112,12 @@ def _fold(parts: list[pa.Table]) -> pa.Table:
     table = pa.concat_tables(parts, promote_options="permissive")
     folded = table.group_by(S.ITEM_ID).aggregate([("rating_sum", "sum"), ("rating_count", "sum")])
     return pa.table(
-        {S.ITEM_ID: folded[S.ITEM_ID], "rating_sum": folded["rating_sum_sum"],
-         "rating_count": folded["rating_count_sum"]}
-    )  # fmt: skip
+        {
+            S.ITEM_ID: folded[S.ITEM_ID],
+            "rating_sum": folded["rating_sum_sum"],
+            "rating_count": folded["rating_count_sum"],
+        }
+    )
 
 
 class ContextStore:

@@ -98,10 +98,13 @@ def item_rows(contexts: ContextStore, prompts: PromptBuilder, side: SideFeatures
         text, stats, _ = contexts.target_parts(-1, item)
         targets.append(prompts.encode_target(text, stats))
     return pa.table(
-        [pa.array(items, pa.int64()), _ids(targets),
-         _side(side.item_side(items) if side else None, len(items))],
+        [
+            pa.array(items, pa.int64()),
+            _ids(targets),
+            _side(side.item_side(items) if side else None, len(items)),
+        ],
         schema=S.ITEM_CONTEXT,
-    )  # fmt: skip
+    )
 
 
 @dataclass

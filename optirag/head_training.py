@@ -44,13 +44,16 @@ def _depth_groups(params_by_layer: dict[int, list], num_layers: int, lr0: float,
     """One optimizer group per depth, each at its depth-decayed learning rate."""
     layers = list(params_by_layer)
     lrs = depth_decayed_lrs(layers, num_layers, lr0, beta)
-    return [{"params": params_by_layer[layer], "lr": lr, "layer": layer}
-            for layer, lr in zip(layers, lrs, strict=True)]  # fmt: skip
+    return [
+        {"params": params_by_layer[layer], "lr": lr, "layer": layer}
+        for layer, lr in zip(layers, lrs, strict=True)
+    ]
 
 
 def _head_groups(heads, num_layers: int, lr0: float, beta: float) -> list[dict]:
-    by_layer = {layer: list(h.parameters()) for layer, h in zip(heads.layers, heads.heads,
-                                                                 strict=True)}  # fmt: skip
+    by_layer = {
+        layer: list(h.parameters()) for layer, h in zip(heads.layers, heads.heads, strict=True)
+    }
     return _depth_groups(by_layer, num_layers, lr0, beta)
 
 
@@ -59,8 +62,9 @@ def head_optimizer(heads, num_layers: int, lr0: float, beta: float, weight_decay
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def lora_optimizer(parts, num_layers: int, lora_lr: float, head_lr: float, beta: float,
-                   weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
+def lora_optimizer(
+    parts, num_layers: int, lora_lr: float, head_lr: float, beta: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """AdamW with one group per adapted layer and per head, each at its depth-decayed rate."""
     groups = _depth_groups(parts.layer_groups(), num_layers, lora_lr, beta)
     groups += _head_groups(parts.heads, num_layers, head_lr, beta)

@@ -65,8 +65,14 @@ def evaluate_rule(
 ) -> SweepRow:
     scores, exits = simulate_exits(head_probs, layers, rule)
     mean_exit = float(exits.mean())
-    return SweepRow(rule.kind, rule.threshold, auc(labels, scores), logloss(labels, scores),
-                    mean_exit, mean_exit / num_layers)  # fmt: skip
+    return SweepRow(
+        rule.kind,
+        rule.threshold,
+        auc(labels, scores),
+        logloss(labels, scores),
+        mean_exit,
+        mean_exit / num_layers,
+    )
 
 
 def sweep(
@@ -90,8 +96,9 @@ def calibrate(rows: list[SweepRow], budget: float) -> SweepRow:
     full = next(r for r in rows if r.rule == "none")
     ok = [r for r in rows if r.rule == "agreement" and full.auc - r.auc <= budget]
     if not ok:
-        return SweepRow("agreement", 0.0, full.auc, full.logloss, full.mean_exit_layer,
-                        full.compute)  # fmt: skip
+        return SweepRow(
+            "agreement", 0.0, full.auc, full.logloss, full.mean_exit_layer, full.compute
+        )
     return max(ok, key=lambda r: r.threshold)
 
 
@@ -114,8 +121,13 @@ def plot_sweep(rows: list[SweepRow], calibrated: SweepRow, title: str) -> bytes:
             ax.plot(*zip(*pts, strict=True), marker, label=f"{kind} rule")
     full = next(r for r in rows if r.rule == "none")
     ax.axhline(full.auc, color="grey", lw=0.8, label="full depth")
-    ax.plot([calibrated.compute], [calibrated.auc], "r*", ms=14,
-            label=f"calibrated tau={calibrated.threshold:g}")  # fmt: skip
+    ax.plot(
+        [calibrated.compute],
+        [calibrated.auc],
+        "r*",
+        ms=14,
+        label=f"calibrated tau={calibrated.threshold:g}",
+    )
     ax.set_xlabel("layer compute relative to full depth")
     ax.set_ylabel("AUC")
     ax.set_title(title)
@@ -198,8 +210,10 @@ def auc_difference(
     for chunk in np.array_split(np.arange(n_resamples), max(1, n_resamples // 200)):
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=len(chunk))
         weights = counts[:, cluster].astype(np.float64)
-        diffs.append(weighted_aucs(labels, np.asarray(a), weights)
-                     - weighted_aucs(labels, np.asarray(b), weights))  # fmt: skip
+        diffs.append(
+            weighted_aucs(labels, np.asarray(a), weights)
+            - weighted_aucs(labels, np.asarray(b), weights)
+        )
     lo, hi = np.nanpercentile(np.concatenate(diffs), [2.5, 97.5])
     return diff, float(lo), float(hi)
 

@@ -206,8 +206,10 @@ class PairScorer:
     ) -> list[list[int]]:
         """Each pair's whole prompt, prefix + suffix (what training on prompts reads)."""
         cutoffs = cutoff_array(before_ts, len(users))
-        return [self._encode_prefix(int(u), int(c)) + self._suffix(int(u), int(c), int(i))
-                for u, i, c in zip(users, items, cutoffs, strict=True)]  # fmt: skip
+        return [
+            self._encode_prefix(int(u), int(c)) + self._suffix(int(u), int(c), int(i))
+            for u, i, c in zip(users, items, cutoffs, strict=True)
+        ]
 
     def score(
         self,

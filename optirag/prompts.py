@@ -203,8 +203,10 @@ class PromptBuilder:
         each with the fewest items dropped (`_dropped`) that fit, or every item dropped.
         Each round encodes one probe per unsettled context (`_Trim`)."""
         bare = len(self.encode(self.prefix_text(UserContext())))  # every item dropped
-        trims = [_Trim.start(c, n, bare, self.cfg.max_prefix_tokens)
-                 for c, n in zip(contexts, lengths, strict=True)]  # fmt: skip
+        trims = [
+            _Trim.start(c, n, bare, self.cfg.max_prefix_tokens)
+            for c, n in zip(contexts, lengths, strict=True)
+        ]
         while todo := [t for t in trims if not t.settled]:
             texts = [self.prefix_text(self._dropped(t.ctx, t.next_probe())) for t in todo]
             for t, ids in zip(todo, self.encode_many(texts), strict=True):

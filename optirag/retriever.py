@@ -206,6 +206,11 @@ def publish_neighbors(
     warm_ids = graph.user_ids[warm]
     cold = np.setdiff1d(universe, warm_ids)
     return neighbor_table(
-        warm_ids, user_embeddings[warm], cold, popular_users(graph), cfg.num_neighbors,
-        cfg.block_size, source,
-    )  # fmt: skip
+        warm_ids,
+        user_embeddings[warm],
+        cold,
+        popular_users(graph),
+        cfg.num_neighbors,
+        cfg.block_size,
+        source,
+    )

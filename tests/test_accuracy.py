@@ -122,9 +122,16 @@ def test_shared_prefix_extraction_equals_plain_extraction(
     feats = {}
     for shared in (True, False):
         contexts = ContextStore(*movie_tables, cfg)
-        scorer = PairScorer(tiny_backbone, heads, ExitRule("none"), contexts,
-                            PromptBuilder(tiny_backbone.tokenizer, cfg), share_prefixes=shared,
-                            batch_rows=7, batch_tokens=100)  # small calls: users cut  # fmt: skip
+        scorer = PairScorer(
+            tiny_backbone,
+            heads,
+            ExitRule("none"),
+            contexts,
+            PromptBuilder(tiny_backbone.tokenizer, cfg),
+            share_prefixes=shared,
+            batch_rows=7,
+            batch_tokens=100,
+        )  # small calls: users cut
         feats[shared] = F.extract_states(scorer, pairs, None)
     torch.testing.assert_close(feats[True]["states"], feats[False]["states"], atol=1e-5, rtol=1e-4)
     assert torch.equal(feats[True]["cutoff"], torch.from_numpy(pairs.cutoff))
@@ -213,8 +220,9 @@ def test_slices_and_model_table():
     assert masks[light].tolist() == [False, True, True]
     scores = {"a": np.array([0.1, 0.9, 0.5]), "b": np.array([0.2, 0.8, 0.4])}
     empty = {"all": np.ones(3, bool), "none": np.zeros(3, bool)}
-    table = M.model_table(scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50,
-                          groups=np.array([1, 1, 2]))  # fmt: skip
+    table = M.model_table(
+        scores, np.array([0, 1, 1]), empty, "a", {"a", "b"}, 50, groups=np.array([1, 1, 2])
+    )
     assert table[1]["slices"]["none"]["pairs"] == 0
     assert "logloss" in table[1]["slices"]["all"]
 
@@ -230,8 +238,13 @@ def _write_tables(store, movie_tables):
     rng = np.random.default_rng(1)
     for split in ("valid", "test"):
         users = np.repeat(np.arange(1, 7), 5)
-        cands = pa.table({S.USER_ID: users, S.ITEM_ID: rng.integers(1, 21, len(users)),
-                          S.LABEL: (np.arange(len(users)) % 2).astype(np.int8)})  # fmt: skip
+        cands = pa.table(
+            {
+                S.USER_ID: users,
+                S.ITEM_ID: rng.integers(1, 21, len(users)),
+                S.LABEL: (np.arange(len(users)) % 2).astype(np.int8),
+            }
+        )
         storage.write_table(cands, A.candidates_uri(root, split), store)
 
 
@@ -239,22 +252,32 @@ def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
     _write_tables(local_storage, movie_tables)
-    cfg = Config.model_validate({
-        "storage": {"root": local_storage.root},
-        "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
-        "exits": {"layers": [3, 6]},
-        "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None, "epochs": 3,
-                  "side_features": ["mf", "item_rate"], "mlp_size": 8, "max_train_pairs": 10},
-        "evaluation": {"test_users": None, "speed_pairs": 6, "speed_taus": [0.0]},
-        "compute": {"batch_rows": 8, "train_workers": 1},
-        "prompts": {"target_ratings": True},
-    })  # fmt: skip
+    cfg = Config.model_validate(
+        {
+            "storage": {"root": local_storage.root},
+            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+            "exits": {"layers": [3, 6]},
+            "heads": {
+                "train_users": None,
+                "targets_per_user": 3,
+                "valid_users": None,
+                "epochs": 3,
+                "side_features": ["mf", "item_rate"],
+                "mlp_size": 8,
+                "max_train_pairs": 10,
+            },
+            "evaluation": {"test_users": None, "speed_pairs": 6, "speed_taus": [0.0]},
+            "compute": {"batch_rows": 8, "train_workers": 1},
+            "prompts": {"target_ratings": True},
+        }
+    )
     trained = train_exits.run(cfg)
     assert trained["train_pairs"] == 10
     summary = evaluation.run(cfg)
     assert summary["test_pairs"] == 30
-    metrics = storage.read_json(storage.join(local_storage.root, "evaluation", "metrics.json"),
-                                local_storage)  # fmt: skip
+    metrics = storage.read_json(
+        storage.join(local_storage.root, "evaluation", "metrics.json"), local_storage
+    )
     assert metrics["side_features"] == ["mf", "item_rate"] and metrics["mlp_size"] == 8
     full = next(m for m in metrics["models"] if m["model"] == "trained heads, full depth")
     assert set(full["slices"]) == set(M.slice_masks(movie_tables[0], [], []))
@@ -270,8 +293,9 @@ def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
     out = scorer.score(np.array([1, 2, 77]), np.array([3, 4, 5]))
     assert np.isfinite(out.scores).all()
     # evaluation honours the configured rule and compaction, as scoring does
-    exits = cfg.exits.model_copy(update={"rule": "confidence", "threshold": 0.6,
-                                         "compaction": False})  # fmt: skip
+    exits = cfg.exits.model_copy(
+        update={"rule": "confidence", "threshold": 0.6, "compaction": False}
+    )
     evaluation.run(cfg.model_copy(update={"exits": exits}))
     metrics = A.load_evaluation(cfg)
     assert (metrics["rule"], metrics["calibrated_tau"]) == ("confidence", 0.6)
@@ -292,9 +316,16 @@ def _latent_interactions(n_users=60, n_items=40, per_user=20, seed=0):
     items = np.concatenate([rng.choice(n_items, per_user, replace=False) for _ in range(n_users)])
     logit = (u_vec[users] * i_vec[items]).sum(1) + rng.normal(0, 0.5, len(users))
     ts = np.tile(np.arange(per_user), n_users)
-    table = pa.table({S.USER_ID: users, S.ITEM_ID: items, S.LABEL: (logit > 0).astype(np.int8),
-                      S.TS: ts, S.RATING: np.where(logit > 0, 5.0, 2.0).astype(np.float32)},
-                     schema=S.INTERACTIONS)  # fmt: skip
+    table = pa.table(
+        {
+            S.USER_ID: users,
+            S.ITEM_ID: items,
+            S.LABEL: (logit > 0).astype(np.int8),
+            S.TS: ts,
+            S.RATING: np.where(logit > 0, 5.0, 2.0).astype(np.float32),
+        },
+        schema=S.INTERACTIONS,
+    )
     from optirag import data
 
     return data.split_by_time(table, 0.2, 0.2)
@@ -319,8 +350,16 @@ def test_tuned_baselines_record_choices_and_per_seed_scores():
     splits = _latent_interactions()
     test = splits["test"]
     users, items, labels = (test[c].to_numpy() for c in (S.USER_ID, S.ITEM_ID, S.LABEL))
-    mf = B.tune_mf(splits["train"], splits["valid"], users, items, seeds=[0, 1, 2],
-                   l2_grid=[0.01, 1.0], max_epochs=6, patience=2)  # fmt: skip
+    mf = B.tune_mf(
+        splits["train"],
+        splits["valid"],
+        users,
+        items,
+        seeds=[0, 1, 2],
+        l2_grid=[0.01, 1.0],
+        max_epochs=6,
+        patience=2,
+    )
     best = max(mf.grid, key=lambda g: g["valid_auc"])
     assert mf.settings["l2"] == best["l2"] and [g["l2"] for g in mf.grid] == [0.01, 1.0]
     assert [s["seed"] for s in mf.seeds] == [0, 1, 2] and len(mf.seed_scores) == 3
@@ -332,8 +371,9 @@ def test_tuned_baselines_record_choices_and_per_seed_scores():
     assert report["test_auc_over_seeds"]["all"]["mean"] == pytest.approx(np.mean(per_seed))
     assert report["test_auc_over_seeds"]["all"]["std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert report["chosen_on_valid"]["l2"] == best["l2"]
-    lr = B.tune_id_lr(splits["train"], splits["valid"], users, items, seeds=[0, 1],
-                      c_grid=[0.01, 1.0])  # fmt: skip
+    lr = B.tune_id_lr(
+        splits["train"], splits["valid"], users, items, seeds=[0, 1], c_grid=[0.01, 1.0]
+    )
     assert lr.settings["C"] == max(lr.grid, key=lambda g: g["valid_auc"])["C"]
     assert lr.scores.shape == (len(users),) and np.all((lr.scores > 0) & (lr.scores < 1))
 
@@ -388,35 +428,55 @@ def test_choices_never_read_the_test_labels(ray_session, tmp_path, tiny_llama_di
             test = storage.read_table(uri, store)
             shuffled = np.random.default_rng(5).permutation(test[S.LABEL].to_numpy())
             storage.write_table(test.set_column(2, S.LABEL, pa.array(shuffled)), uri, store)
-        cfg = Config.model_validate({
-            "storage": {"root": store.root},
-            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
-            "exits": {"layers": [3, 6]},
-            "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None,
-                      "epochs": 2, "side_features": ["mf"]},
-            "evaluation": {"test_users": None, "speed_pairs": 0, "baseline_seeds": [0, 1],
-                           "mf_max_epochs": 4, "mf_l2_grid": [0.01, 0.3],
-                           "lr_c_grid": [0.1, 1.0],
-                           "primary": {"model": "early exit", "baseline": B.MF_BASELINE}},
-            "compute": {"batch_rows": 8, "train_workers": 1},
-        })  # fmt: skip
+        cfg = Config.model_validate(
+            {
+                "storage": {"root": store.root},
+                "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+                "exits": {"layers": [3, 6]},
+                "heads": {
+                    "train_users": None,
+                    "targets_per_user": 3,
+                    "valid_users": None,
+                    "epochs": 2,
+                    "side_features": ["mf"],
+                },
+                "evaluation": {
+                    "test_users": None,
+                    "speed_pairs": 0,
+                    "baseline_seeds": [0, 1],
+                    "mf_max_epochs": 4,
+                    "mf_l2_grid": [0.01, 0.3],
+                    "lr_c_grid": [0.1, 1.0],
+                    "primary": {"model": "early exit", "baseline": B.MF_BASELINE},
+                },
+                "compute": {"batch_rows": 8, "train_workers": 1},
+            }
+        )
         train_exits.run(cfg)
         evaluation.run(cfg)
         exit_config = storage.read_json(A.heads_file(cfg, A.EXIT_CONFIG_FILE), store)
-        runs[name] = (exit_config, A.load_evaluation(cfg), storage.read_json(A.primary_uri(cfg),
-                                                                             store))  # fmt: skip
+        runs[name] = (
+            exit_config,
+            A.load_evaluation(cfg),
+            storage.read_json(A.primary_uri(cfg), store),
+        )
     (config_a, metrics_a, primary_a), (config_b, metrics_b, primary_b) = runs.values()
 
     def timeless(d):
-        return {k: timeless(v) if isinstance(v, dict) else v for k, v in d.items()
-                if not k.endswith("_s")}  # fmt: skip
+        return {
+            k: timeless(v) if isinstance(v, dict) else v
+            for k, v in d.items()
+            if not k.endswith("_s")
+        }
 
     assert timeless(config_a) == timeless(config_b)
     chosen = [{k: b[k] for k in ("chosen_on_valid", "grid")} for b in metrics_a["baselines"]]
-    assert chosen == [{k: b[k] for k in ("chosen_on_valid", "grid")} for b in
-                      metrics_b["baselines"]]  # fmt: skip
+    assert chosen == [
+        {k: b[k] for k in ("chosen_on_valid", "grid")} for b in metrics_b["baselines"]
+    ]
     assert [s["valid_auc"] for b in metrics_a["baselines"] for s in b["per_seed"]] == [
-        s["valid_auc"] for b in metrics_b["baselines"] for s in b["per_seed"]]  # fmt: skip
+        s["valid_auc"] for b in metrics_b["baselines"] for s in b["per_seed"]
+    ]
     assert metrics_a["controls"] == metrics_b["controls"]
     assert primary_a["model"].startswith("early exit") and primary_a == metrics_a["primary"]
     assert primary_a["diff"] != primary_b["diff"]  # the labels did change

@@ -241,8 +241,13 @@ def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie
     cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"lease_s": LEASE_S})})
     conf = tmp_path / "backfill.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
-    cmd = [sys.executable, str(ROOT / "jobs" / "backfill.py"), "--config", str(conf),
-           "ray.num_cpus=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "backfill.py"),
+        "--config",
+        str(conf),
+        "ray.num_cpus=2",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     scores = Path(A.scores_location(cfg))
     out = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

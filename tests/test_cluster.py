@@ -54,9 +54,13 @@ def test_local_ray_dashboard_binds_loopback(tmp_path):
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     dashboard = out.stdout.strip().splitlines()[-1]
     assert dashboard.startswith("127.0.0.1:"), dashboard

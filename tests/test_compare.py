@@ -20,21 +20,66 @@ from optirag.pipelines import compare
 
 # (user, item) -> score. Users 1, 2 and 5 are scored by both sides; (3, 10) only by A;
 # (3, 11) and (4, 10) only by B.
-SCORES_A = {(1, 10): 0.9, (1, 11): 0.5, (1, 12): 0.1,
-            (2, 10): 0.3, (2, 11): 0.6, (2, 12): 0.7,
-            (5, 10): 0.5, (5, 11): 0.5,
-            (3, 10): 0.4}  # fmt: skip
-SCORES_B = {(1, 10): 0.8, (1, 11): 0.2, (1, 12): 0.6,
-            (2, 10): 0.4, (2, 11): 0.5, (2, 12): 0.9,
-            (5, 10): 0.2, (5, 11): 0.3,
-            (3, 11): 0.7, (4, 10): 0.1}  # fmt: skip
-EXITS_A = {(1, 10): 2, (1, 11): 4, (1, 12): 6, (2, 10): 6, (2, 11): 6, (2, 12): 2,
-           (5, 10): 4, (5, 11): 4, (3, 10): 2}  # fmt: skip
-EXITS_B = {(1, 10): 1, (1, 11): 2, (1, 12): 3, (2, 10): 3, (2, 11): 2, (2, 12): 1,
-           (5, 10): 3, (5, 11): 3, (3, 11): 3, (4, 10): 3}  # fmt: skip
+SCORES_A = {
+    (1, 10): 0.9,
+    (1, 11): 0.5,
+    (1, 12): 0.1,
+    (2, 10): 0.3,
+    (2, 11): 0.6,
+    (2, 12): 0.7,
+    (5, 10): 0.5,
+    (5, 11): 0.5,
+    (3, 10): 0.4,
+}
+SCORES_B = {
+    (1, 10): 0.8,
+    (1, 11): 0.2,
+    (1, 12): 0.6,
+    (2, 10): 0.4,
+    (2, 11): 0.5,
+    (2, 12): 0.9,
+    (5, 10): 0.2,
+    (5, 11): 0.3,
+    (3, 11): 0.7,
+    (4, 10): 0.1,
+}
+EXITS_A = {
+    (1, 10): 2,
+    (1, 11): 4,
+    (1, 12): 6,
+    (2, 10): 6,
+    (2, 11): 6,
+    (2, 12): 2,
+    (5, 10): 4,
+    (5, 11): 4,
+    (3, 10): 2,
+}
+EXITS_B = {
+    (1, 10): 1,
+    (1, 11): 2,
+    (1, 12): 3,
+    (2, 10): 3,
+    (2, 11): 2,
+    (2, 12): 1,
+    (5, 10): 3,
+    (5, 11): 3,
+    (3, 11): 3,
+    (4, 10): 3,
+}
 # The candidates' pass-through label column, the same on both sides.
-LABELS = {(1, 10): 1, (1, 11): 0, (1, 12): 0, (2, 10): 0, (2, 11): 1, (2, 12): 1,
-          (5, 10): 0, (5, 11): 1, (3, 10): 1, (3, 11): 0, (4, 10): 1}  # fmt: skip
+LABELS = {
+    (1, 10): 1,
+    (1, 11): 0,
+    (1, 12): 0,
+    (2, 10): 0,
+    (2, 11): 1,
+    (2, 12): 1,
+    (5, 10): 0,
+    (5, 11): 1,
+    (3, 10): 1,
+    (3, 11): 0,
+    (4, 10): 1,
+}
 
 
 def score_table(scores: dict, exits: dict, version: str, labels: dict | None = None) -> pa.Table:
@@ -73,14 +118,23 @@ def write_run(run_root: str, table: pa.Table, store: StorageConfig, layers, wall
         "wall_s": wall_s,
         "pairs_per_s": table.num_rows / wall_s,
         "model_version_parts": {"exits": {"rule": "agreement", "layers": layers}},
-        "files": {"scores": [attempt.scores(s) for s in shards],
-                  "rejects": [attempt.rejects(s) for s in shards]},
+        "files": {
+            "scores": [attempt.scores(s) for s in shards],
+            "rejects": [attempt.rejects(s) for s in shards],
+        },
         "config": {"exits": {"layers": layers if isinstance(layers, list) else None}},
-    }  # fmt: skip
+    }
     storage.write_json(manifest, attempt.manifest, store)
-    storage.write_json({"attempt": attempt.name, "manifest": attempt.manifest,
-                        "run_id": manifest["run_id"], "model_version": version},
-                       run.success, store)  # fmt: skip
+    storage.write_json(
+        {
+            "attempt": attempt.name,
+            "manifest": attempt.manifest,
+            "run_id": manifest["run_id"],
+            "model_version": version,
+        },
+        run.success,
+        store,
+    )
 
 
 @pytest.fixture
@@ -191,11 +245,24 @@ def test_topk_overlap_with_k_larger_than_a_user(two_runs):
 def test_a_labels_table_replaces_the_scores_label_column(two_runs):
     store, a, b = two_runs
     # Other labels than the scores carry; (5, 11) has none (left out); (2, 12) twice.
-    rows = [(1, 10, 0), (1, 11, 1), (1, 12, 0), (2, 10, 1), (2, 11, 0), (2, 12, 1), (2, 12, 1),
-            (5, 10, 1), (9, 9, 1)]  # fmt: skip
-    labels = pa.table({S.USER_ID: pa.array([r[0] for r in rows], pa.int64()),
-                       S.ITEM_ID: pa.array([r[1] for r in rows], pa.int64()),
-                       S.LABEL: pa.array([r[2] for r in rows], pa.int8())})  # fmt: skip
+    rows = [
+        (1, 10, 0),
+        (1, 11, 1),
+        (1, 12, 0),
+        (2, 10, 1),
+        (2, 11, 0),
+        (2, 12, 1),
+        (2, 12, 1),
+        (5, 10, 1),
+        (9, 9, 1),
+    ]
+    labels = pa.table(
+        {
+            S.USER_ID: pa.array([r[0] for r in rows], pa.int64()),
+            S.ITEM_ID: pa.array([r[1] for r in rows], pa.int64()),
+            S.LABEL: pa.array([r[2] for r in rows], pa.int8()),
+        }
+    )
     uri = f"{store.root}/followed/labels.parquet"
     storage.write_table(labels, uri, store)
     compare.run(config(store, a=a, b=b, labels_uri=uri))
@@ -225,13 +292,20 @@ def test_backfill_partitions_join_on_date_and_a_model_is_chosen(local_storage):
     out = A.BackfillPaths(f"{local_storage.root}/scores")
     day1 = ({(1, 10): 0.9, (1, 11): 0.5, (1, 12): 0.1}, {(1, 10): 0.8, (1, 11): 0.2, (1, 12): 0.6})
     # Day 2 reverses A's order; B agrees with it. A also scored (1, 13) on day 2.
-    day2 = ({(1, 10): 0.1, (1, 11): 0.5, (1, 12): 0.9, (1, 13): 0.3},
-            {(1, 10): 0.2, (1, 11): 0.4, (1, 12): 0.6})  # fmt: skip
+    day2 = (
+        {(1, 10): 0.1, (1, 11): 0.5, (1, 12): 0.9, (1, 13): 0.3},
+        {(1, 10): 0.2, (1, 11): 0.4, (1, 12): 0.6},
+    )
     for date, (sa, sb) in (("2026-11-01", day1), ("2026-11-02", day2)):
         for version, scores in (("vA", sa), ("vB", sb)):
             exits = dict.fromkeys(scores, 3)
-            write_run(out.run_root("date", date, version), score_table(scores, exits, version),
-                      local_storage, [1, 2, 3], 1.0)  # fmt: skip
+            write_run(
+                out.run_root("date", date, version),
+                score_table(scores, exits, version),
+                local_storage,
+                [1, 2, 3],
+                1.0,
+            )
     both = f"{local_storage.root}/scores"
     with pytest.raises(ValueError, match=r"side A .*model_a"):
         compare.run(config(local_storage, a=both, b=both))
@@ -252,13 +326,16 @@ def test_backfill_partitions_join_on_date_and_a_model_is_chosen(local_storage):
     sides = {}
     for name, version in (("full-depth", "vA"), ("early-exit", "vB")):
         sides[name] = f"{local_storage.root}/scores/_backfills/{name}.json"
-        runs = {d: {"run": out.run_root("date", d, version), "status": "committed"}
-                for d in ("2026-11-01", "2026-11-02")}  # fmt: skip
+        runs = {
+            d: {"run": out.run_root("date", d, version), "status": "committed"}
+            for d in ("2026-11-01", "2026-11-02")
+        }
         if version == "vB":  # issue 29: a failed partition was left out without a word
             failed = {"status": "failed", "error": "StorageError: bad input"}
             runs["2026-11-03"] = {"run": out.run_root("date", "2026-11-03", version), **failed}
-        storage.write_json({"name": name, "partition_key": "date", "partitions": runs},
-                           sides[name], local_storage)  # fmt: skip
+        storage.write_json(
+            {"name": name, "partition_key": "date", "partitions": runs}, sides[name], local_storage
+        )
     compare.run(config(local_storage, a=sides["full-depth"], b=sides["early-exit"]))
     m2, report, _ = read_outputs(local_storage, "full-depth-vs-early-exit")
     assert m2["join_keys"] == m["join_keys"] and m2["rank_agreement"] == r
@@ -274,7 +351,10 @@ def test_calibration_bins_and_expected_calibration_error():
     cal = C.calibration(np.array([0, 1, 1, 1]), np.array([0.05, 0.05, 0.95, 0.95]))
     first, last = cal["bins"][0], cal["bins"][-1]
     assert (first["count"], first["mean_predicted"], first["observed_rate"]) == (
-        2, pytest.approx(0.05), pytest.approx(0.5))  # fmt: skip
+        2,
+        pytest.approx(0.05),
+        pytest.approx(0.5),
+    )
     assert (last["count"], last["observed_rate"]) == (2, 1.0)
     assert cal["bins"][4]["count"] == 0 and cal["bins"][4]["observed_rate"] is None
     assert cal["ece"] == pytest.approx(0.25)

@@ -121,10 +121,18 @@ def test_default_local_paths_are_absolute_too():
         assert Path(path).is_absolute(), path
 
 
-@pytest.mark.parametrize("key", ["storage.s3.secret_access_key", "storage.s3.access_key_id",
-                                 "storage.s3.session_token", "storage.s3.api-token",
-                                 "storage.s3.password", "storage.s3.apiToken",
-                                 "storage.s3.clientSecret"])  # fmt: skip
+@pytest.mark.parametrize(
+    "key",
+    [
+        "storage.s3.secret_access_key",
+        "storage.s3.access_key_id",
+        "storage.s3.session_token",
+        "storage.s3.api-token",
+        "storage.s3.password",
+        "storage.s3.apiToken",
+        "storage.s3.clientSecret",
+    ],
+)
 def test_secret_overrides_are_refused(key):
     with pytest.raises(ConfigError, match="environment") as err:
         load_config(None, [f"{key}=hunter2-secret"])
@@ -135,8 +143,13 @@ def test_a_key_that_only_contains_a_secret_word_is_an_override():
     assert load_config(None, ["compute.batch_tokens=4096"]).compute.batch_tokens == 4096
 
 
-@pytest.mark.parametrize("item", ["storage.s3={secret_access_key: hunter2-secret}",
-                                  "storage={s3: {session_token: hunter2-secret}}"])  # fmt: skip
+@pytest.mark.parametrize(
+    "item",
+    [
+        "storage.s3={secret_access_key: hunter2-secret}",
+        "storage={s3: {session_token: hunter2-secret}}",
+    ],
+)
 def test_a_section_given_inline_with_a_secret_inside_is_refused(item):
     with pytest.raises(ConfigError, match="environment") as err:
         load_config(None, [item])

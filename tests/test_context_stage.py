@@ -24,8 +24,14 @@ SIDE = ["mf", "user_rate", "user_count", "item_rate", "item_count"]
 
 def _with_cold_user(cands: pa.Table) -> pa.Table:
     """A user with no history and no neighbours: the cold-start context."""
-    extra = pa.table({S.USER_ID: [999, 999], S.ITEM_ID: [3, 4],
-                      S.LABEL: pa.array([1, 0], pa.int8()), "segment": ["c", "c"]})  # fmt: skip
+    extra = pa.table(
+        {
+            S.USER_ID: [999, 999],
+            S.ITEM_ID: [3, 4],
+            S.LABEL: pa.array([1, 0], pa.int8()),
+            "segment": ["c", "c"],
+        }
+    )
     return pa.concat_tables([cands, extra.cast(cands.schema)])
 
 
@@ -194,14 +200,24 @@ def test_items_missing_from_the_items_table_are_rejects_and_a_block_of_rejects_s
     users = storage.read_table(tables.paths.users, cfg.storage)
     items = storage.read_table(tables.paths.items, cfg.storage)
     assembler = tables.assembler(cfg)
-    batch = pa.table({S.USER_ID: [1, 1, 2], S.ITEM_ID: [5, 10**9, 6],
-                      S.REASON: pa.array([None, None, None], pa.string())})  # fmt: skip
+    batch = pa.table(
+        {
+            S.USER_ID: [1, 1, 2],
+            S.ITEM_ID: [5, 10**9, 6],
+            S.REASON: pa.array([None, None, None], pa.string()),
+        }
+    )
     block = assembler.assemble(batch, users, items)
     assert block[S.REASON].to_pylist() == [None, S.REJECT_UNKNOWN_ITEM, None]
     assert [len(s) > 0 for s in block[S.SUFFIX_IDS].to_pylist()] == [True, False, True]
 
-    rejects = pa.table({S.USER_ID: [1, 2], S.ITEM_ID: [10**9, 5],
-                        S.REASON: [S.REJECT_UNKNOWN_ITEM, S.REJECT_NULL_ID]})  # fmt: skip
+    rejects = pa.table(
+        {
+            S.USER_ID: [1, 2],
+            S.ITEM_ID: [10**9, 5],
+            S.REASON: [S.REJECT_UNKNOWN_ITEM, S.REJECT_NULL_ID],
+        }
+    )
     block = assembler.assemble(rejects, users.slice(0, 0), items.slice(0, 0))
     out = scoring.ScoreTokens(cfg, "v1")(block)
     assert out[S.REASON].to_pylist() == rejects[S.REASON].to_pylist()
@@ -258,8 +274,12 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         compute = cfg.compute.model_copy(
             update={"context_users_per_task": per_task, "disk_shuffle": disk}
         )
-        built = context.build(cfg.model_copy(update={"compute": compute}), inputs.history,
-                              inputs.items, inputs.neighbors)  # fmt: skip
+        built = context.build(
+            cfg.model_copy(update={"compute": compute}),
+            inputs.history,
+            inputs.items,
+            inputs.neighbors,
+        )
         whole = storage.read_table(built.paths.users, cfg.storage)
         assert built.users == len(whole)
         assert len(built.parts) == 1 if per_task == 1000 else 1 < len(built.parts) <= len(whole)

@@ -76,11 +76,17 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
     hc = HeadTrainingConfig(lr=0.05, patience=10, run_name="lora-t", lora=lcfg)
     bcfg = BackboneConfig(source="path", path=str(tiny_llama_dir), device="cpu")
     store = StorageConfig(root=str(tmp_path))
-    config = {"heads": hc, "config": Config(storage=store, backbone=bcfg), "spec": init.spec,
-              "init_heads": dict(init.state_dict()), "train": split(np.arange(64)),
-              "valid": split(np.arange(64, 96))}  # fmt: skip
-    state, meta = fit(lora_loop, config, "lora-t", "exits", ComputeConfig(train_workers=1),
-                      store, 0)  # fmt: skip
+    config = {
+        "heads": hc,
+        "config": Config(storage=store, backbone=bcfg),
+        "spec": init.spec,
+        "init_heads": dict(init.state_dict()),
+        "train": split(np.arange(64)),
+        "valid": split(np.arange(64, 96)),
+    }
+    state, meta = fit(
+        lora_loop, config, "lora-t", "exits", ComputeConfig(train_workers=1), store, 0
+    )
     losses = [h["loss"] for h in meta["history"]]
     assert losses[-1] < losses[0] * 0.7
     assert meta["history"][-1]["valid_auc_mean"] > 0.9
@@ -96,8 +102,9 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
         params = dict(unmerged.model.named_parameters())
         for k, v in adapter.items():
             params[k].copy_(v)
-        expected = torch.sigmoid(lora.LoraExitModel(unmerged, heads).eval()(
-            *pad_tokens(prompts[64:])))  # fmt: skip
+        expected = torch.sigmoid(
+            lora.LoraExitModel(unmerged, heads).eval()(*pad_tokens(prompts[64:]))
+        )
     merged = _backbone(tiny_llama_dir)
     lora.load_lora(merged, hc.lora, adapter)
     got = ReferenceEngine(merged, heads, ExitRule("none")).score(prompts[64:]).head_probs
@@ -110,16 +117,24 @@ def test_lora_stage_publishes_an_adapter_that_scoring_merges(
     ray_session, local_storage, tiny_llama_dir, movie_tables
 ):
     _write_tables(local_storage, movie_tables)
-    cfg = Config.model_validate({
-        "storage": {"root": local_storage.root},
-        "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
-        "exits": {"layers": [3, 6]},
-        "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None,
-                  "side_features": ["mf"], "mlp_size": 8, "lora": {"enabled": True, "epochs": 1}},
-        "evaluation": {"test_users": None, "speed_pairs": 4, "speed_taus": [0.0]},
-        "compute": {"batch_rows": 8, "train_workers": 1},
-        "prompts": {"target_ratings": True},  # every lever of the accuracy study at once
-    })  # fmt: skip
+    cfg = Config.model_validate(
+        {
+            "storage": {"root": local_storage.root},
+            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+            "exits": {"layers": [3, 6]},
+            "heads": {
+                "train_users": None,
+                "targets_per_user": 3,
+                "valid_users": None,
+                "side_features": ["mf"],
+                "mlp_size": 8,
+                "lora": {"enabled": True, "epochs": 1},
+            },
+            "evaluation": {"test_users": None, "speed_pairs": 4, "speed_taus": [0.0]},
+            "compute": {"batch_rows": 8, "train_workers": 1},
+            "prompts": {"target_ratings": True},  # every lever of the accuracy study at once
+        }
+    )
     train_exits.run(cfg)
     exits = storage.join(local_storage.root, "exits")
     meta = storage.read_json(storage.join(exits, "exit_config.json"), local_storage)

@@ -159,8 +159,9 @@ def test_mlp_heads(tiny_backbone):
     suffixes, prefixes, prefix_of, plain = _shared_batch(tiny_backbone, 4, 20, seed=6)
     rule = _mixed_rules(tiny_backbone, mlp_heads, plain)[2]
     ref = ReferenceEngine(tiny_backbone, mlp_heads, rule).score(plain)
-    _assert_same(PackedEngine(tiny_backbone, mlp_heads, rule).score(
-        suffixes, prefixes, prefix_of), ref)  # fmt: skip
+    _assert_same(
+        PackedEngine(tiny_backbone, mlp_heads, rule).score(suffixes, prefixes, prefix_of), ref
+    )
 
 
 def test_keep_hidden(tiny_backbone, heads):
@@ -190,8 +191,11 @@ def test_score_independent_of_batch_mates_and_order(tiny_backbone, heads, sizes)
 
     subset = [i for i in range(len(suffixes)) if prefix_of[i] in (1, 4)][::2]
     used = sorted({prefix_of[i] for i in subset})
-    alone = engine.score([suffixes[i] for i in subset], [prefixes[p] for p in used],
-                         [used.index(prefix_of[i]) for i in subset])  # fmt: skip
+    alone = engine.score(
+        [suffixes[i] for i in subset],
+        [prefixes[p] for p in used],
+        [used.index(prefix_of[i]) for i in subset],
+    )
     _assert_same_rows(alone, together, np.array(subset))
     for i in (0, 17):  # a row by itself
         one = engine.score([suffixes[i]], [prefixes[prefix_of[i]]], [0])
@@ -201,8 +205,9 @@ def test_score_independent_of_batch_mates_and_order(tiny_backbone, heads, sizes)
 def _assert_same_rows(part, whole, index):
     torch.testing.assert_close(part.scores, whole.scores[index], atol=1e-6, rtol=0)
     assert torch.equal(part.exit_layers, whole.exit_layers[index])
-    torch.testing.assert_close(part.head_probs, whole.head_probs[index], atol=1e-6, rtol=0,
-                               equal_nan=True)  # fmt: skip
+    torch.testing.assert_close(
+        part.head_probs, whole.head_probs[index], atol=1e-6, rtol=0, equal_nan=True
+    )
 
 
 def test_layer_tokens_count_each_prefix_once_per_block(tiny_backbone, heads):
@@ -243,14 +248,16 @@ def test_smollm2_packed_matches_reference():
     from optirag.backbones import load_backbone
     from optirag.config import BackboneConfig
 
-    cfg = BackboneConfig(source="smollm2", cache_dir=str(ROOT / "data/cache/models"),
-                         device="cpu", dtype="float32")  # fmt: skip
+    cfg = BackboneConfig(
+        source="smollm2", cache_dir=str(ROOT / "data/cache/models"), device="cpu", dtype="float32"
+    )
     bb = load_backbone(cfg)
     heads = ExitHeads.from_backbone(
         bb, default_exit_layers(bb.num_layers, 6), answers=default_answers(bb)
     )
-    suffixes, prefixes, prefix_of, plain = _shared_batch(bb, 4, 24, seed=11, prefix_len=(40, 200),
-                                                         suffix_len=(5, 40))  # fmt: skip
+    suffixes, prefixes, prefix_of, plain = _shared_batch(
+        bb, 4, 24, seed=11, prefix_len=(40, 200), suffix_len=(5, 40)
+    )
     for rule in _mixed_rules(bb, heads, plain):
         ref = ReferenceEngine(bb, heads, rule).score(plain)
         for sizes in ({}, {"max_tokens": 400, "group_tokens": 64, "attention": "explicit"}):

@@ -134,8 +134,9 @@ def test_context_has_no_future_interactions(movie_tables):
     assert not (set(ctx.neighbor_liked) & (later | earlier))
     # The exact neighbour items: liked by user 1's neighbours (2: sim 0.9, 3: sim 0.5) before
     # the cut, unseen by user 1 before it, ranked by summed similarity, then item id.
-    ids, ts, liked, users = (interactions[c].to_numpy() for c in ("item_id", "ts", "label",
-                                                                  "user_id"))  # fmt: skip
+    ids, ts, liked, users = (
+        interactions[c].to_numpy() for c in ("item_id", "ts", "label", "user_id")
+    )
     seen = set(ids[(users == 1) & (ts < 30)].tolist())
     weight = {}
     for neighbor, sim in ((2, 0.9), (3, 0.5)):
@@ -145,8 +146,11 @@ def test_context_has_no_future_interactions(movie_tables):
     ranked = sorted(weight, key=lambda i: (-weight[i], i))[: PromptConfig().max_neighbor_items]
     assert ranked  # the fixture gives the neighbours liked items before the cut
     assert ctx.neighbor_liked == [store.texts.history[i] for i in ranked]
-    after = sorted(set(ids[((users == 2) | (users == 3)) & (ts >= 30) & (liked == 1)].tolist())
-                   - set(ranked) - set(ids[users == 1].tolist()))  # fmt: skip
+    after = sorted(
+        set(ids[((users == 2) | (users == 3)) & (ts >= 30) & (liked == 1)].tolist())
+        - set(ranked)
+        - set(ids[users == 1].tolist())
+    )
     assert after  # the neighbours liked other items after the cut: left out
 
 
@@ -167,9 +171,16 @@ def test_pair_scorer_matches_engine_on_whole_prompts(tiny_backbone, movie_tables
         tiny_backbone, [2, 4, 6], answers=default_answers(tiny_backbone)
     )
     scorer = PairScorer(
-        tiny_backbone, heads, ExitRule("none"), store, builder, share_prefixes=share,
-        batch_rows=5, engine=engine, batch_tokens=60,
-    )  # fmt: skip
+        tiny_backbone,
+        heads,
+        ExitRule("none"),
+        store,
+        builder,
+        share_prefixes=share,
+        batch_rows=5,
+        engine=engine,
+        batch_tokens=60,
+    )
     users = np.array([3, 1, 1, 2, 3, 1, 999, 2])
     items = np.array([5, 6, 7, 8, 9, 10, 11, 12])
     calls = []
@@ -227,10 +238,15 @@ def test_target_ratings_in_prompt_respect_the_cut(movie_tables):
     from optirag import schema as S
 
     interactions = pa.table(
-        {S.USER_ID: [1, 2, 3, 2], S.ITEM_ID: [7, 7, 7, 8], S.LABEL: [0, 1, 1, 1],
-         S.TS: [10, 20, 30, 40], S.RATING: [2.0, 5.0, 4.0, None]},
+        {
+            S.USER_ID: [1, 2, 3, 2],
+            S.ITEM_ID: [7, 7, 7, 8],
+            S.LABEL: [0, 1, 1, 1],
+            S.TS: [10, 20, 30, 40],
+            S.RATING: [2.0, 5.0, 4.0, None],
+        },
         schema=S.INTERACTIONS,
-    )  # fmt: skip
+    )
     _, items, neighbors = movie_tables  # user 1's neighbours: 2 then 3
     store = ContextStore(interactions, items, neighbors, PromptConfig(target_ratings=True))
     title = store.item_texts[7]

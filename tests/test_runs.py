@@ -33,7 +33,10 @@ def test_parquet_found_whatever_the_extension_case_and_other_files_refused(local
         storage.write_table(_cands([1], [2]), storage.join(folder, name), local_storage)
     cfg = _cfg(local_storage)
     assert [p.rsplit("/", 1)[1] for p in runs.candidate_files(folder, cfg)] == [
-        "a.parquet", "b.PARQUET", "c.parq"]  # fmt: skip
+        "a.parquet",
+        "b.PARQUET",
+        "c.parq",
+    ]
     storage.write_bytes(b"x,y\n", storage.join(folder, "d.csv"), local_storage)
     with pytest.raises(storage.StorageError, match=r"d\.csv"):
         runs.candidate_files(folder, cfg)
@@ -48,7 +51,9 @@ def test_empty_input_refused_unless_allowed(local_storage, tiny_llama_dir):
     storage.write_table(empty, storage.join(folder, "a.parquet"), local_storage)
     storage.write_table(
         pa.table({S.ITEM_ID: [1], S.TITLE: ["t"], S.TEXT: [None]}, schema=S.ITEMS),
-        A.items_uri(local_storage.root), local_storage)  # fmt: skip
+        A.items_uri(local_storage.root),
+        local_storage,
+    )
     history = A.interactions_uri(local_storage.root, "train")
     storage.write_table(S.INTERACTIONS.empty_table(), history, local_storage)
     with pytest.raises(storage.StorageError, match="no rows"):
@@ -166,13 +171,26 @@ def test_run_folder_is_checked_against_every_input():
 def _publish_heads(cfg, tensors_scale=1.0, threshold=0.1, adapter=False, side=False):
     import torch
 
-    exit_config = {"layers": [3, 6], "hidden_size": 8, "eps": 1e-6, "rule": "agreement",
-                   "threshold": threshold, "side_features": ["mf"] if side else []}  # fmt: skip
+    exit_config = {
+        "layers": [3, 6],
+        "hidden_size": 8,
+        "eps": 1e-6,
+        "rule": "agreement",
+        "threshold": threshold,
+        "side_features": ["mf"] if side else [],
+    }
     if adapter:
         exit_config["lora"] = {"rank": 8}
     arrays = ({"x": np.ones(2) * tensors_scale}, {"bias": 0.0}) if side else None
-    A.save_heads(A.StoredHeads({"w": torch.ones(2) * tensors_scale}, exit_config,
-                               {"a": torch.ones(1)} if adapter else None, arrays), cfg)  # fmt: skip
+    A.save_heads(
+        A.StoredHeads(
+            {"w": torch.ones(2) * tensors_scale},
+            exit_config,
+            {"a": torch.ones(1)} if adapter else None,
+            arrays,
+        ),
+        cfg,
+    )
 
 
 def test_model_version_changes_with_everything_that_decides_a_score(local_storage, tiny_llama_dir):

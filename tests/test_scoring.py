@@ -204,9 +204,10 @@ def test_job_matches_the_in_process_scorer_and_a_rerun_skips_finished_shards(
     _assert_exactly_once(again, rejects, cands)
     order = [(S.USER_ID, "ascending"), (S.ITEM_ID, "ascending")]
     np.testing.assert_allclose(
-        again.sort_by(order)[S.SCORE].to_numpy(), scores.sort_by(order)[S.SCORE].to_numpy(),
+        again.sort_by(order)[S.SCORE].to_numpy(),
+        scores.sort_by(order)[S.SCORE].to_numpy(),
         atol=1e-4,
-    )  # fmt: skip
+    )
 
 
 def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
@@ -432,7 +433,12 @@ def test_duplicates_across_files_and_one_output_schema(
     assert dup.to_pylist()[0][S.USER_ID] == 1 and dup.to_pylist()[0][S.ITEM_ID] == 4
     attempt = A.published_attempt(str(Path(local_storage.root, "scores", "r1")), cfg.storage)
     assert sorted(p.name for p in Path(attempt.root).iterdir()) == [
-        "_manifest.json", "_markers", "_plan.json", "rejects", "scores"]  # fmt: skip
+        "_manifest.json",
+        "_markers",
+        "_plan.json",
+        "rejects",
+        "scores",
+    ]
     for path in Path(attempt.scores_folder).iterdir():
         schema = pq.read_schema(path)
         assert schema.field(S.USER_ID).type == schema.field(S.ITEM_ID).type == pa.int64()
@@ -461,8 +467,11 @@ def test_runs_scored_together_commit_as_their_last_shard_arrives(monkeypatch):
         run = runs.Run(name, inputs, A.RunPaths(name), A.RunPaths(name).attempt(1), parts, 1)
         return scoring.Planned(Config(), run, ("v", {}), done, 0.0)
 
-    together = [planned("a", 5, {}), planned("b", 4, {0: [runs.Piece(0, 0, 1, 4)]}),
-                planned("c", 3, {1: [runs.Piece(1, 0, 1, 1)]})]  # fmt: skip
+    together = [
+        planned("a", 5, {}),
+        planned("b", 4, {0: [runs.Piece(0, 0, 1, 4)]}),
+        planned("c", 3, {1: [runs.Piece(1, 0, 1, 1)]}),
+    ]
     committed = []
     monkeypatch.setattr(
         runs,

@@ -48,8 +48,14 @@ def test_generator_writes_to_s3(ray_session, s3_storage):
 
 
 def test_candidates_for_some_users_history_for_all(ray_session, local_storage):
-    cfg = SyntheticConfig(num_users=40, num_items=30, candidates_per_user=3, candidate_users=8,
-                          history_per_user=2, users_per_shard=15)  # fmt: skip
+    cfg = SyntheticConfig(
+        num_users=40,
+        num_items=30,
+        candidates_per_user=3,
+        candidate_users=8,
+        history_per_user=2,
+        users_per_shard=15,
+    )
     assert synthetic_job.run(cfg, local_storage) == {"items": 30, "candidates": 24, "history": 80}
     cands = _read(local_storage, cfg, "candidates")
     assert sorted(set(cands[S.USER_ID].to_pylist())) == list(range(0, 40, 5))

@@ -179,13 +179,26 @@ def build(cfg: Config, history: str, items: str, neighbors: str | None) -> Conte
     n_items, item_parts = _item_table(cfg, history, history_files, items, side, paths)
     cold = ColdStart.make(prompts, side.features() if side else None)
     spec = SideSpec(side.meta["names"], float(side.meta["bias"])) if side else None
-    manifest = {"key": key, "build": paths.build, "cold": asdict(cold),
-                "side": asdict(spec) if spec else None, "users": users,
-                "items": n_items, "parts": parts, "item_parts": item_parts,
-                "build_s": round(time.time() - started, 2)}  # fmt: skip
+    manifest = {
+        "key": key,
+        "build": paths.build,
+        "cold": asdict(cold),
+        "side": asdict(spec) if spec else None,
+        "users": users,
+        "items": n_items,
+        "parts": parts,
+        "item_parts": item_parts,
+        "build_s": round(time.time() - started, 2),
+    }
     storage.write_json(manifest, paths.success, store)
-    log.info("context tables %s: %d users in %d parts, %d items, %.1f s", paths.folder,
-             users, len(parts), n_items, time.time() - started)  # fmt: skip
+    log.info(
+        "context tables %s: %d users in %d parts, %d items, %.1f s",
+        paths.folder,
+        users,
+        len(parts),
+        n_items,
+        time.time() - started,
+    )
     return _tables(paths, manifest)
 
 
@@ -409,9 +422,14 @@ def _tables(paths: A.ContextPaths, manifest: dict) -> ContextTables:
     side = SideSpec(**manifest["side"]) if manifest["side"] else None
     cold = ColdStart(**manifest["cold"])
     return ContextTables(
-        paths, cold, side, manifest["users"], manifest["items"], manifest["parts"],
+        paths,
+        cold,
+        side,
+        manifest["users"],
+        manifest["items"],
+        manifest["parts"],
         manifest["item_parts"],
-    )  # fmt: skip
+    )
 
 
 # Per worker process: what the current build's tasks share (the items table and tokenizer,
@@ -499,9 +517,12 @@ def _item_table(
             totals = group.filter(pa.array(kinds == TOTALS)).group_by(S.ITEM_ID)
             totals = totals.aggregate([("rating_sum", "sum"), ("rating_count", "sum")])
             ids = totals[S.ITEM_ID].to_numpy()
-            ratings = ItemRatings(ids, np.full(len(ids), np.iinfo(np.int64).min),
-                                  totals["rating_sum_sum"].to_numpy(),
-                                  totals["rating_count_sum"].to_numpy())  # fmt: skip
+            ratings = ItemRatings(
+                ids,
+                np.full(len(ids), np.iinfo(np.int64).min),
+                totals["rating_sum_sum"].to_numpy(),
+                totals["rating_count_sum"].to_numpy(),
+            )
         contexts = ContextStore(S.INTERACTIONS.empty_table(), texts, None, cfg.prompts, ratings)
         item_side = _once_per_build(paths.folder, "item side", side.item_features) if side else None
         table = item_rows(contexts, _prompts(cfg, paths.folder), item_side)
@@ -551,17 +572,23 @@ class TableScorer:
 
     def block(self, users: np.ndarray, items: np.ndarray) -> pa.Table:
         store = self.cfg.storage
-        batch = pa.table({S.USER_ID: pa.array(users, pa.int64()),
-                          S.ITEM_ID: pa.array(items, pa.int64()),
-                          S.REASON: pa.nulls(len(users), pa.string())})  # fmt: skip
+        batch = pa.table(
+            {
+                S.USER_ID: pa.array(users, pa.int64()),
+                S.ITEM_ID: pa.array(items, pa.int64()),
+                S.REASON: pa.nulls(len(users), pa.string()),
+            }
+        )
         user_rows = self.tables.read_users(np.unique(users), 0, HASH_SPACE, store)
         item_rows = self.tables.read_items(np.unique(items), store)
         return self.assembler.assemble(batch, user_rows, item_rows)
 
     def score(self, users, items, before_ts=None, keep_hidden=False, desc=None):
         if before_ts is not None:
-            raise ValueError("context tables hold whole histories: time-cut prompts go through "
-                             "the in-process PairScorer")  # fmt: skip
+            raise ValueError(
+                "context tables hold whole histories: time-cut prompts go through "
+                "the in-process PairScorer"
+            )
         block = self.block(users, items)
         result, _ = score_block(self.tokens, block, keep_hidden, desc, self.with_side)
         return result

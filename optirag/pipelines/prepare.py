@@ -66,9 +66,12 @@ def partition_candidates(
         keys = sample.select([S.USER_ID, S.ITEM_ID])
         splits["test_sample"] = test.join(keys, [S.USER_ID, S.ITEM_ID], join_type="inner")
     elif sample_users:
-        log.warning("backfill.sample_users=%d: there is no %s to sample from (data.sample_users "
-                    "makes one), so only the test candidates are partitioned", sample_users,
-                    sample_uri)  # fmt: skip
+        log.warning(
+            "backfill.sample_users=%d: there is no %s to sample from (data.sample_users "
+            "makes one), so only the test candidates are partitioned",
+            sample_users,
+            sample_uri,
+        )
     counts = {}
     for split, table in splits.items():
         folder = A.partitioned_candidates_uri(store.root, split, key)

@@ -86,8 +86,9 @@ def my_batches(n: int, seed: int, epoch: int, per_worker: int) -> tuple[torch.Te
     return mine.split(per_worker)
 
 
-def close_epoch(meta: dict, metrics: dict, score: float, model, best_state: dict, opt,
-                 patience: int) -> tuple[dict, bool]:  # fmt: skip
+def close_epoch(
+    meta: dict, metrics: dict, score: float, model, best_state: dict, opt, patience: int
+) -> tuple[dict, bool]:
     """Record the epoch, checkpoint and report it; returns the best state so far and whether
     early stopping ends the run (`patience` epochs without a better score)."""
     best_state = _end_epoch(meta, metrics, score, model, best_state)

@@ -42,8 +42,15 @@ def retriever_loop(config: dict) -> None:
         losses = []
         model.train()
         for rows in my_batches(edges.shape[1], cfg.seed, epoch, per_worker):
-            loss = R.bpr_step(model, edge_index, edges[:, rows], graph.num_users,
-                              graph.num_items, cfg.weight_decay, neg_gen)  # fmt: skip
+            loss = R.bpr_step(
+                model,
+                edge_index,
+                edges[:, rows],
+                graph.num_users,
+                graph.num_items,
+                cfg.weight_decay,
+                neg_gen,
+            )
             losses.append(optimizer_step(opt, loss))
         inner = model.module if hasattr(model, "module") else model
         metrics = R.ranking_metrics(

@@ -48,15 +48,21 @@ def feature_key(cfg: Config, backbone: Backbone, layers: list[int]) -> dict:
     store, root = cfg.storage, cfg.storage.root
     neighbors = A.prompt_neighbors_uri(cfg) or A.neighbors_uri(root)
     template = PromptBuilder(backbone.tokenizer, cfg.prompts).template_sample()
-    tables = {f"{kind}/{split}": A.file_stamp(uri(root, split), store)
-              for kind, uri in (("interactions", A.interactions_uri),
-                                ("candidates", A.candidates_uri))
-              for split in ("train", "valid", "test") if (kind, split) != ("candidates", "train")
-              }  # fmt: skip
-    return {"backbone": backbone.version, "layers": layers, "seed": cfg.heads.seed,
-            "prompts": cfg.prompts.model_dump(),
-            "neighbors": [neighbors, A.file_stamp(neighbors, store)], "tables": tables,
-            "template": hashlib.sha256(template.encode()).hexdigest()[:12]}  # fmt: skip
+    tables = {
+        f"{kind}/{split}": A.file_stamp(uri(root, split), store)
+        for kind, uri in (("interactions", A.interactions_uri), ("candidates", A.candidates_uri))
+        for split in ("train", "valid", "test")
+        if (kind, split) != ("candidates", "train")
+    }
+    return {
+        "backbone": backbone.version,
+        "layers": layers,
+        "seed": cfg.heads.seed,
+        "prompts": cfg.prompts.model_dump(),
+        "neighbors": [neighbors, A.file_stamp(neighbors, store)],
+        "tables": tables,
+        "template": hashlib.sha256(template.encode()).hexdigest()[:12],
+    }
 
 
 def cached_states(

@@ -32,9 +32,14 @@ def run(cfg: Config) -> dict:
     user_ids, emb = text_embed.user_text_embeddings(train, items, directory)
     cold = np.setdiff1d(user_universe(root, store), user_ids)
     table = R.neighbor_table(
-        user_ids, emb, cold, R.popular_users(graph), rcfg.num_neighbors, rcfg.block_size,
+        user_ids,
+        emb,
+        cold,
+        R.popular_users(graph),
+        rcfg.num_neighbors,
+        rcfg.block_size,
         R.SOURCE_TEXT,
-    )  # fmt: skip
+    )
     storage.write_table(table, A.neighbors_uri(root, R.SOURCE_TEXT), store)
     return {
         "neighbors": table.num_rows,
