@@ -43,19 +43,7 @@ def run_split(cfg, split: str) -> dict:
     )
     ec = cfg.evaluation
     started = time.perf_counter()
-    tuned = [
-        B.tune_mf(
-            train,
-            valid,
-            pairs.users,
-            pairs.items,
-            ec.baseline_seeds,
-            ec.mf_l2_grid,
-            ec.mf_max_epochs,
-            ec.mf_patience,
-        ),
-        B.tune_id_lr(train, valid, pairs.users, pairs.items, ec.baseline_seeds, ec.lr_c_grid),
-    ]
+    tuned = B.tune_all(train, valid, pairs.users, pairs.items, ec)
     models = B.baseline_scores(train, pairs.users, pairs.items)
     models[UNTUNED_MF] = cf.MatrixFactorisation.fit(train).probs(pairs.users, pairs.items)
     models.update({t.name: t.scores for t in tuned})

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from optirag import cf
 from optirag import schema as S
+from optirag.config import EvalConfig
 from optirag.ids import lookup
 
 MF_BASELINE = "matrix factorisation (tuned on valid)"
@@ -139,6 +140,16 @@ def tune_id_lr(
         infos.append({"seed": seed, "valid_auc": auc(vy, both[: len(vu)])})
         scores.append(both[len(vu) :])
     return Tuned(ID_LR_BASELINE, {"C": chosen["C"]}, grid, infos, scores)
+
+
+def tune_all(
+    train: pa.Table, valid: pa.Table, users: np.ndarray, items: np.ndarray, ec: EvalConfig
+) -> list[Tuned]:
+    """The baselines tuned on valid (`tune_mf`, `tune_id_lr`) with the evaluation's grids,
+    early stopping and seeds; `users`, `items` are the pairs scored."""
+    seeds = ec.baseline_seeds
+    mf = tune_mf(train, valid, users, items, seeds, ec.mf_l2_grid, ec.mf_max_epochs, ec.mf_patience)
+    return [mf, tune_id_lr(train, valid, users, items, seeds, ec.lr_c_grid)]
 
 
 def baseline_scores(

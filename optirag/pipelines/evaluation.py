@@ -47,19 +47,7 @@ def run(cfg: Config) -> dict:
 
     retriever = A.load_retriever(store.root, store)
     valid = storage.read_table(A.interactions_uri(store.root, "valid"), store, S.INTERACTIONS)
-    tuned = [
-        B.tune_mf(
-            train,
-            valid,
-            pairs.users,
-            pairs.items,
-            ec.baseline_seeds,
-            ec.mf_l2_grid,
-            ec.mf_max_epochs,
-            ec.mf_patience,
-        ),
-        B.tune_id_lr(train, valid, pairs.users, pairs.items, ec.baseline_seeds, ec.lr_c_grid),
-    ]
+    tuned = B.tune_all(train, valid, pairs.users, pairs.items, ec)
     models = B.baseline_scores(train, pairs.users, pairs.items, retriever)
     models.update({t.name: t.scores for t in tuned})
     models[B.SAME_INFORMATION], control = _same_information_control(
