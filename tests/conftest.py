@@ -80,6 +80,29 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def study_config(tiny_llama_dir):
+    """Makes the Config of a heads study (train_exits, evaluation) on the tiny model under a
+    storage root: exits at layers 3 and 6, every user, 3 targets each; keyword sections add
+    to (or replace keys of) the base's sections."""
+    from optirag.config import Config
+
+    def make(root: str, **sections: dict) -> Config:
+        base = {
+            "storage": {"root": root},
+            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
+            "exits": {"layers": [3, 6]},
+            "heads": {"train_users": None, "targets_per_user": 3, "valid_users": None},
+            "evaluation": {"test_users": None},
+            "compute": {"batch_rows": 8, "train_workers": 1},
+        }
+        for name, values in sections.items():
+            base[name] = {**base.get(name, {}), **values}
+        return Config.model_validate(base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone(tiny_llama_dir):
     from optirag.backbones import load_backbone
     from optirag.config import BackboneConfig

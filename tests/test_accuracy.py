@@ -13,7 +13,7 @@ from optirag import metrics as M
 from optirag import pairs as F
 from optirag import schema as S
 from optirag.backbones import load_backbone
-from optirag.config import Config, PromptConfig, StorageConfig
+from optirag.config import PromptConfig, StorageConfig
 from optirag.context import ContextStore
 from optirag.early_exit import ExitHeads, ExitRule
 from optirag.engine import ReferenceEngine
@@ -249,27 +249,19 @@ def _write_tables(store, movie_tables):
 
 
 def test_hybrid_mlp_heads_with_cf_prompt_train_evaluate_and_score(
-    ray_session, local_storage, tiny_llama_dir, movie_tables
+    ray_session, local_storage, study_config, movie_tables
 ):
     _write_tables(local_storage, movie_tables)
-    cfg = Config.model_validate(
-        {
-            "storage": {"root": local_storage.root},
-            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
-            "exits": {"layers": [3, 6]},
-            "heads": {
-                "train_users": None,
-                "targets_per_user": 3,
-                "valid_users": None,
-                "epochs": 3,
-                "side_features": ["mf", "item_rate"],
-                "mlp_size": 8,
-                "max_train_pairs": 10,
-            },
-            "evaluation": {"test_users": None, "speed_pairs": 6, "speed_taus": [0.0]},
-            "compute": {"batch_rows": 8, "train_workers": 1},
-            "prompts": {"target_ratings": True},
-        }
+    cfg = study_config(
+        local_storage.root,
+        heads={
+            "epochs": 3,
+            "side_features": ["mf", "item_rate"],
+            "mlp_size": 8,
+            "max_train_pairs": 10,
+        },
+        evaluation={"speed_pairs": 6, "speed_taus": [0.0]},
+        prompts={"target_ratings": True},
     )
     trained = train_exits.run(cfg)
     assert trained["train_pairs"] == 10
@@ -416,7 +408,7 @@ def _rating_note(mean, count, shown):
 
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
-def test_choices_never_read_the_test_labels(ray_session, tmp_path, tiny_llama_dir, movie_tables):
+def test_choices_never_read_the_test_labels(ray_session, tmp_path, study_config, movie_tables):
     """Permuting the test labels changes the primary result but nothing chosen: the exit
     config, the baselines' settings and epochs, the control's C."""
     runs = {}
@@ -428,29 +420,17 @@ def test_choices_never_read_the_test_labels(ray_session, tmp_path, tiny_llama_di
             test = storage.read_table(uri, store)
             shuffled = np.random.default_rng(5).permutation(test[S.LABEL].to_numpy())
             storage.write_table(test.set_column(2, S.LABEL, pa.array(shuffled)), uri, store)
-        cfg = Config.model_validate(
-            {
-                "storage": {"root": store.root},
-                "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
-                "exits": {"layers": [3, 6]},
-                "heads": {
-                    "train_users": None,
-                    "targets_per_user": 3,
-                    "valid_users": None,
-                    "epochs": 2,
-                    "side_features": ["mf"],
-                },
-                "evaluation": {
-                    "test_users": None,
-                    "speed_pairs": 0,
-                    "baseline_seeds": [0, 1],
-                    "mf_max_epochs": 4,
-                    "mf_l2_grid": [0.01, 0.3],
-                    "lr_c_grid": [0.1, 1.0],
-                    "primary": {"model": "early exit", "baseline": B.MF_BASELINE},
-                },
-                "compute": {"batch_rows": 8, "train_workers": 1},
-            }
+        cfg = study_config(
+            store.root,
+            heads={"epochs": 2, "side_features": ["mf"]},
+            evaluation={
+                "speed_pairs": 0,
+                "baseline_seeds": [0, 1],
+                "mf_max_epochs": 4,
+                "mf_l2_grid": [0.01, 0.3],
+                "lr_c_grid": [0.1, 1.0],
+                "primary": {"model": "early exit", "baseline": B.MF_BASELINE},
+            },
         )
         train_exits.run(cfg)
         evaluation.run(cfg)

@@ -114,26 +114,14 @@ def test_lora_training_lowers_the_loss_and_the_checkpoint_round_trips(
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
 def test_lora_stage_publishes_an_adapter_that_scoring_merges(
-    ray_session, local_storage, tiny_llama_dir, movie_tables
+    ray_session, local_storage, study_config, tiny_llama_dir, movie_tables
 ):
     _write_tables(local_storage, movie_tables)
-    cfg = Config.model_validate(
-        {
-            "storage": {"root": local_storage.root},
-            "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
-            "exits": {"layers": [3, 6]},
-            "heads": {
-                "train_users": None,
-                "targets_per_user": 3,
-                "valid_users": None,
-                "side_features": ["mf"],
-                "mlp_size": 8,
-                "lora": {"enabled": True, "epochs": 1},
-            },
-            "evaluation": {"test_users": None, "speed_pairs": 4, "speed_taus": [0.0]},
-            "compute": {"batch_rows": 8, "train_workers": 1},
-            "prompts": {"target_ratings": True},  # every lever of the accuracy study at once
-        }
+    cfg = study_config(  # every lever of the accuracy study at once
+        local_storage.root,
+        heads={"side_features": ["mf"], "mlp_size": 8, "lora": {"enabled": True, "epochs": 1}},
+        evaluation={"speed_pairs": 4, "speed_taus": [0.0]},
+        prompts={"target_ratings": True},
     )
     train_exits.run(cfg)
     exits = storage.join(local_storage.root, "exits")
