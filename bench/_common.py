@@ -115,6 +115,9 @@ class PeakMemory:
         self.peak_anon_by_kind: dict[str, int] = {}
         self.peak_single_anon_by_kind: dict[str, int] = {}  # the largest one process's
         self.peak_shmem_by_kind: dict[str, int] = {}
+        # a Ray worker's title names its task (ray::MapBatches(render), ray::IDLE): the
+        # largest one worker's private memory while running each
+        self.peak_single_anon_by_task: dict[str, int] = {}
         self.peak = 0
         self.peak_pss = 0
         self.peak_by_kind: dict[str, int] = {}
@@ -154,6 +157,10 @@ class PeakMemory:
                 single[kind] = max(single.get(kind, 0), status.get("RssAnon", 0))
                 shmem[kind] = shmem.get(kind, 0) + status.get("RssShmem", 0)
                 count[kind] = count.get(kind, 0) + 1
+                if kind == "ray_workers":  # which task a worker's peak happened in
+                    task = _task_title(proc.pid)
+                    by_task = self.peak_single_anon_by_task
+                    by_task[task] = max(by_task.get(task, 0), status.get("RssAnon", 0))
             self.peak = max(self.peak, sum(by_kind.values()))
             self.peak_pss = max(self.peak_pss, pss)
             for kind, rss in by_kind.items():
@@ -185,6 +192,14 @@ class PeakMemory:
                         }
                     )
             time.sleep(self.interval_s)
+
+
+def _task_title(pid: int) -> str:
+    """A Ray worker's process title (Ray sets it to the task it runs), 60 characters."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:60]
+    except OSError:
+        return "?"
 
 
 def _rss_parts(pid: int) -> dict[str, int]:

@@ -138,6 +138,9 @@ def run_once(
         "peak_single_anon_gib_by_kind": _gibs(mem.peak_single_anon_by_kind),
         "peak_shmem_gib_by_kind": {k: gib(v) for k, v in mem.peak_shmem_by_kind.items()},
         "peak_shmem_mib_by_kind": {k: mib(v) for k, v in mem.peak_shmem_by_kind.items()},
+        "peak_single_anon_gib_by_task": _gibs(
+            dict(sorted(mem.peak_single_anon_by_task.items(), key=lambda kv: -kv[1])[:10])
+        ),
         "object_store_peak_gib": gib(store.peak),
         "object_store_spilled_gib": gib(store.spilled),
         "object_store_capacity_gib": gib(store.capacity),
