@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 
 # field: (the axes it is read from, comparison, bound); one axis gives a number, several a dict
 GOALS = {
@@ -83,12 +83,11 @@ def main() -> None:
         "missing": missing,
         "command": " ".join(["python", "bench/stream_summary.py", *sys.argv[1:]]),
     }
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| figure | value | goal | met |", "|---|---|---|---|"]
-    for field, goal in summary["goals"].items():
-        lines.append(f"| {field} | {summary.get(field, '-')} | {goal} | {summary['met'][field]} |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    rows = [
+        (field, summary.get(field, "-"), goal, summary["met"][field])
+        for field, goal in summary["goals"].items()
+    ]
+    write_results(args.name, summary, rows, ("figure", "value", "goal", "met"))
 
 
 if __name__ == "__main__":
