@@ -51,7 +51,13 @@ from optirag.context_tables import (
 )
 from optirag.ids import HASH_SPACE, range_of, user_hash
 from optirag.model_files import local_backbone, model_digest
-from optirag.pipelines.parallel import combined_in_tasks, in_tasks, shuffle_partitions, task_ids
+from optirag.pipelines.parallel import (
+    combined_in_tasks,
+    in_tasks,
+    releasing,
+    shuffle_partitions,
+    task_ids,
+)
 from optirag.prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -269,9 +275,9 @@ def _users_table(
         task_ids(len(sources), cfg.compute)
         .map_batches(read, batch_size=1, batch_format="numpy")
         .groupby(KEY, num_partitions=partitions)
-        .map_groups(_fan_out, batch_format="pyarrow")
+        .map_groups(releasing(_fan_out), batch_format="pyarrow")
         .groupby(KEY, num_partitions=partitions)
-        .map_groups(render, batch_format="pyarrow")
+        .map_groups(releasing(render), batch_format="pyarrow")
     )
     parts, count = [], 0
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -533,7 +539,7 @@ def _item_table(
         task_ids(len(files), cfg.compute)
         .map_batches(read, batch_size=1, batch_format="numpy")
         .groupby(KEY, num_partitions=shuffle_partitions(n_blocks))
-        .map_groups(encode, batch_format="pyarrow")
+        .map_groups(releasing(encode), batch_format="pyarrow")
     )
     parts, count = [], 0
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):

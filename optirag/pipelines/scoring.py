@@ -40,7 +40,7 @@ from optirag.config import Config
 from optirag.context_tables import TokenAssembler, cut_block, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
-from optirag.pipelines.parallel import in_tasks, shuffle_partitions, task_ids
+from optirag.pipelines.parallel import in_tasks, releasing, shuffle_partitions, task_ids
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         staged = (
             source.map_batches(read, batch_size=1, batch_format="numpy")
             .groupby([RUN, runs.SHARD_ID], num_partitions=partitions)
-            .map_groups(assemble, batch_format="pyarrow")
+            .map_groups(releasing(assemble), batch_format="pyarrow")
         )
     graph = staged.map_batches(
         ScoreTokens,
