@@ -87,6 +87,11 @@ class ObjectStorePeak:
                 self._sample()
 
 
+def top_tasks(by_task: dict[str, int], top: int = 10) -> dict[str, float]:
+    """`PeakMemory.peak_single_anon_by_task`'s largest `top` tasks, in GiB, largest first."""
+    return {k: gib(v) for k, v in sorted(by_task.items(), key=lambda kv: -kv[1])[:top]}
+
+
 class PeakMemory:
     """Samples the memory of this process and its descendants (Ray's raylet, GCS and workers
     when Ray was started here) in a background thread. `.peak` is the maximum summed RSS;

@@ -1,7 +1,8 @@
 """The context stage's build alone (no scoring) on bench/stream.py's synthetic data set with
 a neighbour table and hybrid heads' side features: build seconds, the object store's peak
 (from the raylet) and each process kind's largest peak private memory, per users size and
-shuffle setting. A quick probe of what the keyed shuffles park in the object store.
+shuffle setting, the largest worker by the task it ran and when the driver's shared memory
+grew. A quick probe of what the keyed shuffles park in the object store.
 
     python bench/context_build.py --users 200000 600000 \
         --variant ray_default compute.shuffle_batch_mib=1024 \
@@ -24,7 +25,7 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ObjectStorePeak, PeakMemory, gib, machine, write_results  # noqa: E402
+from _common import ObjectStorePeak, PeakMemory, gib, machine, top_tasks, write_results  # noqa: E402
 from stream import write_neighbors, write_side_features, write_synthetic  # noqa: E402
 
 from optirag.config import load_config  # noqa: E402
@@ -74,7 +75,15 @@ def build_once(workdir: str, users: int, overrides: list[str], num_cpus: int) ->
         "peak_single_anon_gib_by_kind": {
             k: gib(v) for k, v in mem.peak_single_anon_by_kind.items()
         },
+        "peak_single_anon_gib_by_task": top_tasks(mem.peak_single_anon_by_task),
+        "driver_shmem_mib_trace": _changes(mem.driver_trace, "shmem_mib"),
     }
+
+
+def _changes(trace: list[dict], field: str) -> list[list[float]]:
+    """[seconds, value] where `field` changes in a trace: when the driver maps more."""
+    out = [[t["s"], t[field]] for t in trace]
+    return [row for i, row in enumerate(out) if i == 0 or row[1] != out[i - 1][1]]
 
 
 def main() -> None:

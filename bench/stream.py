@@ -60,6 +60,7 @@ from _common import (  # noqa: E402
     gib,
     machine,
     mib,
+    top_tasks,
     write_results,
 )
 
@@ -138,9 +139,7 @@ def run_once(
         "peak_single_anon_gib_by_kind": _gibs(mem.peak_single_anon_by_kind),
         "peak_shmem_gib_by_kind": {k: gib(v) for k, v in mem.peak_shmem_by_kind.items()},
         "peak_shmem_mib_by_kind": {k: mib(v) for k, v in mem.peak_shmem_by_kind.items()},
-        "peak_single_anon_gib_by_task": _gibs(
-            dict(sorted(mem.peak_single_anon_by_task.items(), key=lambda kv: -kv[1])[:10])
-        ),
+        "peak_single_anon_gib_by_task": top_tasks(mem.peak_single_anon_by_task),
         "object_store_peak_gib": gib(store.peak),
         "object_store_spilled_gib": gib(store.spilled),
         "object_store_capacity_gib": gib(store.capacity),
