@@ -89,11 +89,14 @@ def _run_chunk(fn: Callable[[Any], Any], chunk: list, combine=None) -> list[tupl
 
 
 def releasing(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn`, handing the memory it freed back to the OS when it returns: Arrow's pool (mimalloc
-    keeps freed pages) and glibc's heap (`malloc_trim`). A Ray worker runs a keyed shuffle's
-    group tasks one after another, hundreds at 10^7 users, and without this its resident
+    """`fn`, handing the memory it freed back to the OS when it returns: Arrow's pool (its
+    allocator keeps freed pages) and glibc's heap (`malloc_trim`). A Ray worker runs a keyed
+    shuffle's group tasks one after another, hundreds at 10^7 users, and without this its resident
     memory creeps up with every task it ran, not with the block it holds (docs/design.md).
-    A generator function releases when it is exhausted or closed."""
+    A generator function releases when it is exhausted or closed; `fn` must be a function
+    (a callable class, or one returning a lazy iterator, would release too early)."""
+    if isinstance(fn, type):
+        raise TypeError(f"releasing wraps functions, not classes: {fn!r}")
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
@@ -124,9 +127,11 @@ def release_freed_memory() -> None:
 
 def _glibc_malloc_trim():
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 _malloc_trim = _glibc_malloc_trim()
