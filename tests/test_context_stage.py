@@ -401,7 +401,6 @@ def test_a_block_cut_into_pieces_keeps_every_row_and_each_users_prefix():
 
 def test_per_file_results_are_combined_in_the_tasks(ray_session):
     """The driver gets one combined value per task (not one per file) and the same answer."""
-
     items = list(range(3 * parallel.SERIAL_BELOW + 5))  # several tasks
 
     def square(x):
