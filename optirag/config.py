@@ -253,7 +253,11 @@ class ComputeConfig(StrictModel):
         1, gt=0, description="model actors sharing a GPU (each takes 1/N of it)"
     )
     context_users_per_task: int = Field(
-        20_000, gt=0, description="users per task of the context stage's users table"
+        20_000,
+        gt=0,
+        description="users per block of the context stage's users table if every user's "
+        "neighbours' rows were copied to it (the most rows a block holds); blocks share "
+        "copies, so a block holds more users, fewer at scale (docs/design.md)",
     )
     shuffle_batch_mib: float = Field(
         128,

@@ -273,8 +273,9 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
     # files read a row at a time: a neighbour listed from several batches is copied to
     # the lister's block once all the same
     monkeypatch.setattr(context, "ROUTE_BATCH", 1)
-    # 4: two blocks, users 1 and 3 (both list user 2) in one; its shuffles go through disk
-    for per_task, disk in ((1000, False), (4, True)):
+    # 3: two blocks (blocks sized by rows, neighbours' copies counted), users 1 and 3 (both
+    # list user 2) in one; its shuffles go through disk
+    for per_task, disk in ((1000, False), (3, True)):
         monkeypatch.setattr(context, "ITEMS_PER_TASK", per_task * 3)  # items too, in blocks
         compute = cfg.compute.model_copy(
             update={"context_users_per_task": per_task, "disk_shuffle": disk}
@@ -299,14 +300,14 @@ def test_users_table_is_the_same_for_any_blocks_of_users(
         fs, success = storage.resolve(built.paths.success, cfg.storage)
         fs.delete_file(success)  # the same key: built again
         folders.append(built.paths.users)
-    one, many = tables[1000], tables[4]
+    one, many = tables[1000], tables[3]
     assert len(one) == (7 if side else 6) and one.equals(many)
     if side:
         users = one[S.USER_ID].to_numpy()
         assert 4242 in users
         stored = np.array(one[S.SIDE].to_pylist(), np.float32)
         np.testing.assert_array_equal(stored, fitted.user_side(users))
-    assert len(items[1000]) == len(movie_tables[1]) and items[1000].equals(items[4])
+    assert len(items[1000]) == len(movie_tables[1]) and items[1000].equals(items[3])
     # Each build wrote into a folder of its own: a second build of one key (another job at
     # the same time) never touched the first one's files.
     assert folders[0] != folders[1]
@@ -327,6 +328,34 @@ def test_the_users_are_counted_by_sketches_without_a_list_of_them():
     merged = [context.merge_sketches(sketches[:3]), context.merge_sketches(sketches[3:])]
     assert context.estimate_distinct(merged) == context.estimate_distinct(sketches)
     assert len(context.merge_sketches(merged)) == context.SKETCH
+
+
+def test_blocks_are_sized_by_the_rows_they_hold_not_by_users():
+    """A block receives its users' rows and a copy of each of their neighbours' rows per
+    listing block: with blocks sized by users, 10x the users held +8% rows a block (the
+    largest worker grew with the users); sized by rows (`context_blocks`) it stays flat."""
+    from optirag.ids import range_of
+
+    def rows_per_block(users: int, blocks: int, k: int = 10) -> float:
+        """A block's rows in users' worth: its users', and one copy of a neighbour's per
+        other block listing them (as `_edges` and `_fan_out` route them)."""
+        rng = np.random.default_rng(0)
+        ids = rng.choice(10**12, users, replace=False)
+        listers = np.repeat(range_of(ids, blocks), k)
+        neighbours = ids[rng.integers(0, users, users * k)]
+        away = listers != range_of(neighbours, blocks)
+        copies = np.unique(np.stack([neighbours[away], listers[away]], 1), axis=0)
+        return (users + len(copies)) / blocks
+
+    assert context.context_blocks(10**6, 0, 20_000) == 50  # no neighbours: by users
+    small, large = 20_000, 200_000
+    by_users = [rows_per_block(n, n // 400) for n in (small, large)]
+    assert by_users[1] / by_users[0] > 1.07  # what went wrong: +8%
+    blocks = [context.context_blocks(n, 10 * n, 400) for n in (small, large)]
+    assert blocks[0] < small // 400 and blocks[1] <= large // 400
+    by_rows = [rows_per_block(n, b) for n, b in zip((small, large), blocks, strict=True)]
+    assert abs(by_rows[1] / by_rows[0] - 1) < 0.02
+    assert max(by_rows) <= 400 * 11 * 1.02  # the budget: 400 users copying 10 neighbours
 
 
 def test_a_damaged_context_table_is_named_and_built_again(
