@@ -7,7 +7,9 @@ results along each axis (each run from a worktree of a fixed commit, hours apart
 Each field is a number, or a dict of numbers per axis where the goal holds on every axis;
 `goals` says what each must be, `met` whether it is, and `sources` which runs (file, command,
 sizes) each axis comes from. A missing axis file is named in `missing` and its fields left out
-(not met).
+(not met). `--scores NAME` takes the score comparison with the data flow before issue 30
+(`max_abs_score_diff_vs_before`, bench/stream.py --compare-scores) from another users-axis
+run when the users axis's own did not make one (its source is named under `sources`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for axis in ("users", "pairs", "items"):
         parser.add_argument(f"--{axis}", help=f"the {axis} axis's results name (bench/results/)")
+    parser.add_argument("--scores", help="a users-axis results name with the score comparison")
     parser.add_argument("--name", default="stream_scale")
     args = parser.parse_args()
     axes, sources, missing = {}, {}, []
@@ -77,6 +80,13 @@ def main() -> None:
         axes[axis] = result
         sizes = [r[axis] for r in result["runs"]]
         sources[axis] = {"file": path.name, "command": result["command"], "sizes": sizes}
+    field = "max_abs_score_diff_vs_before"
+    if args.scores and "users" in axes and field not in axes["users"]:
+        scored = json.loads((RESULTS / f"{args.scores}.json").read_text())
+        if scored["axis"] != "users" or field not in scored:
+            parser.error(f"{args.scores}: no users-axis score comparison")
+        axes["users"] = {**axes["users"], field: scored[field]}
+        sources["scores"] = {"file": f"{args.scores}.json", "command": scored["command"]}
     summary = {
         **summarize(axes),
         "sources": sources,

@@ -416,7 +416,8 @@ def _census(source: tuple) -> tuple[np.ndarray, int]:
 
 
 def _list_entries(fs, path: str) -> int:
-    """The neighbour ids a neighbour-list file holds, from its footer's value counts."""
+    """The neighbour ids a neighbour-list file holds, from its footer's value counts (an
+    empty or null list counts as one: a sizing estimate)."""
     meta = pq.ParquetFile(path, filesystem=fs).metadata
     leaf = f"{S.NEIGHBOR_IDS}."
     return sum(
