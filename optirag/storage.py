@@ -238,7 +238,7 @@ def read_versioned(uri: str, storage: StorageConfig) -> tuple[bytes, str] | None
 
 def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageConfig) -> str | None:
     """Overwrite `uri` with `data` only if it is still at `version`; the new version, or None
-    (S3: `If-Match`; local: a compare-and-swap under a lock file)."""
+    (S3: `If-Match`; local: a compare-and-swap under a lock on the folder)."""
     if is_remote(uri):
         bucket, key = _bucket_key(uri)
         try:
@@ -253,8 +253,11 @@ def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageCo
     import fcntl
 
     path = Path(uri)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # the lock is the folder's (flock on its descriptor): a lock file beside `path` would be
+    # left in the folder, e.g. in a committed run's root
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         try:
             current = path.read_bytes()
         except FileNotFoundError:
@@ -264,6 +267,8 @@ def replace_if_unchanged(uri: str, data: bytes, version: str, storage: StorageCo
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    finally:
+        os.close(folder)  # releases the lock
     return _digest(data)
 
 

@@ -190,11 +190,13 @@ def _stop_head(temp_dir: str) -> None:
 
 def test_smollm2_with_its_chat_template_scores_as_before_the_family_registry(movielens):
     """Issue 28: the template's answer token is the unspaced Yes, as before, and the engines
-    now run HF's own layers: each engine's scores equal its bdfc462 scores within 1e-6 (the
-    golden file; the two engines differ from each other by float rounding, ~4e-6)."""
+    now run HF's own layers: each engine's scores equal its bdfc462 scores within 5e-5 (the
+    golden file). Float32 rounding is the CPU's: the two engines differ from each other by
+    ~4e-6, and an AMD EPYC's kernels from the golden's machine by up to 7.6e-6 (2026-12-07);
+    a wrong answer token or template moves scores by far more than 1e-3."""
     golden = json.loads((ROOT / "tests" / "golden" / "smollm2_template.json").read_text())
     sys.path.insert(0, str(ROOT / "bench"))
     from scores_before_after import demo_pair_scores  # the pairs and scorers golden came from
 
     for engine, scores in demo_pair_scores(movielens).items():
-        np.testing.assert_allclose(scores, golden["scores"][engine], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(scores, golden["scores"][engine], atol=5e-5, rtol=0)
