@@ -22,19 +22,20 @@ def test_a_live_lease_refuses_a_second_writer_and_an_expired_one_is_taken_over(
     store_fixture, request
 ):
     store = request.getfixturevalue(store_fixture)
+    TTL = 1.8  # seconds: 0.6 expired through moto's server on a loaded 2-core machine
     uri = storage.join(store.root, "scores", "r1", "_lease.json")
-    first = leases.Lease.take(uri, store, 0.6, "run r1")
-    assert leases.Lease.take(uri, store, 0.6, "run r1") is first  # this process: re-entrant
+    first = leases.Lease.take(uri, store, TTL, "run r1")
+    assert leases.Lease.take(uri, store, TTL, "run r1") is first  # this process: re-entrant
     leases._HELD.clear()  # another process
     with pytest.raises(leases.LeaseHeld, match=r"run r1 is being written by .*host .*pid"):
-        leases.Lease.take(uri, store, 0.6, "run r1")
-    time.sleep(0.5)  # renewed by its heartbeat: still live past its first expiry
+        leases.Lease.take(uri, store, TTL, "run r1")
+    time.sleep(TTL * 5 / 6)  # renewed by its heartbeat: still live past its first expiry
     with pytest.raises(leases.LeaseHeld):
-        leases.Lease.take(uri, store, 0.6, "run r1")
+        leases.Lease.take(uri, store, TTL, "run r1")
 
     first._stop.set()  # its driver killed: no more renewals
-    time.sleep(0.8)
-    second = leases.Lease.take(uri, store, 0.6, "run r1")  # the expired lease, taken over
+    time.sleep(TTL * 4 / 3)
+    second = leases.Lease.take(uri, store, TTL, "run r1")  # the expired lease, taken over
     first.renew()  # the old holder wakes up: its lease is gone, it must not commit
     assert first.lost
     with pytest.raises(leases.LeaseLost):
