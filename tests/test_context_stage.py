@@ -465,6 +465,35 @@ def test_keyed_shuffles_take_the_configured_input_per_map_task(ray_session):
     assert [parallel.shuffle_partitions(n) for n in blocks] == [1, 1, 150, 1000, 1000]
 
 
+def test_each_group_has_a_shuffle_partition_of_its_own(ray_session, monkeypatch):
+    """A reduce task holds its whole partition: keyed 0..n-1, groups collided in Ray Data's
+    hash partitions (3 blocks in one at 10^6 users, 5 at 10^7) and the largest worker grew
+    with the users. Routed keys give each group its own partition, or spread them evenly
+    when there are more groups than partitions; checked through Ray Data's shuffle itself."""
+    from optirag.config import ComputeConfig
+
+    def groups_per_reduce_task(keys: np.ndarray, partitions: int) -> list[int]:
+        ds = parallel.task_ids(len(keys), ComputeConfig()).map_batches(
+            lambda b: {"key": keys[b["id"]]}, batch_size=None
+        )
+        held = ds.repartition(partitions, keys=["key"]).map_batches(
+            lambda b: {"n": [len(np.unique(b["key"]))]}, batch_size=None
+        )
+        return sorted(n for n in held.to_pandas()["n"] if n)
+
+    plain = groups_per_reduce_task(np.arange(45), 45)
+    assert max(plain) >= 2  # what went wrong
+    routes = parallel.ShuffleRoutes(45, "key")
+    assert routes.partitions == 45
+    assert groups_per_reduce_task(routes.keys, routes.partitions) == [1] * 45
+    assert (routes.group(routes.key(np.arange(45))) == np.arange(45)).all()
+
+    monkeypatch.setattr(parallel, "MAX_PARTITIONS", 16)  # more groups than partitions
+    routes = parallel.ShuffleRoutes(40, "key")
+    assert routes.partitions == 16 and len(set(routes.keys.tolist())) == 40
+    assert groups_per_reduce_task(routes.keys, routes.partitions) == [2] * 8 + [3] * 8
+
+
 def test_a_worker_keeps_one_builds_shared_inputs():
     """The items table, tokenizer and items' side are made once per build in a process, and a
     task of another build drops them (a long-lived worker does not keep every build's)."""

@@ -53,10 +53,10 @@ from optirag.context_tables import (
 from optirag.ids import HASH_SPACE, range_of, user_hash
 from optirag.model_files import local_backbone, model_digest
 from optirag.pipelines.parallel import (
+    ShuffleRoutes,
     combined_in_tasks,
     in_tasks,
     releasing,
-    shuffle_partitions,
     task_ids,
 )
 from optirag.prompts import PromptBuilder
@@ -245,17 +245,19 @@ def _users_table(
     if users == 0:
         raise ValueError(f"{history}: no users in the history, neighbour table or side features")
     n_blocks = context_blocks(users, listed, cfg.compute.context_users_per_task)
+    routes = ShuffleRoutes(n_blocks, KEY)
     batch_rows = ROUTE_BATCH  # read here: tasks run in other processes
 
     def read(batch: dict[str, np.ndarray]):
         kind, where = sources[int(batch["id"][0])]
         for table in _source_tables(kind, where, batch_rows=batch_rows):
-            yield _keyed(table, kind, range_of(table[S.USER_ID].to_numpy(), n_blocks))
+            blocks = range_of(table[S.USER_ID].to_numpy(), n_blocks)
+            yield _keyed(table, kind, routes.key(blocks))
             if kind == LISTS:
-                yield _edges(table, n_blocks)
+                yield _edges(table, routes)
 
     def render(group: pa.Table) -> pa.Table:
-        block = int(group[KEY][0].as_py())
+        block = int(routes.group(group[KEY][0].as_py()))
         kinds = group[KIND].to_numpy()
         ids = group[S.USER_ID].to_numpy()
         own = np.unique(ids[(kinds != HISTORY) | (range_of(ids, n_blocks) == block)])
@@ -273,15 +275,11 @@ def _users_table(
             {"part": [block], "low": hashes[:1], "high": hashes[-1:], "users": [len(table)]}
         )
 
-    partitions = shuffle_partitions(n_blocks)
-    written = (
-        task_ids(len(sources), cfg.compute)
-        .map_batches(read, batch_size=1, batch_format="numpy")
-        .groupby(KEY, num_partitions=partitions)
-        .map_groups(releasing(_fan_out), batch_format="pyarrow")
-        .groupby(KEY, num_partitions=partitions)
-        .map_groups(releasing(render), batch_format="pyarrow")
+    read_rows = task_ids(len(sources), cfg.compute).map_batches(
+        read, batch_size=1, batch_format="numpy"
     )
+    fanned_out = routes.groupby(read_rows).map_groups(releasing(_fan_out), batch_format="pyarrow")
+    written = routes.groupby(fanned_out).map_groups(releasing(render), batch_format="pyarrow")
     parts, count = [], 0
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         columns = (batch[c].to_numpy() for c in ("part", "low", "high", "users"))
@@ -291,8 +289,9 @@ def _users_table(
     return count, sorted(parts)
 
 
-# How the context stage's rows travel to their blocks: the block a row goes to, what it is.
-KEY, KIND, LISTER, SIDE = "_block", "_kind", "_lister_block", "_side"
+# How the context stage's rows travel to their blocks: the key of the block a row goes to
+# (`ShuffleRoutes`: a partition of its own), what it is.
+KEY, KIND, LISTER, SIDE = "_route", "_kind", "_lister_route", "_side"
 HISTORY, LISTS, EDGE, SIDE_MF, SIDE_STATS = 0, 1, 2, 3, 4
 # a side row's values: the user's stored arrays (beside the ids) side by side, as float64
 SIDE_ARRAYS = {SIDE_MF: A.StoredSideFeatures.USERS, SIDE_STATS: A.StoredSideFeatures.USER_STATS}
@@ -308,11 +307,11 @@ SIDE_CHUNK = 1 << 17
 SKETCH = 4096  # smallest distinct user hashes kept per file: the users counted to about 2%
 
 
-def _keyed(table: pa.Table, kind: int, blocks: np.ndarray, schema: pa.Schema = ROUTED) -> pa.Table:
+def _keyed(table: pa.Table, kind: int, keys: np.ndarray, schema: pa.Schema = ROUTED) -> pa.Table:
     """Rows of one kind in a routed `schema` (the users' ROUTED or ITEM_ROUTED; columns the
-    kind lacks are null), keyed by block."""
+    kind lacks are null), with their blocks' keys."""
     n = len(table)
-    given = {KEY: pa.array(blocks, pa.int64()), KIND: pa.array(np.full(n, kind, np.int8))}
+    given = {KEY: pa.array(keys, pa.int64()), KIND: pa.array(np.full(n, kind, np.int8))}
     given |= {name: table[name] for name in table.column_names if name in schema.names}
     columns = [
         given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in schema
@@ -320,18 +319,20 @@ def _keyed(table: pa.Table, kind: int, blocks: np.ndarray, schema: pa.Schema = R
     return pa.table(columns, schema=schema)
 
 
-def _edges(lists: pa.Table, n_blocks: int) -> pa.Table:
+def _edges(lists: pa.Table, routes: ShuffleRoutes) -> pa.Table:
     """Each (neighbour, block of a user listing them) once in this batch (other batches may
     repeat it: `_fan_out` dedupes per block), keyed by the neighbour's block, where the
-    neighbour's history rows are: they are copied from there to the lister's."""
+    neighbour's history rows are: they are copied from there to the lister's (LISTER: the
+    lister block's key)."""
+    n_blocks = routes.groups
     listed = lists[S.NEIGHBOR_IDS]
     lengths = pc.fill_null(pc.list_value_length(listed), 0).to_numpy()
     neighbours = pc.list_flatten(listed).to_numpy().astype(np.int64)
     listers = np.repeat(range_of(lists[S.USER_ID].to_numpy(), n_blocks), lengths)
     away = listers != range_of(neighbours, n_blocks)  # a block has its own users' rows
     pairs = np.unique(np.stack([neighbours[away], listers[away]], 1), axis=0)
-    table = pa.table({S.USER_ID: pairs[:, 0], LISTER: pairs[:, 1]})
-    return _keyed(table, EDGE, range_of(pairs[:, 0], n_blocks))
+    table = pa.table({S.USER_ID: pairs[:, 0], LISTER: routes.key(pairs[:, 1])})
+    return _keyed(table, EDGE, routes.key(range_of(pairs[:, 0], n_blocks)))
 
 
 def _fan_out(group: pa.Table) -> pa.Table:
@@ -546,6 +547,7 @@ def _item_table(
     fs = {ITEM: storage.resolve(items, store)[0], TOTALS: storage.resolve(history, store)[0]}
     counted = in_tasks(partial(_rows_of, fs[ITEM]), [p for kind, p in files if kind == ITEM])
     n_blocks = max(1, -(-sum(counted) // ITEMS_PER_TASK))
+    routes = ShuffleRoutes(n_blocks, KEY)
 
     def read(batch: dict[str, np.ndarray]):
         kind, path = files[int(batch["id"][0])]
@@ -558,10 +560,10 @@ def _item_table(
                     [(S.RATING, "sum"), (S.RATING, "count")]
                 )
             blocks = range_of(table[S.ITEM_ID].to_numpy(), n_blocks)
-            yield _keyed(table, kind, blocks, ITEM_ROUTED)
+            yield _keyed(table, kind, routes.key(blocks), ITEM_ROUTED)
 
     def encode(group: pa.Table) -> pa.Table:
-        block = int(group[KEY][0].as_py())
+        block = int(routes.group(group[KEY][0].as_py()))
         kinds = group[KIND].to_numpy()
         texts = group.filter(pa.array(kinds == ITEM)).select(S.ITEMS.names).cast(S.ITEMS)
         ratings = None
@@ -581,12 +583,10 @@ def _item_table(
         storage.write_table(table, paths.items_part(block), store)
         return pa.table({"part": [block], "items": [len(table)]})
 
-    written = (
-        task_ids(len(files), cfg.compute)
-        .map_batches(read, batch_size=1, batch_format="numpy")
-        .groupby(KEY, num_partitions=shuffle_partitions(n_blocks))
-        .map_groups(releasing(encode), batch_format="pyarrow")
+    read_rows = task_ids(len(files), cfg.compute).map_batches(
+        read, batch_size=1, batch_format="numpy"
     )
+    written = routes.groupby(read_rows).map_groups(releasing(encode), batch_format="pyarrow")
     parts, count = [], 0
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         parts += batch["part"].to_pylist()
