@@ -21,10 +21,11 @@ from optirag.config import ComputeConfig
 SERIAL_BELOW = 64  # fewer items than this: in the driver (a task costs more than it saves)
 MAX_PER_TASK = 1000
 # A keyed shuffle's most partitions. Ray Data's reduce task holds its whole partition, so a
-# partition per group (a context block, a scoring shard) keeps a task's memory flat in the
-# data; but the driver keeps, per map task, a reference per partition (object-store shuffle)
-# or a handle with a row per partition (disk shuffle). At 1,000 a partition holds one block up
-# to 2 x 10^7 users (20,000 a block), several beyond (docs/design.md).
+# partition per group (a context block, a scoring shard; `ShuffleRoutes`) keeps a task's
+# memory flat in the data; but the driver keeps, per map task, a reference per partition
+# (object-store shuffle) or a handle with a row per partition (disk shuffle). At 1,000 a
+# partition holds one block up to about 2 x 10^7 users, ceil(blocks / 1,000) beyond
+# (docs/design.md).
 MAX_PARTITIONS = 1000
 
 
@@ -83,7 +84,9 @@ class ShuffleRoutes:
 def _partition_keys(groups: int, partitions: int, column: str) -> np.ndarray:
     """Distinct non-negative keys, the g-th one sent by Ray Data's hash shuffle to partition
     g % partitions: candidates 0, 1, 2, ... hashed in chunks, each taken by the first group
-    of its partition still without a key."""
+    of its partition still without a key. `hash_partition` is Ray Data's own (private):
+    tests/test_context_stage.py checks the routing through a real shuffle, so a Ray release
+    that partitions otherwise fails a test, not a worker's memory."""
     from ray.data._internal.arrow_ops.transform_pyarrow import hash_partition
 
     wanted = [list(range(p, groups, partitions)) for p in range(partitions)]
