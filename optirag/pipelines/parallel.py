@@ -23,10 +23,9 @@ MAX_PER_TASK = 1000
 # A keyed shuffle's most partitions. Ray Data's reduce task holds its whole partition, so a
 # partition per group keeps a task's memory flat in the data (context blocks, routed by
 # `ShuffleRoutes`; scoring shards are still hashed and collide, docs/design.md); but the
-# driver keeps, per map task, a reference per partition
-# (object-store shuffle) or a handle with a row per partition (disk shuffle). At 1,000 a
-# partition holds one block up to about 2 x 10^7 users, ceil(blocks / 1,000) beyond
-# (docs/design.md).
+# driver keeps, per map task, a reference per partition (object-store shuffle) or a handle
+# with a row per partition (disk shuffle). At 1,000 a partition holds one block up to about
+# 2 x 10^7 users, ceil(blocks / 1,000) beyond (docs/design.md).
 MAX_PARTITIONS = 1000
 
 
