@@ -324,7 +324,9 @@ class ScoringConfig(StrictModel):
         "the partitions it scores)",
     )
     stall_timeout_s: float = Field(
-        900, gt=0, description="fail when no shard finishes and no input is read this long"
+        900,
+        gt=0,
+        description="fail when no shard finishes and no input is read or staged this long",
     )
     shuffle_min_rows: int = Field(
         100_000,

@@ -211,7 +211,7 @@ def test_job_matches_the_in_process_scorer_and_a_rerun_skips_finished_shards(
 
 
 def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
-    ray_session, local_storage, tiny_llama_dir, movie_tables
+    ray_session, local_storage, tiny_llama_dir, movie_tables, capsys
 ):
     """Issue 30: Ray Data slices a block over 1.5x its target size, and a shard's token
     block that big failed the run ("a batch must hold one whole shard"). A shard is now cut
@@ -226,6 +226,9 @@ def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
         shuffle_min_rows=0,  # through Ray Data's shuffle, as a big run
     )
     summary = scoring.run(cfg)
+    bars = capsys.readouterr().err  # the driver's progress: every row read, staged, scored
+    for stage in ("read", "staged", "scoring"):
+        assert f"{stage}: 100%" in bars and f"{cands.num_rows}/{cands.num_rows}" in bars
     default = ray.data.DataContext.get_current().target_max_block_size
     assert default == 128 << 20  # the process's own is left as it was
     assert summary["shards"] == 1

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from optirag import runs, storage
 from optirag import schema as S
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 TOKEN_COLUMNS = [S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE]
 RUN = "_run"  # which of the runs scored together a row belongs to; dropped before writing
 RUN_ERRORS = (ValueError, OSError, RuntimeError)  # what fails a run (RunFailed: RuntimeError)
+WRITES_PER_ACTOR = 2  # write tasks at once per scoring actor (they hold no CPU)
 
 
 class ScoreTokens:
@@ -275,18 +276,18 @@ def _score_planned(planned: list[Planned], finish, outcomes: dict, cfg) -> list[
 
 
 @ray.remote(num_cpus=0)
-class ReadProgress:
-    """Input rows read so far, told by the read tasks: the driver's progress and stall
-    watch while the shuffle gathers each shard (no shard finishes before it has all its
-    rows)."""
+class StagingProgress:
+    """Input rows read, then staged (gathered into their shard's token block), so far, told
+    by the tasks: the driver's progress and stall watch before shards are written (no shard
+    finishes before the shuffle has gathered all its rows)."""
 
     def __init__(self) -> None:
-        self.rows = 0
+        self.rows = {"read": 0, "staged": 0}
 
-    def add(self, rows: int) -> None:
-        self.rows += rows
+    def add(self, stage: str, rows: int) -> None:
+        self.rows[stage] += rows
 
-    def get(self) -> int:
+    def get(self) -> dict[str, int]:
         return self.rows
 
 
@@ -300,7 +301,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     targets = [(one.cfg, one.run.paths, one.run.num_shards, set(one.done)) for one in planned]
     work = [(i, part) for i in pending for part in planned[i].run.parts]
     names = [f"{one.run.run_id} (input {one.run.inputs.candidates})" for one in planned]
-    progress = ReadProgress.remote()
+    progress = StagingProgress.remote()
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     # Ray Data's output buffer emits a block once it holds the block size and slices one
     # over 1.5 times it. Pieces of an eighth (plus a row: rows are far smaller) never reach
@@ -322,7 +323,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
             table = runs.with_shards(runs.read_part(part, fs), num_shards)
         if done:
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
-        progress.add.remote(part.length)
+        ray.get(progress.add.remote("read", part.length))  # counted before it moves on
         return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
 
     def read_all(batch: dict[str, np.ndarray]):
@@ -338,6 +339,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         with naming_the_run(names, i, shard):
             table = runs.mark_duplicates(group.drop_columns([RUN, runs.SHARD_ID]))
             block = assemble_shard(table, shard, num_shards, tables, cfg)
+        ray.get(progress.add.remote("staged", len(group)))  # counted before it moves on
         for piece in runs.label_pieces(cut_block(block, budget), shard):
             yield piece.append_column(RUN, pa.array(np.full(len(piece), i, dtype=np.int64)))
 
@@ -376,7 +378,17 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         num_cpus=compute.num_cpus_per_actor,
         max_restarts=cfg.scoring.max_actor_restarts,
         max_task_retries=cfg.scoring.max_task_retries,
-    ).map_batches(write, batch_size=None, batch_format="pyarrow")
+    ).map_batches(
+        write,
+        batch_size=None,
+        batch_format="pyarrow",
+        # Writing takes no CPU of its own: Ray Data reserves CPUs for the upstream ops first
+        # (staging reduce, then the actors) and gives a later op only what is left, which on
+        # a small cluster is nothing; a write needing a CPU then waits for every staging
+        # task, the scored pieces fill the actors' output budget and the run stalls.
+        num_cpus=0,
+        compute=TaskPoolStrategy(size=WRITES_PER_ACTOR * compute.max_actors),
+    )
     return graph, progress
 
 
@@ -391,8 +403,8 @@ def _drive(
 ) -> None:
     """Consume the dataset with progress bars, a wall-clock limit (default
     `scoring.timeout_s`) and a stall watchdog; `on_marker` sees each marker as it arrives;
-    `progress` (a ReadProgress) counts the rows read, which also keeps the watchdog quiet
-    while the shuffle gathers the shards."""
+    `progress` (a StagingProgress) counts the rows read and staged, which also keeps the
+    watchdog quiet while the shuffle gathers the shards."""
     events: queue.Queue = queue.Queue()
 
     def consume() -> None:
@@ -451,37 +463,50 @@ def _watch(
     stall_s = cfg.scoring.stall_timeout_s
     deadline = time.monotonic() + timeout_s
     timed_out = f"timed out after {timeout_s:.0f}s (scoring.timeout_s={cfg.scoring.timeout_s}s)"
-    read_rows, moved = 0, time.monotonic()
-    bars = [tqdm(total=pending_rows, unit="pairs", desc=desc, smoothing=0.1)]
-    if progress is not None:
-        bars.insert(0, tqdm(total=pending_rows, unit="pairs", desc="reading", smoothing=0.1))
+    stages = ("read", "staged") if progress is not None else ()
+    bars = {
+        stage: tqdm(total=pending_rows, unit="pairs", desc=stage, smoothing=0.1)
+        for stage in (*stages, desc)
+    }
+
+    def staging_moved() -> bool:
+        """Bring the read and staged bars up to the tasks' counts; whether one moved."""
+        counts = ray.get(progress.get.remote(), timeout=60) if progress is not None else {}
+        grew = False
+        for stage, rows in counts.items():
+            rows = min(rows, pending_rows)  # a retried task counts twice
+            if rows > bars[stage].n:
+                bars[stage].update(rows - bars[stage].n)
+                grew = True
+        return grew
+
+    moved = polled = time.monotonic()
     try:
         while True:
             now = time.monotonic()
             if now >= deadline:
                 raise runs.RunFailed(timed_out)
+            if now - polled >= WATCH_TICK_S:
+                polled = now
+                moved = now if staging_moved() else moved
             if now - moved >= stall_s:
                 raise runs.RunFailed(
-                    f"stalled: no shard finished and no input was read in "
+                    f"stalled: no shard finished and no input was read or staged in "
                     f"scoring.stall_timeout_s={stall_s}s"
                 )
             try:
                 kind, payload = events.get(timeout=min(WATCH_TICK_S, stall_s, deadline - now))
             except queue.Empty:
-                if progress is not None:
-                    rows = ray.get(progress.get.remote(), timeout=60)
-                    if rows > read_rows:
-                        bars[0].update(rows - read_rows)
-                        read_rows, moved = rows, time.monotonic()
                 continue
             if kind == "done":
+                staging_moved()
                 return
             if kind == "error":
                 raise runs.RunFailed(f"scoring failed: {payload}") from payload
             moved = time.monotonic()
-            bars[-1].update(payload["input_rows"])
+            bars[desc].update(payload["input_rows"])
             if on_marker is not None:
                 on_marker(payload)
     finally:
-        for bar in bars:
+        for bar in bars.values():
             bar.close()
