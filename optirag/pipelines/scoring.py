@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from optirag import runs, storage
 from optirag import schema as S
@@ -301,7 +302,9 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     targets = [(one.cfg, one.run.paths, one.run.num_shards, set(one.done)) for one in planned]
     work = [(i, part) for i in pending for part in planned[i].run.parts]
     names = [f"{one.run.run_id} (input {one.run.inputs.candidates})" for one in planned]
-    progress = StagingProgress.remote()
+    # beside the driver: a counter on a node that fails would fail the run with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = StagingProgress.options(scheduling_strategy=here).remote()
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     # Ray Data's output buffer emits a block once it holds the block size and slices one
     # over 1.5 times it. Pieces of an eighth (plus a row: rows are far smaller) never reach
@@ -323,7 +326,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
             table = runs.with_shards(runs.read_part(part, fs), num_shards)
         if done:
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
-        ray.get(progress.add.remote("read", part.length))  # counted before it moves on
+        progress.add.remote("read", part.length)
         return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
 
     def read_all(batch: dict[str, np.ndarray]):
@@ -339,7 +342,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         with naming_the_run(names, i, shard):
             table = runs.mark_duplicates(group.drop_columns([RUN, runs.SHARD_ID]))
             block = assemble_shard(table, shard, num_shards, tables, cfg)
-        ray.get(progress.add.remote("staged", len(group)))  # counted before it moves on
+        progress.add.remote("staged", len(group))  # told before its pieces are yielded
         for piece in runs.label_pieces(cut_block(block, budget), shard):
             yield piece.append_column(RUN, pa.array(np.full(len(piece), i, dtype=np.int64)))
 
