@@ -2,6 +2,8 @@
 
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -228,7 +230,8 @@ def test_a_shard_larger_than_ray_datas_block_limit_is_written_in_pieces(
     summary = scoring.run(cfg)
     bars = capsys.readouterr().err  # the driver's progress: every row read, staged, scored
     for stage in ("read", "staged", "scoring"):
-        assert f"{stage}: 100%" in bars and f"{cands.num_rows}/{cands.num_rows}" in bars
+        done = rf"{stage}: 100%\|[^|\n]*\| {cands.num_rows}/{cands.num_rows} "
+        assert re.search(done, bars), (stage, bars[-2000:])
     default = ray.data.DataContext.get_current().target_max_block_size
     assert default == 128 << 20  # the process's own is left as it was
     assert summary["shards"] == 1
@@ -532,3 +535,18 @@ def test_an_error_while_runs_are_scored_together_names_the_run_and_shard():
         scoring.naming_the_run(names, 1, 7, files.of(np.array([12]))),
     ):
         raise ValueError("bad row")
+
+
+def test_a_progress_counter_that_does_not_answer_costs_the_bars_not_the_run(ray_session):
+    """The driver asks the read/staged counter for its bars; a counter that died (its node,
+    the memory monitor) must not fail runs whose shards are all written."""
+    progress = scoring.StagingProgress.remote()
+    ray.get(progress.add.remote("read", 3))
+    ray.kill(progress)
+    events = queue.Queue()
+    for event in (("shard", {"input_rows": 2}), ("shard", {"input_rows": 1}), ("done", None)):
+        events.put(event)
+    seen = []
+    cfg = Config.model_validate({"scoring": {"stall_timeout_s": 0.5}})  # polled each 0.25 s
+    scoring._watch(events, 3, cfg, "scoring", seen.append, 60, progress)
+    assert [m["input_rows"] for m in seen] == [2, 1]

@@ -49,6 +49,7 @@ TOKEN_COLUMNS = [S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE]
 RUN = "_run"  # which of the runs scored together a row belongs to; dropped before writing
 RUN_ERRORS = (ValueError, OSError, RuntimeError)  # what fails a run (RunFailed: RuntimeError)
 WRITES_PER_ACTOR = 2  # write tasks at once per scoring actor (they hold no CPU)
+COUNTER_TIMEOUT_S = 5.0  # the progress counter's answer, from a task or the driver
 
 
 class ScoreTokens:
@@ -292,6 +293,15 @@ class StagingProgress:
         return self.rows
 
 
+def _tell(progress, stage: str, rows: int) -> None:
+    """Count rows on the driver's bars, waiting for the count to land (so the bars end at
+    every row), but never failing the task: a lost count costs a bar, not a run."""
+    try:
+        ray.get(progress.add.remote(stage, rows), timeout=COUNTER_TIMEOUT_S)
+    except ray.exceptions.RayError:
+        log.debug("a %s count of %d rows was not told", stage, rows, exc_info=True)
+
+
 def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     """read parts (tasks) -> keyed shuffle by (run, shard) -> mark duplicates, assemble
     tokens, cut by bytes (tasks) -> ScoreTokens (actor pool) -> write pieces (tasks)."""
@@ -326,7 +336,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
             table = runs.with_shards(runs.read_part(part, fs), num_shards)
         if done:
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
-        progress.add.remote("read", part.length)
+        _tell(progress, "read", len(table))  # a resumed run's written shards not counted
         return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
 
     def read_all(batch: dict[str, np.ndarray]):
@@ -342,7 +352,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         with naming_the_run(names, i, shard):
             table = runs.mark_duplicates(group.drop_columns([RUN, runs.SHARD_ID]))
             block = assemble_shard(table, shard, num_shards, tables, cfg)
-        progress.add.remote("staged", len(group))  # told before its pieces are yielded
+        _tell(progress, "staged", len(group))
         for piece in runs.label_pieces(cut_block(block, budget), shard):
             yield piece.append_column(RUN, pa.array(np.full(len(piece), i, dtype=np.int64)))
 
@@ -355,6 +365,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         return pa.table({"marker": [json.dumps(m) for m in markers]})
 
     compute = cfg.compute
+    _warn_if_actors_leave_no_cpu(compute)
     partitions = shuffle_partitions(sum(planned[i].run.num_shards for i in pending))
     # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
     # which it flags as deprecated; the bounds below are deliberate.
@@ -386,13 +397,29 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         batch_size=None,
         batch_format="pyarrow",
         # Writing takes no CPU of its own: Ray Data reserves CPUs for the upstream ops first
-        # (staging reduce, then the actors) and gives a later op only what is left, which on
-        # a small cluster is nothing; a write needing a CPU then waits for every staging
-        # task, the scored pieces fill the actors' output budget and the run stalls.
+        # and splits what is left among all the ops, so a write needing a CPU took a share
+        # of the one the actor left on a small cluster and so did the staging reduce: neither
+        # could start a task, the scored pieces filled the actors' output budget and the
+        # run stalled. An op needing no CPU gets no share (docs/design.md).
         num_cpus=0,
         compute=TaskPoolStrategy(size=WRITES_PER_ACTOR * compute.max_actors),
     )
     return graph, progress
+
+
+def _warn_if_actors_leave_no_cpu(compute) -> None:
+    """The staging tasks need a CPU beside the actors: a cluster whose actors can hold every
+    CPU but one scores a task at a time, and one they fill may stall."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    held = compute.max_actors * compute.num_cpus_per_actor
+    if cpus < held + 1:
+        log.warning(
+            "the scoring actors may hold %g of the cluster's %g CPUs (compute.max_actors x "
+            "compute.num_cpus_per_actor), leaving less than the one CPU a staging task needs: "
+            "the run may stall unless the cluster grows",
+            held,
+            cpus,
+        )
 
 
 def _drive(
@@ -473,8 +500,17 @@ def _watch(
     }
 
     def staging_moved() -> bool:
-        """Bring the read and staged bars up to the tasks' counts; whether one moved."""
-        counts = ray.get(progress.get.remote(), timeout=60) if progress is not None else {}
+        """Bring the read and staged bars up to the tasks' counts; whether one moved. A
+        counter that does not answer costs the bars, not the run: it is asked no more."""
+        nonlocal progress
+        if progress is None:
+            return False
+        try:
+            counts = ray.get(progress.get.remote(), timeout=COUNTER_TIMEOUT_S)
+        except ray.exceptions.RayError as err:
+            log.warning("the read and staged counts stop here (%s: %s)", type(err).__name__, err)
+            progress = None
+            return False
         grew = False
         for stage, rows in counts.items():
             rows = min(rows, pending_rows)  # a retried task counts twice
@@ -483,13 +519,14 @@ def _watch(
                 grew = True
         return grew
 
+    tick = min(WATCH_TICK_S, stall_s / 2)
     moved = polled = time.monotonic()
     try:
         while True:
             now = time.monotonic()
             if now >= deadline:
                 raise runs.RunFailed(timed_out)
-            if now - polled >= WATCH_TICK_S:
+            if now - polled >= tick:
                 polled = now
                 moved = now if staging_moved() else moved
             if now - moved >= stall_s:
@@ -498,7 +535,7 @@ def _watch(
                     f"scoring.stall_timeout_s={stall_s}s"
                 )
             try:
-                kind, payload = events.get(timeout=min(WATCH_TICK_S, stall_s, deadline - now))
+                kind, payload = events.get(timeout=min(tick, deadline - now))
             except queue.Empty:
                 continue
             if kind == "done":
