@@ -38,14 +38,14 @@ def _write_partitioned(store, movie_tables, days=DAYS, per_user=6):
     return folder, tables
 
 
-def _config(store, tiny_llama_dir, folder, threshold=0.002, **backfill_cfg) -> Config:
+def _config(store, tiny_llama_dir, folder, threshold=0.002, scoring=None, **backfill_cfg) -> Config:
     return Config.model_validate(
         {
             "storage": store.model_dump(mode="json"),
             "backbone": {"source": "path", "path": str(tiny_llama_dir), "device": "cpu"},
             "exits": {"rule": "agreement", "threshold": threshold},
             "compute": {"batch_rows": 16},
-            "scoring": {"rows_per_shard": 12},
+            "scoring": {"rows_per_shard": 12, **(scoring or {})},
             "backfill": {"candidates_uri": folder, **backfill_cfg},
         }
     )
@@ -135,7 +135,9 @@ def test_backfill_commits_each_partition_and_two_variants_read_as_one_dataset(
 ):
     folder, tables = _write_partitioned(local_storage, movie_tables)
     table = {"enabled": True}  # the runs are published into an Iceberg table too
-    variant_a = _config(local_storage, tiny_llama_dir, folder, table=table)
+    # the partitions through one keyed shuffle, their shards numbered across the runs
+    shuffled = {"shuffle_min_rows": 0}
+    variant_a = _config(local_storage, tiny_llama_dir, folder, scoring=shuffled, table=table)
     variant_b = _config(local_storage, tiny_llama_dir, folder, 0.2, table=table)
     first = backfill.run(variant_a)
     assert first["counts"] == {"committed": 3, "skipped": 0, "failed": 0, backfill.NOT_RUN: 0}

@@ -21,11 +21,11 @@ from optirag.config import ComputeConfig
 SERIAL_BELOW = 64  # fewer items than this: in the driver (a task costs more than it saves)
 MAX_PER_TASK = 1000
 # A keyed shuffle's most partitions. Ray Data's reduce task holds its whole partition, so a
-# partition per group keeps a task's memory flat in the data (context blocks, routed by
-# `ShuffleRoutes`; scoring shards are still hashed and collide, docs/design.md); but the
-# driver keeps, per map task, a reference per partition (object-store shuffle) or a handle
-# with a row per partition (disk shuffle). At 1,000 a partition holds one block up to about
-# 2 x 10^7 users, ceil(blocks / 1,000) beyond (docs/design.md).
+# partition per group (a context block, a scoring shard; routed by `ShuffleRoutes`) keeps a
+# task's memory flat in the data; but the driver keeps, per map task, a reference per
+# partition (object-store shuffle) or a handle with a row per partition (disk shuffle). At
+# 1,000 a partition holds one block up to about 2 x 10^7 users, ceil(blocks / 1,000) beyond
+# (docs/design.md).
 MAX_PARTITIONS = 1000
 
 
@@ -49,7 +49,7 @@ def shuffle_partitions(groups: int) -> int:
 
 
 class ShuffleRoutes:
-    """Keys that take groups 0..n-1 (the context stage's blocks) through a keyed Ray Data
+    """Keys that take groups 0..n-1 (context blocks, scoring shards) through a keyed Ray Data
     shuffle to partitions of their own, as evenly as the partitions allow (group g to
     partition g % partitions).
 

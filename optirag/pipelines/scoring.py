@@ -41,12 +41,13 @@ from optirag.config import Config
 from optirag.context_tables import TokenAssembler, cut_block, score_block
 from optirag.ids import hash_range
 from optirag.pipelines import context
-from optirag.pipelines.parallel import in_tasks, releasing, shuffle_partitions, task_ids
+from optirag.pipelines.parallel import ShuffleRoutes, in_tasks, releasing, task_ids
 
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = [S.PREFIX_IDS, S.SUFFIX_IDS, S.SIDE]
 RUN = "_run"  # which of the runs scored together a row belongs to; dropped before writing
+ROUTE = "_route"  # its (run, shard)'s key in the staging shuffle (`ShuffleRoutes`); dropped
 RUN_ERRORS = (ValueError, OSError, RuntimeError)  # what fails a run (RunFailed: RuntimeError)
 WRITES_PER_ACTOR = 2  # write tasks at once per scoring actor (they hold no CPU)
 COUNTER_TIMEOUT_S = 5.0  # the progress counter's answer, from a task or the driver
@@ -328,6 +329,11 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     if cfg.scoring.max_block_mib:
         source.context.target_max_block_size = int(cfg.scoring.max_block_mib * 2**20)
     budget = max(1, source.context.target_max_block_size // 8)
+    # each (run, shard) a partition of its own, up to MAX_PARTITIONS: shards numbered across
+    # the runs scored together
+    shards = [planned[i].run.num_shards for i in pending]
+    first_shard = dict(zip(pending, np.cumsum([0, *shards[:-1]]).tolist(), strict=True))
+    routes = ShuffleRoutes(sum(shards), ROUTE)
 
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
         i, part = work[int(batch["id"][0])]
@@ -337,6 +343,8 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         if done:
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
         _tell(progress, "read", len(table))  # a resumed run's written shards not counted
+        routed = routes.key(first_shard[i] + table[runs.SHARD_ID].to_numpy())
+        table = table.append_column(ROUTE, pa.array(routed, pa.int64()))
         return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
 
     def read_all(batch: dict[str, np.ndarray]):
@@ -350,7 +358,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         i, shard = int(group[RUN][0].as_py()), int(group[runs.SHARD_ID][0].as_py())
         _, _, num_shards, _ = targets[i]
         with naming_the_run(names, i, shard):
-            table = runs.mark_duplicates(group.drop_columns([RUN, runs.SHARD_ID]))
+            table = runs.mark_duplicates(group.drop_columns([RUN, ROUTE, runs.SHARD_ID]))
             block = assemble_shard(table, shard, num_shards, tables, cfg)
         _tell(progress, "staged", len(group))
         for piece in runs.label_pieces(cut_block(block, budget), shard):
@@ -366,17 +374,13 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
 
     compute = cfg.compute
     _warn_if_actors_leave_no_cpu(compute)
-    partitions = shuffle_partitions(sum(planned[i].run.num_shards for i in pending))
     # Ray 2.60 has no named parameters for actor retries yet, only **ray_remote_args,
     # which it flags as deprecated; the bounds below are deliberate.
     if small:
         staged = source.map_batches(read_all, batch_size=1, batch_format="numpy")
     else:
-        staged = (
-            source.map_batches(read, batch_size=1, batch_format="numpy")
-            .groupby([RUN, runs.SHARD_ID], num_partitions=partitions)
-            .map_groups(releasing(assemble), batch_format="pyarrow")
-        )
+        read_rows = source.map_batches(read, batch_size=1, batch_format="numpy")
+        staged = routes.groupby(read_rows).map_groups(releasing(assemble), batch_format="pyarrow")
     graph = staged.map_batches(
         ScoreTokens,
         fn_constructor_kwargs={
