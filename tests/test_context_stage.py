@@ -330,6 +330,32 @@ def test_the_users_are_counted_by_sketches_without_a_list_of_them():
     assert len(context.merge_sketches(merged)) == context.SKETCH
 
 
+def test_a_neighbour_list_is_counted_from_one_open_of_its_file(tmp_path):
+    """Its users' sketch and its list entries from one footer read, not one each."""
+    import fsspec
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from optirag.ids import user_hash
+
+    class Opens(pafs.FSSpecHandler):
+        opened = 0
+
+        def open_input_file(self, path):
+            Opens.opened += 1
+            return super().open_input_file(path)
+
+    users = np.arange(1000, 4000, dtype=np.int64)
+    lists = [list(range(u % 7 + 1)) for u in users.tolist()]
+    path = str(tmp_path / "lists.parquet")
+    pq.write_table(pa.table({S.USER_ID: users, S.NEIGHBOR_IDS: lists}), path, row_group_size=700)
+    fs = pafs.PyFileSystem(Opens(fsspec.filesystem("file")))
+    sketch, entries = context._census((context.LISTS, (fs, path)))
+    assert Opens.opened == 1
+    assert entries == sum(map(len, lists))
+    assert np.array_equal(sketch, np.unique(user_hash(users))[: context.SKETCH])
+
+
 def test_blocks_are_sized_by_the_rows_they_hold_not_by_users():
     """A block receives its users' rows and a copy of each of their neighbours' rows per
     listing block: with blocks sized by users, 10x the users held +8% rows a block (the

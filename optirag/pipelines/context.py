@@ -373,9 +373,7 @@ def _source_tables(
     if kind not in SIDE_ARRAYS:
         fs, path = where
         columns = [S.USER_ID] if users_only else None
-        batches = pq.ParquetFile(path, filesystem=fs).iter_batches(batch_rows, columns=columns)
-        for part in batches:
-            yield pa.Table.from_batches([part])
+        yield from _file_tables(pq.ParquetFile(path, filesystem=fs), columns, batch_rows)
         return
     side, start, stop = where
     ids, *arrays = SIDE_ARRAYS[kind]
@@ -407,19 +405,31 @@ def _block_side(group: pa.Table, kinds: np.ndarray, side: A.StoredSideFeatures) 
     return side.features(given)
 
 
+def _file_tables(file: pq.ParquetFile, columns: list[str] | None, batch_rows: int):
+    """A Parquet file's rows in tables of `batch_rows`."""
+    for part in file.iter_batches(batch_rows, columns=columns):
+        yield pa.Table.from_batches([part])
+
+
 def _census(source: tuple) -> tuple[np.ndarray, int]:
     """A source's sketch (its SKETCH smallest distinct user hashes: a k-minimum-values
-    sketch) and, for a neighbour-list file, its list entries (from its footer)."""
-    users = [t[S.USER_ID].to_numpy() for t in _source_tables(*source, users_only=True)]
-    sketch = np.unique(user_hash(np.concatenate([np.empty(0, np.int64), *users])))[:SKETCH]
+    sketch) and, for a neighbour-list file, its list entries (from the footer its users are
+    read with)."""
     kind, where = source
-    return sketch, _list_entries(*where) if kind == LISTS else 0
+    if kind == LISTS:
+        file = pq.ParquetFile(where[1], filesystem=where[0])
+        tables, entries = _file_tables(file, [S.USER_ID], ROUTE_BATCH), _list_entries(file)
+    else:
+        tables, entries = _source_tables(kind, where, users_only=True), 0
+    users = [t[S.USER_ID].to_numpy() for t in tables]
+    sketch = np.unique(user_hash(np.concatenate([np.empty(0, np.int64), *users])))[:SKETCH]
+    return sketch, entries
 
 
-def _list_entries(fs, path: str) -> int:
+def _list_entries(file: pq.ParquetFile) -> int:
     """The neighbour ids a neighbour-list file holds, from its footer's value counts (an
     empty or null list counts as one: a sizing estimate)."""
-    meta = pq.ParquetFile(path, filesystem=fs).metadata
+    meta = file.metadata
     leaf = f"{S.NEIGHBOR_IDS}."
     return sum(
         column.num_values
