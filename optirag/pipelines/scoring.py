@@ -329,11 +329,16 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
     if cfg.scoring.max_block_mib:
         source.context.target_max_block_size = int(cfg.scoring.max_block_mib * 2**20)
     budget = max(1, source.context.target_max_block_size // 8)
-    # each (run, shard) a partition of its own, up to MAX_PARTITIONS: shards numbered across
-    # the runs scored together
-    shards = [planned[i].run.num_shards for i in pending]
-    first_shard = dict(zip(pending, np.cumsum([0, *shards[:-1]]).tolist(), strict=True))
-    routes = ShuffleRoutes(sum(shards), ROUTE)
+    # each pending (run, shard) a partition of its own, up to MAX_PARTITIONS: numbered across
+    # the runs scored together, a resumed run's written shards left out
+    group_of, groups = {}, 0
+    for i in pending:
+        _, _, num_shards, done = targets[i]
+        todo = np.ones(num_shards, dtype=bool)
+        todo[sorted(done)] = False
+        group_of[i] = np.cumsum(todo) - 1 + groups  # read for the shards to do only
+        groups += int(todo.sum())
+    routes = ShuffleRoutes(groups, ROUTE)
 
     def read(batch: dict[str, np.ndarray]) -> pa.Table:
         i, part = work[int(batch["id"][0])]
@@ -343,7 +348,7 @@ def _scoring_graph(planned: list[Planned], pending: list[int], cfg: Config):
         if done:
             table = table.filter(pc.invert(pc.is_in(table[runs.SHARD_ID], pa.array(sorted(done)))))
         _tell(progress, "read", len(table))  # a resumed run's written shards not counted
-        routed = routes.key(first_shard[i] + table[runs.SHARD_ID].to_numpy())
+        routed = routes.key(group_of[i][table[runs.SHARD_ID].to_numpy()])
         table = table.append_column(ROUTE, pa.array(routed, pa.int64()))
         return table.append_column(RUN, pa.array(np.full(len(table), i, dtype=np.int64)))
 
