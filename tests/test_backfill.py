@@ -237,10 +237,17 @@ def test_failed_partition_is_named_and_the_others_commit(
 
 
 @pytest.mark.slow  # minutes of Ray on 2 cores: `make test-slow` (CI runs it)
-def test_backfill_killed_mid_way_then_rerun(local_storage, tiny_llama_dir, movie_tables, tmp_path):
+# a small backfill is grouped in one task; a big one goes through Ray Data's keyed shuffle
+# (shuffle_min_rows 0), where the rerun sends the partitions left, one of them partly
+# written, through it together
+@pytest.mark.parametrize("grouping", [{}, {"shuffle_min_rows": 0}], ids=["in_one_task", "shuffled"])
+def test_backfill_killed_mid_way_then_rerun(
+    local_storage, tiny_llama_dir, movie_tables, tmp_path, grouping
+):
     folder, tables = _write_partitioned(local_storage, movie_tables, per_user=12)
     cfg = _config(local_storage, tiny_llama_dir, folder)
-    cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"lease_s": LEASE_S})})
+    scoring = {"lease_s": LEASE_S, **grouping}
+    cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update=scoring)})
     conf = tmp_path / "backfill.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
     cmd = [
