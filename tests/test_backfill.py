@@ -245,9 +245,7 @@ def test_backfill_killed_mid_way_then_rerun(
     local_storage, tiny_llama_dir, movie_tables, tmp_path, grouping
 ):
     folder, tables = _write_partitioned(local_storage, movie_tables, per_user=12)
-    cfg = _config(local_storage, tiny_llama_dir, folder)
-    scoring = {"lease_s": LEASE_S, **grouping}
-    cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update=scoring)})
+    cfg = _config(local_storage, tiny_llama_dir, folder, scoring={"lease_s": LEASE_S, **grouping})
     conf = tmp_path / "backfill.yaml"
     conf.write_text(yaml.safe_dump(cfg.redacted()))
     cmd = [
